@@ -1,0 +1,32 @@
+# Two commands: `make demo` (set up + the main job) and `make test` (set up + every check).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+test: setup lint
+	$(VENV)/bin/pytest
+
+demo: setup
+	$(VENV)/bin/lorafuse --help
+
+bench: setup
+	$(PY) bench/fused_layer.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache runs

@@ -1,0 +1,35 @@
+"""The `lorafuse` command line: thin over the library, torch imported only inside commands.
+
+Each command group lives in its own module and registers itself on `app` here.
+"""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="lorafuse",
+    help="Ensemble, merge and route a library of LoRA experts, and measure which is worth it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    from lorafuse.cli import core
+
+    core.register(app)
+    try:  # command groups added by later work register the same way
+        from lorafuse.cli import benchmark
+    except ImportError:
+        return
+    benchmark.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    app()

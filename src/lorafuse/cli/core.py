@@ -1,0 +1,98 @@
+"""`lorafuse info` and `lorafuse merge`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lorafuse.cli.common import console, parse_dtype, parse_floats, seed_everything, user_errors
+
+
+def info(
+    experts: list[Path] = typer.Argument(..., help="PEFT adapter folders, or folders of them."),
+    seed: int = typer.Option(0, help="Random seed (info is deterministic; kept for symmetry)."),
+) -> None:
+    """Table of the experts: name, rank, alpha, scaling, target modules, parameters."""
+    from rich.table import Table
+
+    with user_errors():
+        seed_everything(seed)
+        from lorafuse.library import ExpertLibrary
+
+        lib = ExpertLibrary.load(experts)
+        table = Table(title=f"{len(lib)} experts, {len(lib.modules)} target modules")
+        for col in ("name", "rank", "alpha", "scaling", "modules", "params", "tasks"):
+            table.add_column(col, justify="right" if col in ("rank", "params") else "left")
+        for row in lib.describe():
+            tasks = ",".join(row["tasks"][:3]) + (" ..." if len(row["tasks"]) > 3 else "")
+            table.add_row(
+                row["name"],
+                str(row["rank"]),
+                f"{row['alpha']:g}",
+                str(row["scaling"]),
+                str(row["n_modules"]),
+                f"{row['params']:,}",
+                tasks,
+            )
+        console.print(table)
+        console.print(f"target modules (every expert): {', '.join(lib.module_summary())}")
+        console.print(f"base model: {lib.base_model or 'not recorded'}")
+
+
+def merge(
+    experts: list[Path] = typer.Argument(..., help="PEFT adapter folders, or folders of them."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (a PEFT adapter)."),
+    weights: str = typer.Option(
+        None, help="Comma-separated weights, one per expert (default 1/N)."
+    ),
+    space: str = typer.Option("factors", help="factors (A,B averaged) or deltas (B A averaged)."),
+    rank: int = typer.Option(None, help="Truncate each module's delta to this rank by SVD."),
+    base: Path = typer.Option(
+        None, help="Base model folder: also save a full merged transformers model."
+    ),
+    model_out: Path = typer.Option(None, help="Where to save the full merged model (with --base)."),
+    dtype: str = typer.Option("fp32", help="dtype of the full merged model: fp32 or bf16."),
+    force: bool = typer.Option(False, help="Replace the output folders if they exist."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Merge experts into one PEFT adapter (and optionally a full merged model)."""
+    with user_errors():
+        seed_everything(seed)
+        from lorafuse.errors import LorafuseError
+        from lorafuse.io import check_output
+        from lorafuse.layer import check_space
+        from lorafuse.library import ExpertLibrary
+        from lorafuse.merge import merge as merge_experts
+        from lorafuse.merge import save_adapter, save_merged_model
+
+        check_space(space)
+        check_output(out, force)
+        if (base is None) != (model_out is None):
+            raise LorafuseError("--base and --model-out go together (both or neither)")
+        if model_out is not None:
+            check_output(model_out, force)
+        lib = ExpertLibrary.load(experts)
+        merged = merge_experts(lib, parse_floats(weights, "--weights"), space, rank)
+        save_adapter(merged, out, force=force)
+        msg = f"merged {len(lib)} experts in {space} space -> {out} (rank {merged.rank})"
+        if merged.energy is not None:
+            msg += f"; spectral energy kept: min {merged.min_energy():.4f}"
+        console.print(msg)
+        if base is not None:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            model = AutoModelForCausalLM.from_pretrained(str(base), dtype=parse_dtype(dtype))
+            tok = AutoTokenizer.from_pretrained(str(base)) if _has_tokenizer(base) else None
+            save_merged_model(model, merged, model_out, tokenizer=tok, force=force)
+            console.print(f"full merged model -> {model_out}")
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the core commands to the CLI."""
+    app.command()(info)
+    app.command()(merge)

@@ -1,0 +1,67 @@
+"""Safe writing: outputs are built under a temporary name and renamed into place."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lorafuse.errors import OutputExistsError
+
+
+def check_output(path: str | os.PathLike, force: bool = False) -> Path:
+    """Return `path` as a Path; raise OutputExistsError if it exists and not `force`."""
+    out = Path(path)
+    if out.exists() and not force:
+        raise OutputExistsError(
+            f"output path {out} exists already; choose another path or pass --force "
+            "(force=True) to replace it"
+        )
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder next to `path`; on success rename it to `path`.
+
+    On any exception the temporary folder is removed and `path` is left untouched, so a
+    failed export never leaves a half-written output. Raises OutputExistsError when
+    `path` exists and `force` is false.
+    """
+    out = check_output(path, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, trash / "old")
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def write_json(path: str | os.PathLike, obj: Any, force: bool = True) -> Path:
+    """Write `obj` as indented JSON to `path` through a temporary file and a rename."""
+    out = check_output(path, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return out

@@ -1,0 +1,110 @@
+"""FusedLoRALinear: a base linear layer plus N stacked LoRA experts mixed by coefficients.
+
+Two mixing spaces, each two GEMMs whose inner size is N*R over the concatenated factors:
+- `factors` (the paper, mttl): y = W x + (sum_i l_i s_i B_i)(sum_i l_i A_i) x
+- `deltas`  (full rank, PEFT):  y = W x + sum_i l_i s_i B_i A_i x
+No Python loop over experts, no per-token (D, R) matrices and no (tokens, N, O) tensor.
+With one-hot coefficients both reduce exactly to the single expert s_i B_i A_i x.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from lorafuse.errors import LorafuseError
+from lorafuse.library import StackedModule
+
+SPACES = ("factors", "deltas")
+Mixer = Callable[[Tensor], Tensor]
+
+
+def check_space(space: str) -> str:
+    """Return `space` if it is a known mixing space, else raise LorafuseError."""
+    if space not in SPACES:
+        raise LorafuseError(f"unknown mixing space {space!r}; choose one of {', '.join(SPACES)}")
+    return space
+
+
+def base_shape(base: nn.Module) -> tuple[int, int]:
+    """(D, O) of an nn.Linear or a transformers Conv1D (weight stored (D, O))."""
+    w = base.weight
+    if isinstance(base, nn.Linear):
+        return w.shape[1], w.shape[0]
+    if type(base).__name__ == "Conv1D":
+        return w.shape[0], w.shape[1]
+    raise LorafuseError(f"cannot fuse a {type(base).__name__}; only nn.Linear and Conv1D")
+
+
+class FusedLoRALinear(nn.Module):
+    """`base(x)` plus N LoRA experts mixed by the coefficients `mixer(x)` returns.
+
+    The mixer returns (N,), (B, N) or (B, T, N) coefficients for input x of shape
+    (B, T, D) (or (T, D) with (N,) / (T, N) coefficients). Gradients flow to the
+    mixer's parameters; the experts' factors are buffers (frozen).
+    """
+
+    def __init__(self, base: nn.Module, stacked: StackedModule, space: str, name: str = ""):
+        super().__init__()
+        N, R, D, O = stacked.shape
+        if base_shape(base) != (D, O):
+            raise LorafuseError(
+                f"module {name}: the model's layer is (in={base_shape(base)[0]}, "
+                f"out={base_shape(base)[1]}) but the experts expect (in={D}, out={O}); "
+                "the experts were trained on a different base model"
+            )
+        self.base = base
+        self.name = name
+        self.space = check_space(space)
+        self.num_experts, self.rank = N, R
+        w = base.weight
+        A = stacked.A.to(device=w.device, dtype=w.dtype)
+        B = stacked.B.to(device=w.device, dtype=w.dtype)
+        self.register_buffer("A_cat", A.permute(2, 0, 1).reshape(D, N * R), persistent=False)
+        self.register_buffer("B_cat", B.permute(0, 2, 1).reshape(N * R, O), persistent=False)
+        self.register_buffer("scale", stacked.scale.to(device=w.device), persistent=False)
+        self.mixer: Mixer | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)  # (B, T, O)
+        if self.mixer is None:
+            return y
+        return y + self.delta(x, self.mixer(x))
+
+    def delta(self, x: Tensor, coefficients: Tensor) -> Tensor:
+        """The mixed experts' contribution for input x (..., D) -> (..., O)."""
+        N, R = self.num_experts, self.rank
+        l = self._broadcast(coefficients, x)  # (N,) or (..., N)
+        ls = l * self.scale.to(l.dtype)  # (..., N)
+        if l.dim() == 1 and self.space == "factors":
+            # Global coefficients: fold into one rank-R pair first (cheaper, same result).
+            A = (self.A_cat.view(-1, N, R) * l[:, None]).sum(1)  # (D, R)
+            B = (self.B_cat.view(N, R, -1) * ls[:, None, None]).sum(0)  # (R, O)
+            return (x @ A) @ B  # (..., O)
+        u = (x @ self.A_cat).unflatten(-1, (N, R))  # (..., N, R)
+        if self.space == "factors":
+            h = (u * l.unsqueeze(-1)).sum(-2)  # (..., R)  = (sum l_i A_i) x
+            z = ls.unsqueeze(-1) * h.unsqueeze(-2)  # (..., N, R)
+        else:
+            z = u * ls.unsqueeze(-1)  # (..., N, R)
+        return z.flatten(-2) @ self.B_cat  # (..., O)
+
+    def _broadcast(self, c: Tensor, x: Tensor) -> Tensor:
+        if c.shape[-1] != self.num_experts:
+            raise LorafuseError(
+                f"module {self.name}: coefficients of shape {tuple(c.shape)} do not end in "
+                f"N={self.num_experts} experts"
+            )
+        c = c.to(dtype=x.dtype, device=x.device)
+        if c.dim() == 1 or c.dim() == x.dim():
+            return c  # (N,) or (B, T, N)
+        if c.dim() == 2 and x.dim() == 3:
+            return c[:, None, :]  # (B, 1, N): one vector per sequence
+        raise LorafuseError(
+            f"module {self.name}: coefficients of shape {tuple(c.shape)} do not fit input "
+            f"{tuple(x.shape)}; use (N,), (B, N) or (B, T, N)"
+        )
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, rank={self.rank}, space={self.space}"

@@ -1,0 +1,390 @@
+"""ExpertLibrary: N PEFT LoRA experts, validated and stacked per target module.
+
+Per target module the library holds A (N, R, D), B (N, O, R), scale (N,) and rank (N,),
+where R is the largest rank of any expert on that module and lower-rank experts are
+zero-padded (exact: the padded rows and columns contribute nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lorafuse.errors import ExpertError, LibraryMismatchError
+from lorafuse.peft_format import (
+    BIN_NAME,
+    SAFETENSORS_NAME,
+    ExpertConfig,
+    find_expert_dirs,
+    parse_key,
+    read_config,
+    read_metadata,
+    same_base,
+)
+
+
+@dataclass
+class Expert:
+    """What the library knows of one expert besides its tensors."""
+
+    name: str
+    path: Path | None = None
+    tasks: list[str] = field(default_factory=list)
+    base_model: str | None = None
+    r: int = 0
+    lora_alpha: float = 0.0
+    use_rslora: bool = False
+
+
+@dataclass
+class StackedModule:
+    """All experts' factors for one target module (zero-padded to rank R)."""
+
+    A: Tensor  # (N, R, D)
+    B: Tensor  # (N, O, R)
+    scale: Tensor  # (N,)
+    rank: Tensor  # (N,) int64, each expert's true rank
+    fan_in_fan_out: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(N, R, D, O)."""
+        N, R, D = self.A.shape
+        return N, R, D, self.B.shape[1]
+
+    def to(self, device=None, dtype=None) -> StackedModule:
+        """A copy with A and B moved/cast (scale stays fp32, rank stays int64)."""
+        return replace(
+            self,
+            A=self.A.to(device=device, dtype=dtype),
+            B=self.B.to(device=device, dtype=dtype),
+            scale=self.scale.to(device=device),
+            rank=self.rank.to(device=device),
+        )
+
+    def select(self, index: Tensor) -> StackedModule:
+        """The experts at `index` (a 1-D long tensor), in that order."""
+        return replace(
+            self, A=self.A[index], B=self.B[index], scale=self.scale[index], rank=self.rank[index]
+        )
+
+
+class ExpertLibrary:
+    """N LoRA experts stacked per target module; load with `ExpertLibrary.load`."""
+
+    def __init__(self, experts: list[Expert], modules: dict[str, StackedModule]):
+        if not experts:
+            raise LibraryMismatchError("an expert library needs at least one expert")
+        names = [e.name for e in experts]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise LibraryMismatchError(f"expert names must be unique; repeated: {dup}")
+        for name, mod in modules.items():
+            if mod.A.shape[0] != len(experts) or mod.B.shape[0] != len(experts):
+                raise LibraryMismatchError(
+                    f"module {name}: stacked tensors hold {mod.A.shape[0]} experts, "
+                    f"the library {len(experts)}"
+                )
+        self.experts = experts
+        self.modules = modules
+
+    # ---- loading ------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        paths: Sequence[str | Path],
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        base_model: str | None = None,
+    ) -> ExpertLibrary:
+        """Load PEFT adapter folders (or folders of them) into one stacked library.
+
+        Reads each weights file once with safetensors (or `torch.load(weights_only=True)`
+        for `.bin`) and copies each tensor straight into its slot of the stacked result.
+        Raises ExpertError for an unreadable or non-LoRA expert and LibraryMismatchError
+        when experts differ in target modules, shapes or base model; each message names
+        the expert and module.
+        """
+        dirs = find_expert_dirs(list(paths))
+        names = _unique_names(dirs)
+        configs = [read_config(d) for d in dirs]
+        _check_base(names, configs, base_model)
+        shapes = [_read_shapes(d, n) for d, n in zip(dirs, names)]
+        layout = _check_layout(names, configs, shapes)
+        N = len(dirs)
+        modules: dict[str, StackedModule] = {}
+        for m, (R, D, O) in layout.items():
+            modules[m] = StackedModule(
+                A=torch.zeros(N, R, D, dtype=dtype, device=device),
+                B=torch.zeros(N, O, R, dtype=dtype, device=device),
+                scale=torch.tensor([c.scaling(m) for c in configs], dtype=torch.float32),
+                rank=torch.tensor([s[m][0][0] for s in shapes], dtype=torch.long),
+                fan_in_fan_out=configs[0].fan_in_fan_out,
+            )
+        for i, (d, n) in enumerate(zip(dirs, names)):
+            for key, tensor in _iter_tensors(d, n):
+                m, factor = parse_key(key, n)
+                if not torch.isfinite(tensor).all():
+                    raise ExpertError(
+                        f"expert {n}: tensor {key} (module {m}) holds NaN or Inf values; "
+                        "the adapter is corrupt or diverged in training"
+                    )
+                mod = modules[m]
+                r = tensor.shape[0] if factor == "A" else tensor.shape[1]
+                if factor == "A":
+                    mod.A[i, :r].copy_(tensor)
+                else:
+                    mod.B[i, :, :r].copy_(tensor)
+        experts = []
+        for d, n, c in zip(dirs, names, configs):
+            meta = read_metadata(d)
+            experts.append(
+                Expert(
+                    name=n,
+                    path=d,
+                    tasks=list(meta.get("tasks", [])),
+                    base_model=c.base_model,
+                    r=c.r,
+                    lora_alpha=c.lora_alpha,
+                    use_rslora=c.use_rslora,
+                )
+            )
+        return cls(experts, modules)
+
+    # ---- views ----------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """Expert names in library order."""
+        return [e.name for e in self.experts]
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    @property
+    def base_model(self) -> str | None:
+        """The recorded base model id of the experts (the first one recorded)."""
+        return next((e.base_model for e in self.experts if e.base_model), None)
+
+    def index(self, names: Sequence[str]) -> list[int]:
+        """Positions of the named experts; raises LibraryMismatchError for unknown names."""
+        pos = {n: i for i, n in enumerate(self.names)}
+        missing = [n for n in names if n not in pos]
+        if missing:
+            raise LibraryMismatchError(
+                f"unknown expert(s) {missing}; the library has {self.names[:20]}"
+                + (" ..." if len(self) > 20 else "")
+            )
+        return [pos[n] for n in names]
+
+    def subset(self, names_or_index: Sequence[str] | Sequence[int]) -> ExpertLibrary:
+        """A library of the chosen experts (by name or position), in the order given."""
+        idx = list(names_or_index)
+        if idx and isinstance(idx[0], str):
+            idx = self.index(idx)  # type: ignore[arg-type]
+        t = torch.tensor(idx, dtype=torch.long)
+        return ExpertLibrary(
+            [self.experts[i] for i in idx], {m: s.select(t) for m, s in self.modules.items()}
+        )
+
+    def to(self, device=None, dtype=None) -> ExpertLibrary:
+        """A copy of the library with factors on `device` in `dtype`."""
+        return ExpertLibrary(
+            list(self.experts), {m: s.to(device, dtype) for m, s in self.modules.items()}
+        )
+
+    def expert_params(self) -> list[int]:
+        """Number of LoRA parameters of each expert (true ranks, padding excluded)."""
+        counts = [0] * len(self)
+        for mod in self.modules.values():
+            _, _, D, O = mod.shape
+            for i, r in enumerate(mod.rank.tolist()):
+                counts[i] += r * (D + O)
+        return counts
+
+    def module_summary(self) -> list[str]:
+        """Short target-module names (the last path component), sorted and unique."""
+        return sorted({m.rsplit(".", 1)[-1] for m in self.modules})
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One dict per expert: name, rank, alpha, scaling, modules, params, tasks."""
+        params = self.expert_params()
+        short = ",".join(self.module_summary())
+        rows = []
+        for i, e in enumerate(self.experts):
+            scales = sorted({round(float(mod.scale[i]), 6) for mod in self.modules.values()})
+            ranks = sorted({int(mod.rank[i]) for mod in self.modules.values()})
+            rows.append(
+                {
+                    "name": e.name,
+                    "rank": ranks[0] if len(ranks) == 1 else ranks,
+                    "alpha": e.lora_alpha,
+                    "scaling": scales[0] if len(scales) == 1 else scales,
+                    "rslora": e.use_rslora,
+                    "modules": short,
+                    "n_modules": len(self.modules),
+                    "params": params[i],
+                    "tasks": e.tasks,
+                    "base_model": e.base_model,
+                }
+            )
+        return rows
+
+
+# ---- loading helpers -------------------------------------------------------------------
+def _unique_names(dirs: list[Path]) -> list[str]:
+    names = [d.name for d in dirs]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{d.parent.name}/{d.name}" if names.count(d.name) > 1 else d.name for d in dirs]
+
+
+def _check_base(names: list[str], configs: list[ExpertConfig], base_model: str | None) -> None:
+    ref_name, ref = None, base_model
+    for n, c in zip(names, configs):
+        if ref is None and c.base_model:
+            ref_name, ref = n, c.base_model
+        elif not same_base(ref, c.base_model):
+            against = f"expert {ref_name}'s" if ref_name else "the library's"
+            raise LibraryMismatchError(
+                f"expert {n} was trained on base model {c.base_model!r}, but {against} base "
+                f"model is {ref!r}; experts must share one base model"
+            )
+
+
+def _weights_file(path: Path, name: str) -> Path:
+    for f in (path / SAFETENSORS_NAME, path / BIN_NAME):
+        if f.is_file():
+            return f
+    raise ExpertError(
+        f"expert {name}: {path} has no {SAFETENSORS_NAME} (or {BIN_NAME}); "
+        "the adapter was not saved completely"
+    )
+
+
+@contextlib.contextmanager
+def _open_weights(path: Path, name: str):
+    f = _weights_file(path, name)
+    try:
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(f), framework="pt", device="cpu") as h:
+                yield f, _SafetensorsHandle(h)
+        else:
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:
+                sd = torch.load(f, map_location="cpu", weights_only=True)
+            yield f, _DictHandle(sd)
+    except ExpertError:
+        raise
+    except Exception as e:  # safetensors/torch raise many types for a corrupt file
+        raise ExpertError(
+            f"expert {name}: cannot read {f} ({type(e).__name__}: {e}); the file is missing, "
+            "truncated or not a weights file: re-save the adapter"
+        ) from None
+
+
+class _DictHandle:
+    # The slice of safe_open's interface lorafuse uses, over a loaded state dict.
+    def __init__(self, sd: dict[str, Tensor]):
+        self.sd = sd
+
+    def names(self) -> list[str]:
+        return list(self.sd)
+
+    def get_tensor(self, key: str) -> Tensor:
+        return self.sd[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.sd[key].shape)
+
+
+class _SafetensorsHandle:
+    def __init__(self, handle):
+        self.h = handle
+
+    def names(self) -> list[str]:
+        return list(self.h.keys())
+
+    def get_tensor(self, key: str) -> Tensor:
+        return self.h.get_tensor(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.h.get_slice(key).get_shape())
+
+
+def _read_shapes(path: Path, name: str) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    # module -> (A shape (r, D), B shape (O, r)), from headers only.
+    found: dict[str, dict[str, tuple[int, ...]]] = {}
+    with _open_weights(path, name) as (f, h):
+        for key in h.names():
+            m, factor = parse_key(key, name)
+            found.setdefault(m, {})[factor] = h.shape(key)
+    out = {}
+    for m, fs in found.items():
+        if set(fs) != {"A", "B"}:
+            missing = "lora_B" if "A" in fs else "lora_A"
+            raise ExpertError(f"expert {name}: module {m} has no {missing} weight in {f}")
+        a, b = fs["A"], fs["B"]
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+            raise ExpertError(
+                f"expert {name}: module {m} has lora_A {a} and lora_B {b}; expected (r, in) "
+                "and (out, r) with the same r"
+            )
+        out[m] = (a, b)
+    if not out:
+        raise ExpertError(f"expert {name}: {f} holds no LoRA tensors")
+    return out
+
+
+def _check_layout(names, configs, shapes) -> dict[str, tuple[int, int, int]]:
+    # module -> (R, D, O), after checking every expert adapts the same modules alike.
+    ref = shapes[0]
+    for n, c, s in zip(names, configs, shapes):
+        extra, missing = sorted(set(s) - set(ref)), sorted(set(ref) - set(s))
+        if extra or missing:
+            raise LibraryMismatchError(
+                f"expert {n} adapts different target modules than expert {names[0]}: "
+                f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
+                f"extra {extra[:4]}{' ...' if len(extra) > 4 else ''}; "
+                "experts must target the same modules of the same base model"
+            )
+        for m, (a, b) in s.items():
+            (_, D0), (O0, _) = ref[m]
+            if a[1] != D0 or b[0] != O0:
+                raise LibraryMismatchError(
+                    f"expert {n}, module {m}: shape in={a[1]} out={b[0]} differs from expert "
+                    f"{names[0]}'s in={D0} out={O0}; experts must come from the same base model"
+                )
+            r_cfg, _ = c.rank_alpha(m)
+            if r_cfg != a[0]:
+                raise ExpertError(
+                    f"expert {n}, module {m}: adapter_config.json gives rank {r_cfg} but the "
+                    f"tensors have rank {a[0]}; the config does not belong to these weights"
+                )
+        if c.fan_in_fan_out != configs[0].fan_in_fan_out:
+            raise LibraryMismatchError(
+                f"expert {n}: fan_in_fan_out={c.fan_in_fan_out} differs from expert "
+                f"{names[0]}; experts must come from the same base architecture"
+            )
+    return {m: (max(s[m][0][0] for s in shapes), ref[m][0][1], ref[m][1][0]) for m in ref}
+
+
+def _iter_tensors(path: Path, name: str) -> Iterator[tuple[str, Tensor]]:
+    with _open_weights(path, name) as (f, h):
+        for key in h.names():
+            try:
+                t = h.get_tensor(key)
+            except Exception as e:
+                raise ExpertError(
+                    f"expert {name}: cannot read tensor {key} from {f} ({e}); the file is "
+                    "truncated or corrupt: re-save the adapter"
+                ) from None
+            yield key, t

@@ -1,0 +1,78 @@
+"""Input-independent coefficient providers: uniform, fixed, and learnable weights.
+
+A mixer is any callable `mixer(x) -> coefficients` with `x` the fused layer's input
+(B, T, D) and coefficients of shape (N,), (B, N) or (B, T, N). Modules here ignore `x`
+(except for its dtype and device). One instance may be shared by all layers (global
+weights) or each layer may get its own (per-layer weights).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lorafuse.errors import LorafuseError
+
+
+def _check_shape(coefficients: Tensor, num_experts: int | None = None) -> None:
+    if coefficients.dim() not in (1, 2, 3):
+        raise LorafuseError(
+            "coefficients must have shape (N,), (B, N) or (B, T, N); "
+            f"got {tuple(coefficients.shape)}"
+        )
+    if num_experts is not None and coefficients.shape[-1] != num_experts:
+        raise LorafuseError(
+            f"coefficients have {coefficients.shape[-1]} entries in their last dimension but "
+            f"the library has {num_experts} experts"
+        )
+    if not torch.isfinite(coefficients).all():
+        raise LorafuseError("coefficients hold NaN or Inf values")
+
+
+class Fixed(nn.Module):
+    """Fixed coefficients: (N,) global, (B, N) per sequence or (B, T, N) per token."""
+
+    def __init__(self, coefficients: Tensor | list[float]):
+        super().__init__()
+        c = torch.as_tensor(coefficients, dtype=torch.float32)
+        _check_shape(c)
+        self.num_experts = c.shape[-1]
+        self.register_buffer("coefficients", c, persistent=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.coefficients.to(device=x.device, dtype=x.dtype)
+
+
+class Uniform(Fixed):
+    """Every expert weighted 1/N."""
+
+    def __init__(self, num_experts: int):
+        super().__init__(torch.full((num_experts,), 1.0 / num_experts))
+
+
+class Learned(nn.Module):
+    """Learnable input-independent coefficients (N,).
+
+    With `simplex=True` the coefficients are softmax(logits) (on the simplex, as in the
+    paper); otherwise the raw weights are used. Share one instance across layers for
+    global merging, one per layer for layer-wise merging.
+    """
+
+    def __init__(self, num_experts: int, init: Tensor | None = None, simplex: bool = True):
+        super().__init__()
+        self.num_experts = num_experts
+        self.simplex = simplex
+        if init is None:
+            init = (
+                torch.zeros(num_experts) if simplex else torch.full((num_experts,), 1 / num_experts)
+            )
+        elif simplex:
+            init = torch.log(torch.as_tensor(init, dtype=torch.float32).clamp_min(1e-12))
+        self.logits = nn.Parameter(torch.as_tensor(init, dtype=torch.float32).clone())
+
+    def weights(self) -> Tensor:
+        """The coefficients (N,) in fp32."""
+        return torch.softmax(self.logits, -1) if self.simplex else self.logits
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.weights().to(device=x.device, dtype=x.dtype)

@@ -1,0 +1,141 @@
+"""Attach an ExpertLibrary to a transformers model as fused layers, and detach it.
+
+`attach` swaps each targeted nn.Linear / Conv1D for a FusedLoRALinear in place, so the
+model keeps its class: forward, `generate` and the KV cache work unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from lorafuse.errors import LibraryMismatchError, LorafuseError
+from lorafuse.layer import FusedLoRALinear, Mixer, check_space
+from lorafuse.library import ExpertLibrary
+from lorafuse.mixers.static import Fixed, Uniform
+
+
+class Fusion:
+    """Handle on a model with an expert library attached; set coefficients through it."""
+
+    def __init__(self, model: nn.Module, library: ExpertLibrary, space: str):
+        self.model = model
+        self.library = library
+        self.space = space
+        self.layers: dict[str, FusedLoRALinear] = {}
+
+    @property
+    def num_experts(self) -> int:
+        """N, the number of experts."""
+        return len(self.library)
+
+    def set_mixer(self, mixer: Mixer | None) -> None:
+        """Use one coefficient provider for every fused layer (None: base model only)."""
+        for layer in self.layers.values():
+            layer.mixer = mixer
+
+    def set_mixers(self, mixers: Mapping[str, Mixer]) -> None:
+        """One coefficient provider per fused layer, keyed by module path (all required)."""
+        missing = sorted(set(self.layers) - set(mixers))
+        unknown = sorted(set(mixers) - set(self.layers))
+        if missing or unknown:
+            raise LorafuseError(
+                f"per-layer mixers must name every fused module exactly: missing {missing[:3]}, "
+                f"unknown {unknown[:3]}"
+            )
+        for name, mixer in mixers.items():
+            self.layers[name].mixer = mixer
+
+    def set_coefficients(self, coefficients: Tensor | Mapping[str, Tensor] | None) -> None:
+        """Fixed coefficients: (N,), (B, N) or (B, T, N) for all layers, or per layer.
+
+        A mapping gives each module path its own coefficients (layer-wise merging).
+        None removes every expert (the base model).
+        """
+        if coefficients is None:
+            self.set_mixer(None)
+        elif isinstance(coefficients, Mapping):
+            self.set_mixers({m: self._fixed(c) for m, c in coefficients.items()})
+        else:
+            self.set_mixer(self._fixed(coefficients))
+
+    def set_expert(self, name_or_index: str | int) -> None:
+        """One-hot coefficients on one expert (that expert alone)."""
+        i = (
+            self.library.index([name_or_index])[0]
+            if isinstance(name_or_index, str)
+            else int(name_or_index)
+        )
+        self.set_coefficients(
+            torch.nn.functional.one_hot(torch.tensor(i), self.num_experts).float()
+        )
+
+    def _fixed(self, c: Tensor) -> Fixed:
+        mixer = Fixed(c)
+        if mixer.num_experts != self.num_experts:
+            raise LorafuseError(
+                f"coefficients have {mixer.num_experts} entries but the library has "
+                f"{self.num_experts} experts ({', '.join(self.library.names[:5])}...)"
+            )
+        return mixer
+
+    def mixer_parameters(self) -> list[nn.Parameter]:
+        """The distinct trainable parameters of the attached mixers."""
+        seen: dict[int, nn.Parameter] = {}
+        for layer in self.layers.values():
+            if isinstance(layer.mixer, nn.Module):
+                for p in layer.mixer.parameters():
+                    seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def detach(self) -> nn.Module:
+        """Put the original layers back and return the model."""
+        for name, layer in self.layers.items():
+            _set_submodule(self.model, name, layer.base)
+        self.layers = {}
+        return self.model
+
+
+def attach(
+    model: nn.Module,
+    library: ExpertLibrary,
+    space: str = "factors",
+    mixer: Mixer | None = None,
+) -> Fusion:
+    """Replace each library module of `model` by a FusedLoRALinear; return the Fusion.
+
+    The factors are cast to each base layer's device and dtype. The model's parameters
+    are frozen. Without `mixer` the coefficients start uniform. Raises
+    LibraryMismatchError when a library module is missing from the model or has another
+    shape.
+    """
+    check_space(space)
+    if any(isinstance(m, FusedLoRALinear) for m in model.modules()):
+        raise LorafuseError("the model has fused layers already; detach the first Fusion first")
+    fusion = Fusion(model, library, space)
+    for name, stacked in library.modules.items():
+        try:
+            base = model.get_submodule(name)
+        except AttributeError:
+            raise LibraryMismatchError(
+                f"the experts adapt module {name}, which the model does not have; the experts "
+                f"were trained on another base model ({library.base_model or 'unknown'})"
+            ) from None
+        try:
+            fusion.layers[name] = FusedLoRALinear(base, stacked, space, name)
+        except LorafuseError as e:
+            raise LibraryMismatchError(str(e)) from None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, layer in fusion.layers.items():
+        _set_submodule(model, name, layer)
+    fusion.set_mixer(mixer if mixer is not None else Uniform(len(library)))
+    return fusion
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

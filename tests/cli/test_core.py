@@ -1,0 +1,98 @@
+"""`lorafuse info` and `lorafuse merge` through the CLI, and lazy imports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from typer.testing import CliRunner
+
+from lorafuse.cli import app
+from lorafuse.library import ExpertLibrary
+from lorafuse.model import attach
+from tests.conftest import load_base
+
+runner = CliRunner()
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from lorafuse.cli import main; sys.argv=['lorafuse','--help']\n"
+    code += "try:\n    main()\nexcept SystemExit:\n    pass\n"
+    code += "assert 'torch' not in sys.modules, 'torch imported by --help'\nprint('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "merge" in out.stdout and out.stdout.strip().endswith("ok")
+
+
+def test_info_table(llama_experts):
+    res = runner.invoke(app, ["info", *map(str, llama_experts)])
+    assert res.exit_code == 0, res.output
+    for name in ("e0", "e1", "e2", "e3"):
+        assert name in res.output
+    assert "q_proj" in res.output and "4 experts" in res.output
+
+
+def test_merge_writes_peft_adapter(llama_dir, llama_experts, tmp_path, tokens):
+    out = tmp_path / "merged"
+    args = ["merge", *map(str, llama_experts), "--out", str(out), "--weights", "0.4,0.1,0.3,0.2"]
+    res = runner.invoke(app, [*args, "--space", "deltas", "--rank", "3"])
+    assert res.exit_code == 0, res.output
+    assert "energy kept" in res.output
+    meta = json.loads((out / "lorafuse_expert.json").read_text())
+    assert meta["space"] == "deltas" and meta["rank"] == 3
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 3
+    PeftModel.from_pretrained(load_base(llama_dir), out)
+
+
+def test_merge_full_model(llama_dir, llama_experts, tmp_path, tokens):
+    out, full = tmp_path / "m", tmp_path / "full"
+    args = ["merge", *map(str, llama_experts), "--out", str(out)]
+    res = runner.invoke(app, [*args, "--base", str(llama_dir), "--model-out", str(full)])
+    assert res.exit_code == 0, res.output
+    from transformers import AutoModelForCausalLM
+
+    model = load_base(llama_dir)
+    attach(model, ExpertLibrary.load(llama_experts), "factors")  # uniform by default
+    merged = AutoModelForCausalLM.from_pretrained(full).eval()
+    assert (merged(tokens).logits - model(tokens).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--space", "weights"], "unknown mixing space 'weights'"),
+        (["--weights", "0.5,x"], "comma-separated numbers"),
+        (["--weights", "0.5,0.5"], "4 numbers"),
+    ],
+)
+def test_merge_bad_options(llama_experts, tmp_path, extra, message):
+    out = tmp_path / "never"
+    res = runner.invoke(app, ["merge", *map(str, llama_experts), "--out", str(out), *extra])
+    assert res.exit_code != 0
+    assert message in " ".join(res.output.split())
+    assert not out.exists()
+    assert not any(p.name.startswith(".never") for p in tmp_path.iterdir())
+
+
+def test_merge_bad_expert_and_existing_output(llama_dir, llama_experts, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(llama_experts[0], bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["use_dora"] = True
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["merge", str(llama_experts[1]), str(bad), "--out", str(out)])
+    assert res.exit_code == 2 and "expert bad" in res.output and "DoRA" in res.output
+    assert not out.exists()
+    out.mkdir()
+    res = runner.invoke(app, ["merge", *map(str, llama_experts), "--out", str(out)])
+    assert res.exit_code == 2 and "--force" in res.output
+    assert list(out.iterdir()) == []
+    res = runner.invoke(app, ["merge", *map(str, llama_experts), "--out", str(out), "--force"])
+    assert res.exit_code == 0 and (out / "adapter_model.safetensors").exists()
+    assert torch.isfinite(torch.tensor(1.0))

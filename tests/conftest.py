@@ -1,0 +1,107 @@
+"""Shared fixtures: pico Llama and GPT-2 models and random PEFT adapters, built locally."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
+
+
+def make_llama(path: Path) -> Path:
+    """A pico Llama (hidden 32, 2 layers) saved with save_pretrained."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def make_gpt2(path: Path) -> Path:
+    """A pico GPT-2 (Conv1D layers, hidden 32, 2 layers) saved with save_pretrained."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    return path
+
+
+def load_base(path: Path):
+    """The saved pico model in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def make_adapter(base_path: Path, out: Path, seed: int, targets: list[str], **lora) -> Path:
+    """A random PEFT LoRA adapter (init_lora_weights=False) saved at `out`."""
+    from peft import LoraConfig, get_peft_model
+
+    base = load_base(base_path)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(target_modules=targets, init_lora_weights=False, lora_dropout=0.0, **lora)
+    model = get_peft_model(base, cfg)
+    model.save_pretrained(out)
+    return out
+
+
+# Mixed ranks, alphas, rsLoRA and rank/alpha patterns: the library must handle them all.
+LLAMA_EXPERTS = [
+    {"r": 4, "lora_alpha": 16},
+    {"r": 2, "lora_alpha": 8},
+    {"r": 4, "lora_alpha": 4, "use_rslora": True},
+    {"r": 3, "lora_alpha": 16, "rank_pattern": {"q_proj": 2}, "alpha_pattern": {"down_proj": 5}},
+]
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    return make_llama(tmp_path_factory.mktemp("llama") / "base")
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory) -> Path:
+    return make_gpt2(tmp_path_factory.mktemp("gpt2") / "base")
+
+
+@pytest.fixture(scope="session")
+def llama_experts(llama_dir, tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("llama_experts")
+    return [
+        make_adapter(llama_dir, root / f"e{i}", 100 + i, LLAMA_TARGETS, **kw)
+        for i, kw in enumerate(LLAMA_EXPERTS)
+    ]
+
+
+@pytest.fixture(scope="session")
+def gpt2_experts(gpt2_dir, tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("gpt2_experts")
+    kws = [{"r": 4, "lora_alpha": 8}, {"r": 2, "lora_alpha": 4}, {"r": 4, "lora_alpha": 2}]
+    return [
+        make_adapter(gpt2_dir, root / f"g{i}", 200 + i, GPT2_TARGETS, fan_in_fan_out=True, **kw)
+        for i, kw in enumerate(kws)
+    ]
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    return torch.randint(0, 64, (3, 11), generator=g)  # (B, T)
