@@ -70,10 +70,22 @@ class FusedLoRALinear(nn.Module):
         y = self.base(x)  # (B, T, O)
         if self.mixer is None:
             return y
-        return y + self.delta(x, self.mixer(x))
+        coefficients = self.mixer(x)
+        if y.requires_grad or coefficients.requires_grad or not y.is_contiguous():
+            return y + self.delta(x, coefficients)
+        # No autograd here: the second GEMM accumulates straight into the base output.
+        z, B = self._mixed_factors(x, coefficients)
+        y2 = y.view(-1, y.shape[-1])  # (B*T, O)
+        y2.addmm_(z.reshape(y2.shape[0], -1).to(y.dtype), B.to(y.dtype))
+        return y
 
     def delta(self, x: Tensor, coefficients: Tensor) -> Tensor:
         """The mixed experts' contribution for input x (..., D) -> (..., O)."""
+        z, B = self._mixed_factors(x, coefficients)
+        return z @ B  # (..., O)
+
+    def _mixed_factors(self, x: Tensor, coefficients: Tensor) -> tuple[Tensor, Tensor]:
+        # (z, B) with delta = z @ B: z (..., N*R) or (..., R), B (N*R, O) or (R, O).
         N, R = self.num_experts, self.rank
         l = self._broadcast(coefficients, x)  # (N,) or (..., N)
         ls = l * self.scale.to(l.dtype)  # (..., N)
@@ -81,14 +93,14 @@ class FusedLoRALinear(nn.Module):
             # Global coefficients: fold into one rank-R pair first (cheaper, same result).
             A = (self.A_cat.view(-1, N, R) * l[:, None]).sum(1)  # (D, R)
             B = (self.B_cat.view(N, R, -1) * ls[:, None, None]).sum(0)  # (R, O)
-            return (x @ A) @ B  # (..., O)
+            return x @ A, B  # (..., R), (R, O)
         u = (x @ self.A_cat).unflatten(-1, (N, R))  # (..., N, R)
         if self.space == "factors":
             h = (u * l.unsqueeze(-1)).sum(-2)  # (..., R)  = (sum l_i A_i) x
             z = ls.unsqueeze(-1) * h.unsqueeze(-2)  # (..., N, R)
         else:
             z = u * ls.unsqueeze(-1)  # (..., N, R)
-        return z.flatten(-2) @ self.B_cat  # (..., O)
+        return z.flatten(-2), self.B_cat  # (..., N*R), (N*R, O)
 
     def _broadcast(self, c: Tensor, x: Tensor) -> Tensor:
         if c.shape[-1] != self.num_experts:

@@ -1,0 +1,174 @@
+"""One routed layer at Phi-2 size: fused layer vs PEFT's Arrow layer vs the bare Linear.
+
+Prints, from ONE run, each variant's time relative to the bare nn.Linear and its peak
+extra memory, next to the arithmetic floor 1 + N*R*(D+O)/(D*O). Every routed variant
+computes the same per-token coefficients (top-k softmax of |x . v_i| over the same
+prototypes) and the same output; the script checks they agree before timing.
+
+    python bench/fused_layer.py [--tokens 2048] [--dim 2560] [--experts 10] [--rank 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+VARIANTS = ["linear", "fused-factors", "fused-deltas", "peft-arrow", "per-token-matrices"]
+
+
+def build(args):
+    """Tensors and callables of every variant, all on the same weights and inputs."""
+    from peft import ArrowConfig
+    from peft.tuners.lora.arrow import ArrowLoraLinearLayer
+
+    from lorafuse.layer import FusedLoRALinear
+    from lorafuse.library import StackedModule
+    from lorafuse.mixers.topk import topk_softmax
+
+    g = torch.Generator().manual_seed(args.seed)
+    D = O = args.dim
+    N, R, K, T = args.experts, args.rank, args.top_k, args.tokens
+    linear = nn.Linear(D, O)
+    A = torch.randn(N, R, D, generator=g) / D**0.5  # (N, R, D)
+    Bf = torch.randn(N, O, R, generator=g) / R**0.5  # (N, O, R)
+    scale = torch.full((N,), 4.0)
+    x = torch.randn(1, T, D, generator=g)  # (B, T, D)
+    protos = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=-1)  # (N, D)
+
+    def router(inp):  # same Arrow rule as PEFT: top-k softmax of |x . v_i|
+        return topk_softmax((inp @ protos.T).abs(), K, 1.0)  # (B, T, N)
+
+    stacked = StackedModule(A=A, B=Bf, scale=scale, rank=torch.full((N,), R))
+    fused = {}
+    for space in ("factors", "deltas"):
+        fused[space] = FusedLoRALinear(linear, stacked, space, "bench")
+        fused[space].mixer = router
+
+    names = [f"task_{i}" for i in range(N)]
+    cfg = ArrowConfig(top_k=K, router_temperature=1.0)
+    cfg.task_adapter_names = names
+    arrow = ArrowLoraLinearLayer(D, cfg)
+    lora_A = nn.ModuleDict({n: nn.Linear(D, R, bias=False) for n in names})
+    lora_B = nn.ModuleDict({n: nn.Linear(R, O, bias=False) for n in names})
+    with torch.no_grad():
+        for i, n in enumerate(names):
+            lora_A[n].weight.copy_(A[i])
+            lora_B[n].weight.copy_(Bf[i])
+    arrow.register_buffer("prototypes", protos.clone(), persistent=False)
+    arrow._protos_ready = True
+    scaling = {n: float(scale[i]) for i, n in enumerate(names)}
+
+    def per_token_matrices(inp):  # mttl's way: per-token mixed A and B materialised
+        l = router(inp)[0]  # (T, N)
+        At = torch.einsum("tn,nrd->trd", l, A)  # (T, R, D)
+        Bt = torch.einsum("tn,nor->tor", l * scale, Bf)  # (T, O, R)
+        h = torch.einsum("trd,td->tr", At, inp[0])  # (T, R)
+        return linear(inp) + torch.einsum("tor,tr->to", Bt, h)[None]
+
+    return {
+        "x": x,
+        "linear": linear,
+        "fused-factors": fused["factors"],
+        "fused-deltas": fused["deltas"],
+        "peft-arrow": lambda inp: linear(inp) + arrow(inp, lora_A, lora_B, nn.Identity(), scaling),
+        "per-token-matrices": per_token_matrices,
+    }
+
+
+def check_agreement(fns):
+    """The deltas-space variants compute the same thing; fail loudly if not."""
+    x = fns["x"][:, :64]
+    ref = fns["peft-arrow"](x)
+    for name in ("fused-deltas",):
+        err = (fns[name](x) - ref).abs().max().item()
+        if err > 1e-3:
+            raise SystemExit(f"{name} disagrees with PEFT's Arrow layer: max abs diff {err}")
+    err = (fns["per-token-matrices"](x) - fns["fused-factors"](x)).abs().max().item()
+    if err > 1e-3:
+        raise SystemExit(f"per-token matrices disagree with fused factors: {err}")
+
+
+def time_all(fns, rounds: int, inner: int) -> dict[str, float]:
+    """Median seconds per call; variants interleaved each round so load hits all alike."""
+    times = {v: [] for v in VARIANTS}
+    with torch.inference_mode():
+        for v in VARIANTS:
+            fns[v](fns["x"])  # warm-up
+        for _ in range(rounds):
+            for v in VARIANTS:
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    fns[v](fns["x"])
+                times[v].append((time.perf_counter() - t0) / inner)
+    return {v: statistics.median(ts) for v, ts in times.items()}
+
+
+def peak_memory(variant: str, args) -> float:
+    """Peak extra resident memory (MiB) of one call, measured in a fresh process."""
+    cmd = [sys.executable, __file__, "--memory-of", variant, *sys.argv[1:]]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["extra_mib"]
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def memory_child(args) -> None:
+    torch.set_num_threads(args.threads)
+    fns = build(args)
+    with torch.inference_mode():
+        out = fns["linear"](fns["x"])  # the output every variant must hold anyway
+        del out
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set (VmHWM) to the current size
+        before = _status_kib("VmRSS")
+        fns[args.memory_of](fns["x"])
+        peak = _status_kib("VmHWM")
+    print(json.dumps({"extra_mib": (peak - before) / 1024}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--dim", type=int, default=2560)
+    p.add_argument("--experts", type=int, default=10)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--inner", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_of:
+        return memory_child(args)
+    torch.set_num_threads(args.threads)
+    fns = build(args)
+    check_agreement(fns)
+    t = time_all(fns, args.rounds, args.inner)
+    D = O = args.dim
+    N, R = args.experts, args.rank
+    floor = 1 + N * R * (D + O) / (D * O)
+    print(
+        f"one layer D=O={D}, N={N}, R={R}, tokens={args.tokens}, per-token top-{args.top_k} "
+        f"softmax coefficients, fp32, {args.threads} threads, torch {torch.__version__}; "
+        f"median of {args.rounds} interleaved rounds x {args.inner} calls"
+    )
+    print(f"{'variant':<22}{'ms/call':>10}{'x Linear':>10}{'peak extra MiB':>16}")
+    for v in VARIANTS:
+        mem = peak_memory(v, args)
+        print(f"{v:<22}{t[v] * 1e3:>10.2f}{t[v] / t['linear']:>10.3f}{mem:>16.1f}")
+    print(f"{'arithmetic floor':<22}{'':>10}{floor:>10.3f}")
+
+
+if __name__ == "__main__":
+    main()
