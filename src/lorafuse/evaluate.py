@@ -1,0 +1,168 @@
+"""Per-task negative log-likelihood, the paper's evaluation protocol.
+
+Per example: the mean NLL over its target tokens. Per task: the mean over its examples.
+Overall: the mean over tasks, with the standard error across tasks (and, for reference,
+the token-weighted mean over all target tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lorafuse.errors import LorafuseError
+
+IGNORE = -100
+
+
+def target_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed NLL of each row's target tokens and their count: (B, T, V), (B, T) -> (B,), (B,).
+
+    Labels are aligned with the inputs (as transformers expects): the logit at t predicts
+    the label at t + 1; positions labelled -100 are ignored. Computed in fp32.
+    """
+    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
+    shift_labels = labels[:, 1:]  # (B, T-1)
+    nll = F.cross_entropy(
+        shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE, reduction="none"
+    )  # (B, T-1)
+    mask = shift_labels != IGNORE  # (B, T-1)
+    return (nll * mask).sum(1), mask.sum(1)
+
+
+def target_logprobs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Log-probability of every next target token and its mask: each (B, T-1).
+
+    logits (B, T, V) and labels (B, T) aligned with the inputs; masked positions hold 0.
+    """
+    shift_labels = labels[:, 1:]  # (B, T-1)
+    mask = shift_labels != IGNORE  # (B, T-1)
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)  # (B, T-1, V)
+    picked = logp.gather(-1, shift_labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return picked * mask, mask
+
+
+@dataclass
+class Result:
+    """One method's evaluation: mean over tasks, standard error across tasks, per task."""
+
+    method: str
+    split: str
+    mean: float
+    se: float
+    n_tasks: int
+    token_mean: float
+    per_task: dict[str, dict[str, float]]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the result file's schema)."""
+        return {
+            "method": self.method,
+            "split": self.split,
+            "mean": self.mean,
+            "se": self.se,
+            "n_tasks": self.n_tasks,
+            "token_mean": self.token_mean,
+            "settings": self.settings,
+            "per_task": self.per_task,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Result:
+        """Inverse of `to_dict`; raises LorafuseError naming a missing key."""
+        missing = [k for k in ("method", "split", "mean", "se", "per_task") if k not in d]
+        if missing:
+            raise LorafuseError(f"result file lacks {missing}; was it written by lorafuse eval?")
+        return cls(
+            method=d["method"],
+            split=d["split"],
+            mean=float(d["mean"]),
+            se=float(d["se"]),
+            n_tasks=int(d.get("n_tasks", len(d["per_task"]))),
+            token_mean=float(d.get("token_mean", float("nan"))),
+            per_task=d["per_task"],
+            settings=d.get("settings", {}),
+        )
+
+
+def standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean (sample std with ddof=1 over sqrt(n)); 0 for n < 2."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return math.sqrt(var / n)
+
+
+def per_task_means(per_example: Sequence[float], tasks: Sequence[str]) -> dict[str, list[float]]:
+    """Group per-example losses by task, tasks in sorted order."""
+    groups: dict[str, list[float]] = {}
+    for task, loss in zip(tasks, per_example):
+        groups.setdefault(task, []).append(loss)
+    return dict(sorted(groups.items()))
+
+
+def summarize(
+    nll_sum: Tensor,
+    n_tokens: Tensor,
+    tasks: Sequence[str],
+    method: str,
+    split: str,
+    settings: dict[str, Any] | None = None,
+) -> Result:
+    """Aggregate per-example NLL sums (M,) and target-token counts (M,) by task.
+
+    Raises LorafuseError for no examples or an example without target tokens.
+    """
+    if len(tasks) != nll_sum.numel():
+        raise LorafuseError(f"{len(tasks)} task names for {nll_sum.numel()} examples")
+    if len(tasks) == 0:
+        raise LorafuseError(f"no examples to evaluate for method {method} on split {split}")
+    if (n_tokens <= 0).any():
+        raise LorafuseError("an example has no target token; every target must be non-empty")
+    per_example = (nll_sum.double() / n_tokens.double()).tolist()  # (M,)
+    groups = per_task_means(per_example, tasks)
+    per_task = {t: {"loss": sum(v) / len(v), "n_examples": len(v)} for t, v in groups.items()}
+    losses = [v["loss"] for v in per_task.values()]
+    return Result(
+        method=method,
+        split=split,
+        mean=sum(losses) / len(losses),
+        se=standard_error(losses),
+        n_tasks=len(losses),
+        token_mean=float(nll_sum.double().sum() / n_tokens.double().sum()),
+        per_task=per_task,
+        settings=dict(settings or {}),
+    )
+
+
+@torch.inference_mode()
+def batch_nll(
+    forward: Callable[[Any], Tensor],
+    batches: Iterable[Any],
+    progress: Callable[[int], None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Run `forward(batch) -> logits (B, T, V)` over batches; NLL sums and counts (M,).
+
+    Each batch has `.tensors["labels"]` (B, T). `progress(n)` is called with the number
+    of rows done after each batch.
+    """
+    sums, counts = [], []
+    for batch in batches:
+        logits = forward(batch)
+        s, c = target_nll(logits, batch.tensors["labels"].to(logits.device))
+        sums.append(s.cpu())
+        counts.append(c.cpu())
+        if progress is not None:
+            progress(len(s))
+    if not sums:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(sums), torch.cat(counts)

@@ -1,0 +1,136 @@
+"""Where a setup's pieces live: a benchmark folder, or a small YAML file.
+
+A YAML spec for a real setup (paths relative to the file, or hub ids):
+
+    base_model: microsoft/phi-2
+    data: sordonia/flan-10k-flat
+    experts:
+      private: experts/private     # a folder of PEFT adapter folders
+      mbc: experts/mbc
+      shared: experts/shared
+    task_map:                      # optional; default: each expert's recorded tasks
+      mbc: {task_a: cluster_0, task_b: cluster_1}
+    dtype: bf16
+    device: cuda
+    max_length: 512
+    batch_size: 16
+
+Unknown keys are rejected with the key and its line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lorafuse.errors import LorafuseError
+
+MANIFEST = "manifest.json"
+
+
+class LibrarySpec(BaseModel):
+    """A base model, expert folders by kind, data, and evaluation settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str
+    data: str
+    experts: dict[str, str] = Field(default_factory=dict)
+    tokenizer: str | None = None
+    task_map: dict[str, dict[str, str]] = Field(default_factory=dict)
+    tasks: list[str] | None = None
+    dtype: str = "fp32"
+    device: str = "cpu"
+    max_length: int = Field(256, gt=8)
+    batch_size: int = Field(32, gt=0)
+    root: str = "."
+
+    def path(self, value: str) -> str:
+        """`value` resolved against the spec's folder when it names a local path."""
+        p = Path(value)
+        if p.is_absolute():
+            return str(p)
+        local = Path(self.root) / p
+        return str(local) if local.exists() or value.startswith(".") else value
+
+
+def load_spec(source: str | Path) -> LibrarySpec:
+    """Read a benchmark folder (with manifest.json) or a YAML/JSON spec file.
+
+    Raises LorafuseError naming the bad key (and its line for YAML) or the missing path.
+    """
+    src = Path(source)
+    if src.is_dir():
+        if not (src / MANIFEST).is_file():
+            raise LorafuseError(
+                f"{src} is a folder without {MANIFEST}; pass a folder made by "
+                "`lorafuse benchmark build` or a YAML spec file"
+            )
+        return _from_benchmark(src)
+    if not src.is_file():
+        raise LorafuseError(f"library spec {src} does not exist")
+    text = src.read_text()
+    data, lines = _parse(text, src)
+    if not isinstance(data, dict):
+        raise LorafuseError(f"{src}: a library spec must be a mapping of keys to values")
+    data.setdefault("root", str(src.parent))
+    try:
+        return LibrarySpec(**data)
+    except ValidationError as e:
+        raise LorafuseError(_explain(e, src, lines)) from None
+
+
+def _from_benchmark(root: Path) -> LibrarySpec:
+    manifest = json.loads((root / MANIFEST).read_text())
+    experts_dir = root / "experts"
+    kinds = {}
+    if experts_dir.is_dir():
+        kinds = {d.name: str(d) for d in sorted(experts_dir.iterdir()) if d.is_dir()}
+    settings = manifest.get("eval", {}) if isinstance(manifest, dict) else {}
+    return LibrarySpec(
+        base_model=str(root / "base"),
+        data=str(root / "data"),
+        experts=kinds,
+        root=str(root),
+        **{k: v for k, v in settings.items() if k in ("max_length", "batch_size")},
+    )
+
+
+def _parse(text: str, src: Path) -> tuple[Any, dict[str, int]]:
+    import yaml
+
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise LorafuseError(f"{src}: not valid YAML ({e})") from None
+    lines: dict[str, int] = {}
+
+    def walk(n, prefix: str) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = f"{prefix}.{k.value}" if prefix else str(k.value)
+                lines[key] = k.start_mark.line + 1
+                walk(v, key)
+
+    if node is not None:
+        walk(node, "")
+    return data, lines
+
+
+def _explain(e: ValidationError, src: Path, lines: dict[str, int]) -> str:
+    parts = []
+    for err in e.errors():
+        key = ".".join(str(x) for x in err["loc"])
+        where = f" (line {lines[key]})" if key in lines else ""
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(sorted(LibrarySpec.model_fields))
+            parts.append(f"unknown key {key!r}{where}; known keys: {known}")
+        elif err["type"] == "missing":
+            parts.append(f"missing required key {key!r}")
+        else:
+            parts.append(f"key {key!r}{where}: {err['msg']}")
+    return f"{src}: " + "; ".join(parts)
