@@ -105,3 +105,70 @@ def gpt2_experts(gpt2_dir, tmp_path_factory) -> list[Path]:
 def tokens() -> torch.Tensor:
     g = torch.Generator().manual_seed(7)
     return torch.randint(0, 64, (3, 11), generator=g)  # (B, T)
+
+
+MINI_TASKS = ["upper", "reverse", "count"]
+
+
+def _mini_rows() -> list[dict]:
+    """A few examples per task and split, in the flan-flat schema."""
+    rows = []
+    words = ["cat", "dog", "bird", "fish", "cow", "ant", "bee", "owl", "elk"]
+    for task in MINI_TASKS:
+        for i, w in enumerate(words):
+            split = "train" if i < 5 else ("validation" if i < 7 else "test")
+            target = {"upper": w.upper(), "reverse": w[::-1], "count": str(len(w))}[task]
+            rows.append(
+                {
+                    "source": f"{task}: {w}",
+                    "target": target,
+                    "task_name": task,
+                    "task_source": "mini",
+                    "template_type": "zs",
+                    "template_idx": 0,
+                    "split": split,
+                }
+            )
+    return rows
+
+
+@pytest.fixture(scope="session")
+def mini_bench(tmp_path_factory) -> Path:
+    """A benchmark folder: pico Llama + char tokenizer, data, private and shared experts."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorafuse.data.flan import write_flan
+    from lorafuse.data.tokenizer import char_vocab, save_char_tokenizer
+
+    root = tmp_path_factory.mktemp("mini") / "bench"
+    torch.manual_seed(1)
+    cfg = LlamaConfig(
+        vocab_size=len(char_vocab()),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    save_char_tokenizer(root / "base")
+    write_flan(_mini_rows(), root / "data")
+    for i, task in enumerate(MINI_TASKS):
+        out = make_adapter(
+            root / "base", root / "experts" / "private" / task, 300 + i, ["q_proj", "v_proj"],
+            r=4, lora_alpha=8,
+        )  # fmt: skip
+        (out / "lorafuse_expert.json").write_text(json.dumps({"tasks": [task]}))
+    shared = make_adapter(
+        root / "base", root / "experts" / "shared" / "shared", 399, ["q_proj", "v_proj"], r=4,
+        lora_alpha=8,
+    )  # fmt: skip
+    (shared / "lorafuse_expert.json").write_text(json.dumps({"tasks": MINI_TASKS}))
+    (root / "manifest.json").write_text(json.dumps({"tasks": MINI_TASKS}))
+    return root
