@@ -17,10 +17,11 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from lorafuse.cli import core
+    from lorafuse.cli import core, evaluate
 
     core.register(app)
-    try:  # command groups added by later work register the same way
+    evaluate.register(app)
+    try:  # the benchmark commands (their module may be absent in a partial install)
         from lorafuse.cli import benchmark
     except ImportError:
         return

@@ -58,3 +58,27 @@ def parse_dtype(name: str):
     if name not in table:
         raise LorafuseError(f"unknown --dtype {name!r}; choose one of {', '.join(table)}")
     return table[name]
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, description: str) -> Iterator:
+    """A rich progress bar; yields a callback `advance(n)` for library code."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err_console, transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n=1: bar.advance(task, n)

@@ -1,0 +1,97 @@
+"""`lorafuse eval`, `lorafuse matrix`, `lorafuse table` and `lorafuse refactor`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lorafuse.cli.common import console, progress_bar, seed_everything, user_errors
+
+LIBRARY_HELP = "A benchmark folder (lorafuse benchmark build) or a YAML library spec."
+
+
+def _workspace(library: Path, device: str | None, dtype: str | None):
+    from lorafuse.spec import load_spec
+    from lorafuse.workspace import Workspace
+
+    return Workspace(load_spec(library), device=device, dtype=dtype)
+
+
+def eval_command(
+    library: Path = typer.Option(..., help=LIBRARY_HELP),
+    method: list[str] = typer.Option(..., help="Method name(s), e.g. oracle, single:<expert>."),
+    split: str = typer.Option("test", help="train, validation or test."),
+    experts: str = typer.Option("private", help="Which expert kind: private, mbc, ..."),
+    out: Path = typer.Option(None, help="Result JSON (one method) or folder (several)."),
+    max_examples_per_task: int = typer.Option(None, help="Cap per task for quick runs."),
+    device: str = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: the spec's)."),
+    dtype: str = typer.Option(None, help="fp32 or bf16 (default: the spec's)."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Per-task test loss of one or more methods, mean +- standard error over tasks."""
+    with user_errors():
+        seed_everything(seed)
+        from lorafuse.io import write_json
+        from lorafuse.methods.run import evaluate_method, total_rows
+        from lorafuse.report import markdown_table
+
+        ws = _workspace(library, device, dtype)
+        results = []
+        for name in method:
+            total = total_rows(ws, split, max_examples_per_task)
+            with progress_bar(total, name) as advance:
+                r = evaluate_method(ws, name, split, experts, max_examples_per_task, advance)
+            r.settings["seed"] = seed
+            results.append(r)
+            if out is not None:
+                target = out if len(method) == 1 else out / f"{name.replace(':', '_')}.json"
+                write_json(target, r.to_dict())
+        console.print(markdown_table(results), highlight=False, soft_wrap=True)
+
+
+def matrix_command(
+    library: Path = typer.Option(..., help=LIBRARY_HELP),
+    experts: str = typer.Option("private", help="Which expert kind: private, mbc, ..."),
+    split: str = typer.Option("validation", help="train, validation or test."),
+    out: Path = typer.Option(..., help="Matrix JSON to write."),
+    max_examples_per_task: int = typer.Option(None, help="Cap per task for quick runs."),
+    rows_per_pass: int = typer.Option(256, help="Rows (examples x experts) per forward."),
+    cache: Path = typer.Option(None, help="Cache folder (default: next to --out)."),
+    device: str = typer.Option(None, help="cpu, cuda, ... (default: the spec's)."),
+    dtype: str = typer.Option(None, help="fp32 or bf16 (default: the spec's)."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """The expert x task loss matrix, many experts per batched forward; resumable."""
+    with user_errors():
+        seed_everything(seed)
+        from lorafuse.matrix import expert_task_matrix
+        from lorafuse.methods.run import total_rows
+
+        ws = _workspace(library, device, dtype)
+        total = total_rows(ws, split, max_examples_per_task) * len(ws.library(experts))
+        cache = cache or out.parent / f".{out.name}.cache"
+        with progress_bar(total, f"matrix {experts}/{split}") as advance:
+            m = expert_task_matrix(
+                ws, experts, split, max_examples_per_task, rows_per_pass, cache, advance
+            )
+        m.meta["seed"] = seed
+        m.save(out)
+        console.print(f"{len(m.experts)} experts x {len(m.tasks)} tasks -> {out}")
+
+
+def table_command(
+    results: list[Path] = typer.Argument(..., help="Result JSON files or folders of them."),
+) -> None:
+    """A markdown table of result files (mean +- se over tasks)."""
+    with user_errors():
+        from lorafuse.report import load_results, markdown_table
+
+        console.print(markdown_table(load_results(results)), highlight=False, soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the evaluation commands to the CLI."""
+    app.command("eval")(eval_command)
+    app.command("matrix")(matrix_command)
+    app.command("table")(table_command)

@@ -1,0 +1,47 @@
+"""Rendering results: markdown tables of one or many result files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from lorafuse.errors import LorafuseError
+from lorafuse.evaluate import Result
+
+
+def load_results(paths: Sequence[str | Path]) -> list[Result]:
+    """Read result JSON files (folders are searched for *.json); raises LorafuseError."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(p.glob("*.json")))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise LorafuseError(f"result file {p} does not exist")
+    out = []
+    for f in files:
+        try:
+            out.append(Result.from_dict(json.loads(f.read_text())))
+        except json.JSONDecodeError as e:
+            raise LorafuseError(f"{f} is not JSON ({e})") from None
+        except LorafuseError as e:
+            raise LorafuseError(f"{f}: {e}") from None
+    if not out:
+        raise LorafuseError(f"no result files found in {', '.join(map(str, paths))}")
+    return out
+
+
+def markdown_table(results: Sequence[Result]) -> str:
+    """| method | experts | split | tasks | loss +- se | token loss | passes | as markdown."""
+    head = (
+        "| method | experts | split | tasks | loss (mean +- se over tasks) | token loss | passes |"
+    )
+    rows = [head, "|---|---|---|---:|---:|---:|---:|"]
+    for r in results:
+        rows.append(
+            f"| {r.method} | {r.settings.get('experts', '')} | {r.split} | {r.n_tasks} "
+            f"| {r.mean:.4f} +- {r.se:.4f} | {r.token_mean:.4f} | {r.settings.get('passes', 1)} |"
+        )
+    return "\n".join(rows)

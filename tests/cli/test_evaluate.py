@@ -1,0 +1,40 @@
+"""`lorafuse eval`, `matrix` and `table` through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from lorafuse.cli import app
+
+runner = CliRunner()
+
+
+def test_eval_writes_results_and_table(mini_bench, tmp_path):
+    out = tmp_path / "results"
+    args = ["eval", "--library", str(mini_bench), "--split", "test", "--out", str(out)]
+    res = runner.invoke(app, [*args, "--method", "base", "--method", "single:count"])
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "single_count.json").read_text())
+    assert data["method"] == "single:count" and data["n_tasks"] == 3
+    assert set(data["per_task"]) == {"count", "reverse", "upper"}
+    assert data["settings"]["seed"] == 0
+    res = runner.invoke(app, ["table", str(out)])
+    assert res.exit_code == 0 and "| single:count | private | test | 3 |" in res.output
+
+
+def test_eval_unknown_method_and_spec(mini_bench, tmp_path):
+    res = runner.invoke(app, ["eval", "--library", str(mini_bench), "--method", "nope"])
+    assert res.exit_code == 2 and "known methods" in res.output
+    res = runner.invoke(app, ["eval", "--library", str(tmp_path), "--method", "base"])
+    assert res.exit_code == 2 and "manifest.json" in res.output
+
+
+def test_matrix_command(mini_bench, tmp_path):
+    out = tmp_path / "m.json"
+    res = runner.invoke(app, ["matrix", "--library", str(mini_bench), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    m = json.loads(out.read_text())
+    assert len(m["losses"]) == 3 and len(m["losses"][0]) == 3
+    assert (tmp_path / ".m.json.cache").is_dir()
