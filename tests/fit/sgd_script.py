@@ -1,0 +1,43 @@
+"""Run the training loop on a fixed least-squares problem; save the weights (for tests)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from lorafuse.fit.sgd import SGDSettings, train
+
+
+def problem():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(64, 3, generator=g)
+    y = X @ torch.tensor([1.0, -2.0, 0.5]) + 0.1 * torch.randn(64, generator=g)
+    return X, y
+
+
+def run(settings: SGDSettings, checkpoint=None, progress=None, validate=True):
+    X, y = problem()
+    w = nn.Parameter(torch.zeros(3))
+
+    def loss_fn(idx):
+        return ((X[idx] @ w - y[idx]) ** 2).mean()
+
+    def val():
+        with torch.no_grad():
+            return float(((X @ w - y) ** 2).mean())
+
+    res = train(
+        {"w": w}, loss_fn, len(y), settings, val if validate else None, checkpoint, progress
+    )
+    return res, w.detach().clone()
+
+
+if __name__ == "__main__":
+    s = SGDSettings(lr=0.05, epochs=3, batch_size=8, grad_accum=int(sys.argv[2]), warmup=0.1)
+    _, w = run(s, validate=False)
+    from accelerate import Accelerator
+
+    if Accelerator().is_main_process:
+        torch.save(w, sys.argv[1])
