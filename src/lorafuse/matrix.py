@@ -1,13 +1,7 @@
-"""The expert x task loss matrix, many experts per batched forward, cached and resumable.
-
-Each batch of B examples is repeated for n experts at once (n*B rows, each row with
-one-hot coefficients on its expert through the fused layer), so N experts cost N/n
-forwards of n*B rows instead of N separate model loads and passes.
-"""
+"""The expert x task loss matrix, from one batched, cached and resumable pass."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,10 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lorafuse.cache import expert_target_logprobs
 from lorafuse.errors import LorafuseError
-from lorafuse.evaluate import target_nll
 from lorafuse.io import write_json
-from lorafuse.model import attach
 
 
 @dataclass
@@ -84,51 +77,12 @@ def example_losses(
 ) -> tuple[Tensor, list[str]]:
     """Per-example mean NLL of every expert: (N, M), and the task of each example (M,).
 
-    Chunks of n = max(1, rows_per_pass // batch_size) experts share each forward. With
-    `cache_dir`, each finished chunk is saved and reused by a later run with the same
-    settings (an interrupted run resumes). `progress(k)` counts expert-examples done.
+    One batched, cached pass over the experts (see `cache.expert_target_logprobs`).
     """
-    lib = ws.library(kind)
-    N = len(lib)
-    batches = ws.batches(split, max_per_task)
-    tasks = [t for b in batches for t in b.tasks]
-    M = len(tasks)
-    size = max(len(b.tasks) for b in batches)
-    n = max(1, min(N, rows_per_pass // size))
-    cache = _cache_folder(cache_dir, ws, kind, split, max_per_task, lib.names, tasks)
-    out = torch.empty(N, M)
-    fusion = attach(ws.model, lib, "factors")
-    eye = torch.eye(N)
-    try:
-        for c0 in range(0, N, n):
-            chunk = list(range(c0, min(N, c0 + n)))
-            file = cache / f"chunk_{c0:05d}_{len(chunk)}.pt" if cache else None
-            if file is not None and file.exists():
-                out[chunk] = torch.load(file, weights_only=True)
-                if progress:
-                    progress(len(chunk) * M)
-                continue
-            r0 = 0
-            for b in batches:
-                B = len(b.tasks)
-                t = {k: v.to(ws.device).repeat(len(chunk), 1) for k, v in b.tensors.items()}
-                fusion.set_coefficients(eye[chunk].repeat_interleave(B, 0))  # (n*B, N)
-                with torch.inference_mode():
-                    logits = ws.model(
-                        input_ids=t["input_ids"], attention_mask=t["attention_mask"]
-                    ).logits  # (n*B, T, V)
-                    s, c = target_nll(logits, t["labels"])  # (n*B,)
-                out[chunk, r0 : r0 + B] = (s / c).view(len(chunk), B).cpu().float()
-                r0 += B
-                if progress:
-                    progress(len(chunk) * B)
-            if file is not None:
-                tmp = file.with_suffix(".tmp")
-                torch.save(out[chunk].clone(), tmp)
-                tmp.replace(file)
-    finally:
-        fusion.detach()
-    return out, tasks
+    cached = expert_target_logprobs(
+        ws, kind, split, max_per_task, rows_per_pass, cache_dir, progress
+    )
+    return cached.example_nll(), cached.tasks
 
 
 def expert_task_matrix(
@@ -158,16 +112,3 @@ def expert_task_matrix(
     return LossMatrix(
         torch.stack(cols, 1), lib.names, names, [len(index[t]) for t in names], own, meta
     )
-
-
-def _cache_folder(cache_dir, ws, kind, split, max_per_task, names, tasks) -> Path | None:
-    if cache_dir is None:
-        return None
-    key = json.dumps(
-        [kind, split, max_per_task, names, tasks, ws.spec.max_length, ws.spec.batch_size,
-         str(ws.dtype), ws.base_id],
-        sort_keys=True,
-    )  # fmt: skip
-    folder = Path(cache_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder

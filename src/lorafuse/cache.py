@@ -1,0 +1,128 @@
+"""Every expert's log-probability of every target token: one batched pass, cached on disk.
+
+Each batch of B examples is repeated for n experts at once (n*B rows, each row with
+one-hot coefficients on its expert through the fused layer), so N experts cost N/n
+forwards instead of N model loads and passes. The result feeds the expert x task
+matrix, the exact ensemble solver and the sparse ensemble search.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lorafuse.evaluate import target_logprobs
+from lorafuse.model import attach
+
+
+@dataclass
+class TargetLogprobs:
+    """logp[k, i]: expert i's log-probability of target token k."""
+
+    logp: Tensor  # (K, N) fp32
+    example: Tensor  # (K,) long: the example of each token
+    tasks: list[str]  # (M,) the task of each example
+    experts: list[str]  # (N,)
+
+    def example_nll(self) -> Tensor:
+        """Per-example mean NLL of each expert: (N, M)."""
+        M = len(self.tasks)
+        sums = torch.zeros(M, self.logp.shape[1], dtype=torch.float64)
+        sums.index_add_(0, self.example, -self.logp.double())  # (M, N)
+        counts = torch.bincount(self.example, minlength=M).double()  # (M,)
+        return (sums / counts[:, None]).T.float()
+
+    def token_weights(self) -> Tensor:
+        """Weights (K,) of the paper's mean: per example over tokens, per task, over tasks.
+
+        They are positive and sum to 1, so sum_k w_k nll_k is the evaluation's loss.
+        """
+        M = len(self.tasks)
+        per_example = torch.bincount(self.example, minlength=M).double()  # (M,)
+        names = sorted(set(self.tasks))
+        task_id = torch.tensor([names.index(t) for t in self.tasks])  # (M,)
+        per_task = torch.bincount(task_id, minlength=len(names)).double()  # (T,)
+        w_example = 1.0 / (per_task[task_id] * len(names))  # (M,)
+        return (w_example / per_example)[self.example]  # (K,)
+
+
+def expert_target_logprobs(
+    ws,
+    kind: str,
+    split: str,
+    max_per_task: int | None = None,
+    rows_per_pass: int = 256,
+    cache_dir: str | Path | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> TargetLogprobs:
+    """Target-token log-probabilities of every expert of `kind` on `split`.
+
+    Chunks of n = max(1, rows_per_pass // batch rows) experts share each forward. With
+    `cache_dir`, each finished chunk is saved and reused by a later run with the same
+    settings (an interrupted run resumes). `progress(k)` counts expert-examples done.
+    """
+    lib = ws.library(kind)
+    N = len(lib)
+    batches = ws.batches(split, max_per_task)
+    tasks = [t for b in batches for t in b.tasks]
+    size = max(len(b.tasks) for b in batches)
+    n = max(1, min(N, rows_per_pass // size))
+    cache = _cache_folder(cache_dir, ws, kind, split, max_per_task, lib.names, tasks)
+    chunks: dict[int, Tensor] = {}
+    example = None
+    fusion = attach(ws.model, lib, "factors")
+    eye = torch.eye(N)
+    try:
+        for c0 in range(0, N, n):
+            chunk = list(range(c0, min(N, c0 + n)))
+            file = cache / f"chunk_{c0:05d}_{len(chunk)}.pt" if cache else None
+            if file is not None and file.exists():
+                chunks[c0], example = torch.load(file, weights_only=True)
+                if progress:
+                    progress(len(chunk) * len(tasks))
+                continue
+            parts, rows, r0 = [], [], 0
+            for b in batches:
+                B = len(b.tasks)
+                t = {k: v.to(ws.device).repeat(len(chunk), 1) for k, v in b.tensors.items()}
+                fusion.set_coefficients(eye[chunk].repeat_interleave(B, 0))  # (n*B, N)
+                with torch.inference_mode():
+                    logits = ws.model(
+                        input_ids=t["input_ids"], attention_mask=t["attention_mask"]
+                    ).logits  # (n*B, T, V)
+                    logp, mask = target_logprobs(logits, t["labels"])  # (n*B, T-1)
+                logp = logp.view(len(chunk), B, -1).cpu()  # (n, B, T-1)
+                mask = mask.view(len(chunk), B, -1)[0].cpu()  # (B, T-1)
+                parts.append(logp[:, mask].T)  # (k, n): tokens in row-major order
+                rows.append(torch.nonzero(mask)[:, 0] + r0)  # (k,)
+                r0 += B
+                if progress:
+                    progress(len(chunk) * B)
+            chunks[c0], example = torch.cat(parts), torch.cat(rows)
+            if file is not None:
+                tmp = file.with_suffix(".tmp")
+                torch.save((chunks[c0], example), tmp)
+                tmp.replace(file)
+    finally:
+        fusion.detach()
+    logp = torch.cat([chunks[c] for c in sorted(chunks)], dim=1).float()  # (K, N)
+    return TargetLogprobs(logp, example, tasks, lib.names)
+
+
+def _cache_folder(cache_dir, ws, kind, split, max_per_task, names, tasks) -> Path | None:
+    if cache_dir is None:
+        return None
+    key = json.dumps(
+        [kind, split, max_per_task, names, tasks, ws.spec.max_length, ws.spec.batch_size,
+         str(ws.dtype), ws.base_id],
+        sort_keys=True,
+    )  # fmt: skip
+    folder = Path(cache_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
