@@ -43,13 +43,11 @@ class TargetLogprobs:
 
         They are positive and sum to 1, so sum_k w_k nll_k is the evaluation's loss.
         """
-        M = len(self.tasks)
-        per_example = torch.bincount(self.example, minlength=M).double()  # (M,)
+        from lorafuse.fit.exact import token_weights
+
         names = sorted(set(self.tasks))
         task_id = torch.tensor([names.index(t) for t in self.tasks])  # (M,)
-        per_task = torch.bincount(task_id, minlength=len(names)).double()  # (T,)
-        w_example = 1.0 / (per_task[task_id] * len(names))  # (M,)
-        return (w_example / per_example)[self.example]  # (K,)
+        return token_weights(task_id[self.example], self.example)  # (K,)
 
 
 def expert_target_logprobs(

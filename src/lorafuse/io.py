@@ -65,3 +65,18 @@ def write_json(path: str | os.PathLike, obj: Any, force: bool = True) -> Path:
             os.unlink(tmp)
         raise
     return out
+
+
+def save_png(fig, path: str | os.PathLike, dpi: int = 150) -> Path:
+    """Save a matplotlib Figure as PNG through a temporary file and a rename."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.png")
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return out

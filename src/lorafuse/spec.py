@@ -46,6 +46,7 @@ class LibrarySpec(BaseModel):
     device: str = "cpu"
     max_length: int = Field(256, gt=8)
     batch_size: int = Field(32, gt=0)
+    fits: str = "fits"
     root: str = "."
 
     def path(self, value: str) -> str:

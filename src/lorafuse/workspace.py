@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -41,7 +43,9 @@ class Workspace:
         """The tokenizer (from `tokenizer`, else the base model's folder or id)."""
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(self.spec.path(self.spec.tokenizer or self.base_id))
+        source = self.spec.path(self.spec.tokenizer or self.base_id)
+        with _loading("tokenizer", source):
+            tok = AutoTokenizer.from_pretrained(source)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         return tok
@@ -56,7 +60,8 @@ class Workspace:
         """The base causal LM, frozen, in eval mode, on the workspace's device and dtype."""
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(self.base_id, dtype=self.dtype)
+        with _loading("base model", self.base_id):
+            model = AutoModelForCausalLM.from_pretrained(self.base_id, dtype=self.dtype)
         model.to(self.device).eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -167,6 +172,23 @@ class Workspace:
         return out
 
     @property
+    def fits_dir(self) -> str:
+        """Folder of fitted coefficients (the spec's `fits`, relative to its folder)."""
+        return str(Path(self.spec.root) / self.spec.fits)
+
+    @property
     def pad_id(self) -> int:
         """The padding token id."""
         return int(self.tokenizer.pad_token_id)
+
+
+@contextlib.contextmanager
+def _loading(what: str, source: str):
+    # transformers raises OSError/ValueError with hub wording for a bad local path.
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        raise LorafuseError(
+            f"cannot load the {what} from {source!r}: {str(e).splitlines()[0]}; check the path "
+            "(a local folder saved with save_pretrained) or the hub id"
+        ) from None

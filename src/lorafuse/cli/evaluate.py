@@ -80,6 +80,42 @@ def matrix_command(
         console.print(f"{len(m.experts)} experts x {len(m.tasks)} tasks -> {out}")
 
 
+def fit_command(
+    library: Path = typer.Option(..., help=LIBRARY_HELP),
+    method: list[str] = typer.Option(..., help="Method(s) to fit, e.g. ensemble-exact."),
+    experts: str = typer.Option("private", help="Which expert kind: private, mbc, ..."),
+    max_examples_per_task: int = typer.Option(None, help="Cap per task of the training data."),
+    epochs: int = typer.Option(None, help="Epochs of SGD-trained methods (default per method)."),
+    lr: list[float] = typer.Option(None, help="Learning rate(s); several form the grid."),
+    batch_size: int = typer.Option(None, help="Examples per optimizer step."),
+    max_steps: int = typer.Option(None, help="Stop SGD after this many steps (quick runs)."),
+    device: str = typer.Option(None, help="cpu, cuda, ... (default: the spec's)."),
+    dtype: str = typer.Option(None, help="fp32 or bf16 (default: the spec's)."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Fit methods' coefficients and save them under the setup's fits/ folder."""
+    with user_errors():
+        seed_everything(seed)
+        from lorafuse.methods.run import fit_method
+
+        ws = _workspace(library, device, dtype)
+        options = {
+            "max_examples_per_task": max_examples_per_task,
+            "epochs": epochs,
+            "lr_grid": list(lr) if lr else None,
+            "lr": lr[0] if lr else None,
+            "batch_size": batch_size,
+            "max_steps": max_steps,
+            "seed": seed,
+        }
+        options = {k: v for k, v in options.items() if v is not None}
+        for name in method:
+            with console.status(f"fitting {name} over the {experts} experts"):
+                fit = fit_method(ws, name, experts, options)
+            shown = {k: v for k, v in fit.items() if isinstance(v, (int, float, str))}
+            console.print(f"[bold]{name}[/]: {shown}", highlight=False)
+
+
 def table_command(
     results: list[Path] = typer.Argument(..., help="Result JSON files or folders of them."),
 ) -> None:
@@ -94,4 +130,5 @@ def register(app: typer.Typer) -> None:
     """Add the evaluation commands to the CLI."""
     app.command("eval")(eval_command)
     app.command("matrix")(matrix_command)
+    app.command("fit")(fit_command)
     app.command("table")(table_command)

@@ -30,6 +30,7 @@ class Method:
     description: str
     prepare: Callable[..., Prepared]  # (workspace, kind, arg) -> Prepared
     needs_arg: bool = False
+    fit: Callable[..., dict[str, Any]] | None = None  # (workspace, kind, arg, options) -> fit
 
 
 METHODS: dict[str, Method] = {}
@@ -51,7 +52,7 @@ def resolve(name: str) -> tuple[Method, str | None]:
         raise LorafuseError(f"unknown method {name!r}; known methods: {known}")
     method = METHODS[base]
     if method.needs_arg and not arg:
-        raise LorafuseError(f"method {base} needs an argument: {base}:<expert name>")
+        raise LorafuseError(f"method {base} needs an argument: {base}:<value>")
     if arg and not method.needs_arg:
         raise LorafuseError(f"method {base} takes no argument (got {name!r})")
     return method, arg or None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from lorafuse.errors import LorafuseError
 from lorafuse.evaluate import Result, batch_nll, summarize
 from lorafuse.methods.registry import resolve
 
@@ -46,3 +47,27 @@ def evaluate_method(
 def total_rows(ws, split: str, max_per_task: int | None) -> int:
     """Number of examples `evaluate_method` will run (for progress bars)."""
     return len(ws.examples(split, max_per_task))
+
+
+def fit_method(ws, name: str, kind: str = "private", options: dict | None = None) -> dict:
+    """Fit method `name` over the `kind` experts and save its coefficients; return the fit.
+
+    Raises LorafuseError for an unknown method or one that has nothing to fit.
+    """
+    from lorafuse.fits import save_fit
+
+    method, arg = resolve(name)
+    if method.fit is None:
+        raise LorafuseError(f"method {method.name} has nothing to fit; evaluate it directly")
+    start = time.perf_counter()
+    payload = method.fit(ws, kind, arg, dict(options or {}))
+    payload["fit_seconds"] = round(time.perf_counter() - start, 3)
+    payload["options"] = {
+        k: v for k, v in (options or {}).items() if k not in ("progress",) and _jsonable(v)
+    }
+    save_fit(ws, name, kind, payload)
+    return payload
+
+
+def _jsonable(v) -> bool:
+    return isinstance(v, (int, float, str, bool, list, tuple, type(None)))

@@ -1,0 +1,68 @@
+"""Output-level ensembles: mix the experts' next-token distributions (or logits).
+
+probabilities: log p(x) = logsumexp_i (log l_i + log p_i(x))   (the paper)
+logits:        log p(x) = log_softmax(sum_i l_i z_i(x))          (B.3's comparison)
+
+The experts with nonzero weight run as one batched forward per chunk of experts (each
+batch row repeated per expert, one-hot coefficients per row through the fused layer);
+the chunk size bounds memory at about rows_per_pass x T x V logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lorafuse.errors import LorafuseError
+
+LEVELS = ("probs", "logits")
+
+
+def expert_chunks(weights: Tensor, rows: int, rows_per_pass: int) -> list[list[int]]:
+    """The experts with nonzero weight, grouped so that each forward has <= rows_per_pass rows."""
+    used = torch.nonzero(weights).flatten().tolist()
+    n = max(1, rows_per_pass // max(1, rows))
+    return [used[i : i + n] for i in range(0, len(used), n)]
+
+
+def ensemble_logprobs(
+    model,
+    fusion,
+    tensors: dict[str, Tensor],
+    weights: Tensor,
+    level: str = "probs",
+    rows_per_pass: int = 256,
+) -> Tensor:
+    """The ensemble's next-token log-probabilities (B, T, V) for one collated batch.
+
+    `fusion` is the model's Fusion over the N experts; `weights` (N,) are the ensemble
+    coefficients (on the simplex; gradients flow into them, not into the experts).
+    Raises LorafuseError for an unknown level or weights of the wrong size.
+    """
+    if level not in LEVELS:
+        raise LorafuseError(f"unknown ensemble level {level!r}; choose one of {LEVELS}")
+    N = fusion.num_experts
+    if weights.shape != (N,):
+        raise LorafuseError(f"ensemble weights must be ({N},); got {tuple(weights.shape)}")
+    ids, mask = tensors["input_ids"], tensors["attention_mask"]
+    B = ids.shape[0]
+    eye = torch.eye(N)
+    out = None
+    for chunk in expert_chunks(weights.detach(), B, rows_per_pass):
+        n = len(chunk)
+        fusion.set_coefficients(eye[chunk].repeat_interleave(B, 0))  # (n*B, N)
+        with torch.no_grad():
+            logits = model(input_ids=ids.repeat(n, 1), attention_mask=mask.repeat(n, 1)).logits
+        logits = logits.float().view(n, B, *logits.shape[1:])  # (n, B, T, V)
+        w = weights[chunk].to(logits.device, torch.float32)  # (n,)
+        if level == "probs":
+            part = torch.logsumexp(
+                torch.log_softmax(logits, -1) + w.log()[:, None, None, None], 0
+            )  # (B, T, V)
+            out = part if out is None else torch.logaddexp(out, part)
+        else:
+            part = (w[:, None, None, None] * logits).sum(0)  # (B, T, V)
+            out = part if out is None else out + part
+    if out is None:
+        raise LorafuseError("every ensemble weight is zero; at least one expert must be used")
+    return out if level == "probs" else torch.log_softmax(out, -1)

@@ -1,0 +1,23 @@
+"""How coefficients are learned from cached evaluations: exact ensemble fits and the LP."""
+
+from lorafuse.fit.exact import (
+    EnsembleFit,
+    SparseEnsemble,
+    ensemble_objective,
+    fit_ensemble,
+    sparse_greedy,
+    token_weights,
+)
+from lorafuse.fit.minimax import MinimaxFit, fit_minimax, plot_minimax
+
+__all__ = [
+    "EnsembleFit",
+    "MinimaxFit",
+    "SparseEnsemble",
+    "ensemble_objective",
+    "fit_ensemble",
+    "fit_minimax",
+    "plot_minimax",
+    "sparse_greedy",
+    "token_weights",
+]
