@@ -38,3 +38,24 @@ def test_matrix_command(mini_bench, tmp_path):
     m = json.loads(out.read_text())
     assert len(m["losses"]) == 3 and len(m["losses"][0]) == 3
     assert (tmp_path / ".m.json.cache").is_dir()
+
+
+def test_refactor_command(tmp_path):
+    # Expert 1 is not the best on its own task (task b): expert 2 beats it there.
+    m = {
+        "experts": ["ea", "eb", "ec"],
+        "tasks": ["a", "b", "c"],
+        "losses": [[0.1, 0.9, 0.9], [0.9, 0.5, 0.9], [0.9, 0.2, 0.1]],
+        "n_examples": [2, 2, 2],
+        "own": {"a": "ea", "b": "eb", "c": "ec"},
+    }
+    (tmp_path / "m.json").write_text(json.dumps(m))
+    out = tmp_path / "ref"
+    res = runner.invoke(app, ["refactor", str(tmp_path / "m.json"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "refactor.json").read_text())
+    assert r["not_best_on_own_task"] == ["eb"]
+    # private oracle = (0.1 + 0.5 + 0.1) / 3; {ea, ec} gives (0.1 + 0.2 + 0.1) / 3, below it.
+    assert r["k_reached"] == 2 and (out / "greedy_selection.png").stat().st_size > 1000
+    res = runner.invoke(app, ["refactor", str(tmp_path / "m.json"), "--out", str(out)])
+    assert res.exit_code == 2 and "--force" in res.output

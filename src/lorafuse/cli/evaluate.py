@@ -126,9 +126,30 @@ def table_command(
         console.print(markdown_table(load_results(results)), highlight=False, soft_wrap=True)
 
 
+def refactor_command(
+    matrix: Path = typer.Argument(..., help="A matrix JSON from `lorafuse matrix`."),
+    out: Path = typer.Option(..., help="Output folder: refactor.json and the greedy plot."),
+    force: bool = typer.Option(False, help="Replace --out if it exists."),
+    seed: int = typer.Option(0, help="Random seed (the analysis is deterministic)."),
+) -> None:
+    """Ranking, greedy task-level selection curve and plot from an expert x task matrix."""
+    with user_errors():
+        seed_everything(seed)
+        from lorafuse.matrix import LossMatrix
+        from lorafuse.select.refactor import refactor
+
+        r = refactor(LossMatrix.load(matrix), out, force)
+        console.print(
+            f"{r['n_not_best_on_own_task']} of {r['n_experts']} experts are not the best on "
+            f"their own task; greedy selection reaches the {r['target']} loss "
+            f"({r['target_loss']:.4f}) with k = {r['k_reached']} experts -> {out}"
+        )
+
+
 def register(app: typer.Typer) -> None:
     """Add the evaluation commands to the CLI."""
     app.command("eval")(eval_command)
     app.command("matrix")(matrix_command)
     app.command("fit")(fit_command)
     app.command("table")(table_command)
+    app.command("refactor")(refactor_command)

@@ -120,6 +120,7 @@ def plot_greedy(
     if sel.k_reached is not None:
         ax.axvline(sel.k_reached, color="tab:green", ls=":", label=f"k = {sel.k_reached}")
     ax.set_xlabel("number of experts k")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("mean task loss")
     ax.set_title(title or "Greedy task-level expert selection")
     ax.legend()

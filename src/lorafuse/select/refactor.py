@@ -1,0 +1,57 @@
+"""Expert refactoring from an expert x task matrix (paper Section 5.1, Figure 7).
+
+Which experts are not the best on their own task, and how many experts greedy task-level
+selection needs to recover the private-oracle loss.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lorafuse.io import atomic_dir, write_json
+from lorafuse.select.greedy import (
+    greedy_select,
+    not_best_on_own_task,
+    plot_greedy,
+    private_oracle_loss,
+)
+
+REPORT = "refactor.json"
+PLOT = "greedy_selection.png"
+
+
+def refactor(matrix, out: str | Path | None = None, force: bool = False) -> dict[str, Any]:
+    """Analyse a LossMatrix; with `out`, write refactor.json and the greedy curve plot.
+
+    The greedy target is the private-oracle loss when every task has its own expert,
+    else the full-library value (each task's best expert).
+    """
+    L = matrix.losses.numpy()  # (N, T)
+    own = matrix.own_index()
+    has_own = all(i is not None for i in own)
+    oracle = private_oracle_loss(L, own) if has_own else None
+    sel = greedy_select(L, target=oracle)
+    not_best = not_best_on_own_task(L, own) if any(i is not None for i in own) else []
+    report = {
+        "n_experts": len(matrix.experts),
+        "n_tasks": len(matrix.tasks),
+        "target": "private oracle" if has_own else "best expert per task",
+        "target_loss": sel.target,
+        "best_per_task_loss": float(L.min(0).mean()),
+        "k_reached": sel.k_reached,
+        "not_best_on_own_task": [matrix.experts[i] for i in not_best],
+        "n_not_best_on_own_task": len(not_best),
+        "greedy": [
+            {"k": k + 1, "expert": matrix.experts[i], "loss": float(c)}
+            for k, (i, c) in enumerate(zip(sel.order, sel.curve))
+        ],
+        "meta": matrix.meta,
+    }
+    if out is not None:
+        with atomic_dir(out, force) as tmp:
+            write_json(tmp / REPORT, report)
+            plot_greedy(
+                sel, tmp / PLOT, oracle=oracle, title=f"greedy selection ({len(L)} experts)"
+            )
+    return report
