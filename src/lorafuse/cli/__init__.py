@@ -17,10 +17,11 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from lorafuse.cli import core, evaluate
+    from lorafuse.cli import core, evaluate, structure
 
     core.register(app)
     evaluate.register(app)
+    structure.register(app)
     try:  # the benchmark commands (their module may be absent in a partial install)
         from lorafuse.cli import benchmark
     except ImportError:
