@@ -91,9 +91,7 @@ def expert_target_logprobs(
                 t = {k: v.to(ws.device).repeat(len(chunk), 1) for k, v in b.tensors.items()}
                 fusion.set_coefficients(eye[chunk].repeat_interleave(B, 0))  # (n*B, N)
                 with torch.inference_mode():
-                    logits = ws.model(
-                        input_ids=t["input_ids"], attention_mask=t["attention_mask"]
-                    ).logits  # (n*B, T, V)
+                    logits = ws.logits(t)  # (n*B, T, V)
                     logp, mask = target_logprobs(logits, t["labels"])  # (n*B, T-1)
                 logp = logp.view(len(chunk), B, -1).cpu()  # (n, B, T-1)
                 mask = mask.view(len(chunk), B, -1)[0].cpu()  # (B, T-1)

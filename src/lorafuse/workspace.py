@@ -67,6 +67,13 @@ class Workspace:
             p.requires_grad_(False)
         return model
 
+    def logits(self, tensors: dict[str, Tensor]) -> Tensor:
+        """The model's logits (B, T, V) for a collated batch (moved to the device)."""
+        return self.model(
+            input_ids=tensors["input_ids"].to(self.device),
+            attention_mask=tensors["attention_mask"].to(self.device),
+        ).logits
+
     # ---- experts -----------------------------------------------------------------------
     @property
     def kinds(self) -> list[str]:

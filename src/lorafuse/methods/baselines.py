@@ -9,11 +9,7 @@ from lorafuse.model import attach
 
 
 def _logits(ws, batch):
-    t = batch.tensors
-    dev = ws.device
-    return ws.model(
-        input_ids=t["input_ids"].to(dev), attention_mask=t["attention_mask"].to(dev)
-    ).logits
+    return ws.logits(batch.tensors)
 
 
 def _fused(ws, kind: str, space: str, setup) -> Prepared:

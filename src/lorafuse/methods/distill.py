@@ -118,14 +118,11 @@ def prepare_distill(ws, kind, arg) -> Prepared:
     fusion = attach(ws.model, ExpertLibrary.load([folder], base_model=ws.base_id), "factors")
     fusion.set_expert(0)
 
-    def forward(batch):
-        t = batch.tensors
-        return ws.model(
-            input_ids=t["input_ids"].to(ws.device),
-            attention_mask=t["attention_mask"].to(ws.device),
-        ).logits
-
-    return Prepared(forward, fusion.detach, info={"experts": kind, "teacher": fit["teacher"]})
+    return Prepared(
+        lambda batch: ws.logits(batch.tensors),
+        fusion.detach,
+        info={"experts": kind, "teacher": fit["teacher"]},
+    )
 
 
 register(
