@@ -8,12 +8,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from lorafuse.cache import expert_target_logprobs
 from lorafuse.errors import LorafuseError
 from lorafuse.io import write_json
+
+
+def as_loss_matrix(L, what: str = "loss matrix") -> np.ndarray:
+    """L (N experts, T tasks) as a finite float64 numpy array; LorafuseError otherwise."""
+    try:
+        M = np.asarray(L.detach().cpu() if hasattr(L, "detach") else L, dtype=float)
+    except (TypeError, ValueError) as e:
+        raise LorafuseError(f"the {what} must be numeric (N experts, T tasks): {e}") from None
+    if M.ndim != 2 or M.size == 0:
+        raise LorafuseError(
+            f"the {what} must be 2-D (N experts, T tasks) and non-empty; got shape {M.shape}"
+        )
+    if not np.isfinite(M).all():
+        bad = np.argwhere(~np.isfinite(M))[0].tolist()
+        raise LorafuseError(
+            f"the {what} holds NaN or Inf (first at expert {bad[0]}, task {bad[1]}); "
+            "re-evaluate that expert or drop the task"
+        )
+    return M
 
 
 @dataclass

@@ -16,6 +16,7 @@ import numpy as np
 
 from lorafuse.errors import LorafuseError
 from lorafuse.io import save_png
+from lorafuse.matrix import as_loss_matrix
 
 NONZERO = 1e-9  # a coefficient counts as nonzero above this
 
@@ -42,7 +43,7 @@ def fit_minimax(errors) -> MinimaxFit:
     """
     from scipy.optimize import linprog
 
-    M = _matrix(errors)  # (N, T)
+    M = _errors(errors)  # (N, T)
     N, T = M.shape
     cost = np.zeros(N + 1)
     cost[N] = 1.0  # variables x = (l_1..l_N, c); minimise c
@@ -89,19 +90,5 @@ def plot_minimax(fit: MinimaxFit, path: str | os.PathLike, title: str | None = N
     return save_png(fig, path)
 
 
-def _matrix(errors) -> np.ndarray:
-    try:
-        M = np.asarray(errors.detach().cpu() if hasattr(errors, "detach") else errors, float)
-    except (TypeError, ValueError) as e:
-        raise LorafuseError(f"the error matrix must be numeric (N experts, T tasks): {e}") from e
-    if M.ndim != 2 or M.size == 0:
-        raise LorafuseError(
-            f"the error matrix must be 2-D (N experts, T tasks) and non-empty; got shape {M.shape}"
-        )
-    if not np.isfinite(M).all():
-        bad = np.argwhere(~np.isfinite(M))[0].tolist()
-        raise LorafuseError(
-            f"the error matrix holds NaN or Inf (first at expert {bad[0]}, task {bad[1]}); "
-            "re-evaluate that expert or drop the task"
-        )
-    return M
+def _errors(errors) -> np.ndarray:
+    return as_loss_matrix(errors, "error matrix")

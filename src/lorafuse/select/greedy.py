@@ -18,6 +18,7 @@ import numpy as np
 
 from lorafuse.errors import LorafuseError
 from lorafuse.io import save_png
+from lorafuse.matrix import as_loss_matrix
 
 
 @dataclass
@@ -41,7 +42,7 @@ def greedy_select(
     `private_oracle_loss(L, own)` for the paper's criterion). Raises LorafuseError for a
     matrix that is not 2-D and finite, or k_max outside 1..N.
     """
-    L = _matrix(L)  # (N, T)
+    L = as_loss_matrix(L)  # (N, T)
     N = L.shape[0]
     k_max = N if k_max is None else k_max
     if not 1 <= k_max <= N:
@@ -72,7 +73,7 @@ def private_oracle_loss(L, own: Sequence[int]) -> float:
     `own` (T,) gives each task's own expert. Raises LorafuseError when a task has no own
     expert (None) or an index is out of range.
     """
-    L = _matrix(L)
+    L = as_loss_matrix(L)
     idx = _own(own, L.shape)
     if (idx < 0).any():
         missing = np.flatnonzero(idx < 0).tolist()
@@ -89,7 +90,7 @@ def not_best_on_own_task(L, own: Sequence[int | None]) -> list[int]:
     none (it is then skipped). Returns sorted expert indices (the paper's '58 of 256').
     Raises LorafuseError when own has the wrong length or an index is out of range.
     """
-    L = _matrix(L)
+    L = as_loss_matrix(L)
     idx = _own(own, L.shape)  # (T,), -1 where none
     tasks = np.flatnonzero(idx >= 0)  # (T',)
     experts = idx[tasks]  # (T',)
@@ -126,21 +127,6 @@ def plot_greedy(
     ax.legend()
     fig.tight_layout()
     return save_png(fig, path)
-
-
-def _matrix(L) -> np.ndarray:
-    L = np.asarray(L.detach().cpu() if hasattr(L, "detach") else L, dtype=float)
-    if L.ndim != 2 or L.size == 0:
-        raise LorafuseError(
-            f"the loss matrix must be 2-D (N experts, T tasks), non-empty; got shape {L.shape}"
-        )
-    if not np.isfinite(L).all():
-        bad = np.argwhere(~np.isfinite(L))[0].tolist()
-        raise LorafuseError(
-            f"the loss matrix holds NaN or Inf (first at expert {bad[0]}, task {bad[1]}); "
-            "re-evaluate that expert or drop the task"
-        )
-    return L
 
 
 def _own(own: Sequence[int | None], shape: tuple[int, int]) -> np.ndarray:
