@@ -8,7 +8,7 @@ built-in methods; an unknown name lists the known ones.
 from __future__ import annotations
 
 # Importing these modules registers their methods, in this order.
-from lorafuse.methods import baselines, distill, ensemble_sgd, ensembles  # noqa: E402, F401, I001
+from lorafuse.methods import baselines, distill, ensemble_sgd, ensembles, merging, routing  # noqa: E402, F401, I001, E501
 from lorafuse.methods.registry import METHODS, Method, Prepared, register, resolve
 
 __all__ = ["METHODS", "Method", "Prepared", "register", "resolve"]

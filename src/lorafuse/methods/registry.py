@@ -31,6 +31,7 @@ class Method:
     prepare: Callable[..., Prepared]  # (workspace, kind, arg) -> Prepared
     needs_arg: bool = False
     fit: Callable[..., dict[str, Any]] | None = None  # (workspace, kind, arg, options) -> fit
+    fitted_by: str | None = None  # the method whose fit this one evaluates (a top-k variant)
 
 
 METHODS: dict[str, Method] = {}

@@ -57,6 +57,11 @@ def fit_method(ws, name: str, kind: str = "private", options: dict | None = None
     from lorafuse.fits import save_fit
 
     method, arg = resolve(name)
+    if method.fitted_by is not None:
+        raise LorafuseError(
+            f"method {method.name} evaluates the fit of {method.fitted_by}; fit "
+            f"{method.fitted_by} instead (`lorafuse fit --method {method.fitted_by}`)"
+        )
     if method.fit is None:
         raise LorafuseError(f"method {method.name} has nothing to fit; evaluate it directly")
     start = time.perf_counter()
