@@ -7,8 +7,15 @@ built-in methods; an unknown name lists the known ones.
 
 from __future__ import annotations
 
-# Importing these modules registers their methods, in this order.
-from lorafuse.methods import baselines, distill, ensemble_sgd, ensembles, merging, routing  # noqa: E402, F401, I001, E501
+from lorafuse.methods import (  # noqa: F401  (importing a module registers its methods)
+    baselines,
+    distill,
+    ensemble_sgd,
+    ensembles,
+    hc,
+    merging,
+    routing,
+)
 from lorafuse.methods.registry import METHODS, Method, Prepared, register, resolve
 
 __all__ = ["METHODS", "Method", "Prepared", "register", "resolve"]

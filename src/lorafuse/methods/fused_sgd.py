@@ -68,8 +68,7 @@ def fused_loss(ws, data: TrainingSet) -> Callable:
 
     def loss_fn(idx):
         t = data.batch(idx)
-        logits = ws.model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
-        s, c = target_nll(logits, t["labels"])  # (B,), (B,)
+        s, c = target_nll(ws.logits(t), t["labels"])  # (B,), (B,)
         return (data.weights[list(idx)].to(s.device) * s / c).mean()
 
     return loss_fn
@@ -80,15 +79,8 @@ def validation_loss(ws, max_per_task: int | None) -> Callable[[], float]:
     batches = ws.batches("validation", max_per_task)
     tasks = [t for b in batches for t in b.tasks]
 
-    def forward(batch):
-        t = batch.tensors
-        return ws.model(
-            input_ids=t["input_ids"].to(ws.device),
-            attention_mask=t["attention_mask"].to(ws.device),
-        ).logits
-
     def validate() -> float:
-        sums, counts = batch_nll(forward, batches)
+        sums, counts = batch_nll(lambda b: ws.logits(b.tensors), batches)
         return summarize(sums, counts, tasks, "fit", "validation").mean
 
     return validate

@@ -98,14 +98,8 @@ def prepare_merge_sgd(name: str):
             fusion.detach()
             raise
 
-        def forward(batch):
-            t = batch.tensors
-            return ws.model(
-                input_ids=t["input_ids"].to(ws.device),
-                attention_mask=t["attention_mask"].to(ws.device),
-            ).logits
-
-        return Prepared(forward, fusion.detach, info={"experts": kind, "lr": fit.get("lr")})
+        info = {"experts": kind, "lr": fit.get("lr")}
+        return Prepared(lambda b: ws.logits(b.tensors), fusion.detach, info=info)
 
     return prepare
 

@@ -149,14 +149,7 @@ def topk_gap(top1: Result, topk: Result) -> dict[str, float]:
 
 
 def _forward(ws):
-    def forward(batch):
-        t = batch.tensors
-        return ws.model(
-            input_ids=t["input_ids"].to(ws.device),
-            attention_mask=t["attention_mask"].to(ws.device),
-        ).logits
-
-    return forward
+    return lambda batch: ws.logits(batch.tensors)
 
 
 def _clamp(k: int | None, n: int) -> int | None:
