@@ -90,13 +90,18 @@ def _from_benchmark(root: Path) -> LibrarySpec:
     kinds = {}
     if experts_dir.is_dir():
         kinds = {d.name: str(d) for d in sorted(experts_dir.iterdir()) if d.is_dir()}
-    settings = manifest.get("eval", {}) if isinstance(manifest, dict) else {}
+    settings = manifest.get("settings", {}) if isinstance(manifest, dict) else {}
+    extra = {}
+    if isinstance(settings.get("expert"), dict) and "max_length" in settings["expert"]:
+        extra["max_length"] = int(settings["expert"]["max_length"])
+    if "eval_batch_size" in settings:
+        extra["batch_size"] = int(settings["eval_batch_size"])
     return LibrarySpec(
         base_model=str(root / "base"),
         data=str(root / "data"),
         experts=kinds,
         root=str(root),
-        **{k: v for k, v in settings.items() if k in ("max_length", "batch_size")},
+        **extra,
     )
 
 
