@@ -85,6 +85,7 @@ def load_spec(source: str | Path) -> LibrarySpec:
 
 
 def _from_benchmark(root: Path) -> LibrarySpec:
+    root = root.resolve()
     manifest = json.loads((root / MANIFEST).read_text())
     experts_dir = root / "experts"
     kinds = {}
