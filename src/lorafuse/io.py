@@ -36,6 +36,9 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     out = check_output(path, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the output gets normal permissions
     try:
         yield tmp
     except BaseException:

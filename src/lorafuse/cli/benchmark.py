@@ -1,0 +1,155 @@
+"""`lorafuse benchmark build` and `lorafuse train-expert`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lorafuse.cli.common import console, err_console, seed_everything, user_errors
+
+benchmark_app = typer.Typer(
+    help="The built-in benchmark: a Flan-like task suite, a base model and trained experts.",
+    no_args_is_help=True,
+)
+
+
+def build(
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Folder of the build (resumed if it exists)."
+    ),
+    preset: str = typer.Option("small", help="tiny (8 tasks), small (32) or full (256)."),
+    seed: int = typer.Option(0, help="Random seed: same seed, same data, models and numbers."),
+    threads: int = typer.Option(None, help="torch CPU threads (default: the preset's, 2)."),
+    evaluate: bool = typer.Option(True, help="Finish with the test-loss check (evaluation.json)."),
+    force: bool = typer.Option(False, help="Delete an earlier build in --out and start over."),
+) -> None:
+    """Build data, base model, private and shared experts; resumes an interrupted build."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with user_errors():
+        seed_everything(seed)
+        from lorafuse.benchmark import STAGES, build, preset_settings
+
+        _quiet_transformers()
+        settings = preset_settings(preset)
+        if threads is not None:
+            settings.threads = threads
+        _warn_if_busy(settings.threads)
+        columns = (
+            TextColumn("{task.description:>9}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, console=err_console) as bar:
+            ids = {s: bar.add_task(s, total=None, start=False) for s in STAGES}
+
+            def report(stage: str, done: int, total: int) -> None:
+                bar.start_task(ids[stage])
+                bar.update(ids[stage], completed=done, total=total)
+
+            manifest = build(out, preset, seed, force, settings, report, evaluate=evaluate)
+        _summary(out, manifest)
+
+
+def _warn_if_busy(threads: int) -> None:
+    import os
+
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if threads > 1 and load >= 1 and load + threads > cores:
+        err_console.print(
+            f"[yellow]note:[/] the CPU is busy (load {load:.1f} on {cores} cores); torch with "
+            f"{threads} threads can run several times slower on a shared CPU. --threads 1 "
+            "avoids that (its numbers may differ slightly from a build with more threads)."
+        )
+
+
+def _quiet_transformers() -> None:
+    # The CLI draws its own progress; transformers' loading bars would interleave with it.
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def _summary(out: Path, manifest: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"benchmark {manifest['preset']} (seed {manifest['seed']}) in {out}")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    for stage, info in manifest["stages"].items():
+        table.add_row(stage, f"{info['seconds']:.1f}")
+    console.print(table)
+    summary = manifest["stages"].get("evaluate", {}).get("summary")
+    if summary:
+        rows = Table(title="test loss (mean over tasks +- standard error)")
+        rows.add_column("method")
+        rows.add_column("loss", justify="right")
+        for method, s in summary.items():
+            rows.add_row(method, f"{s['mean']:.4f} +- {s['se']:.4f}")
+        console.print(rows)
+    n = len(manifest["tasks"])
+    console.print(f"{n} tasks, {len(manifest['experts'])} experts -> {out}/manifest.json")
+
+
+def train_expert(
+    base: Path = typer.Option(..., help="Base model folder (model + tokenizer)."),
+    data: str = typer.Option(..., help="flan-flat data: parquet/jsonl file or folder, or hub id."),
+    tasks: str = typer.Option(..., help="Comma-separated task names to train on."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (a PEFT adapter)."),
+    steps: int = typer.Option(100, help="Optimizer steps."),
+    lr: float = typer.Option(3e-3, help="Peak learning rate (warm-up then cosine)."),
+    rank: int = typer.Option(4, help="LoRA rank r."),
+    alpha: float = typer.Option(16.0, help="LoRA alpha (scaling alpha / r)."),
+    dropout: float = typer.Option(0.05, help="LoRA dropout."),
+    batch_size: int = typer.Option(16, help="Examples per step."),
+    targets: str = typer.Option(
+        ",".join(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+        help="Comma-separated target module names.",
+    ),
+    max_length: int = typer.Option(128, help="Longest sequence (sources cut from the left)."),
+    max_per_task: int = typer.Option(None, help="Use at most this many examples per task."),
+    threads: int = typer.Option(2, help="torch CPU threads."),
+    device: str = typer.Option("cpu", help="Where to train: cpu, cuda, cuda:1, ..."),
+    force: bool = typer.Option(False, help="Replace --out if it exists."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Train one LoRA expert on some tasks; saves a standard PEFT adapter."""
+    with user_errors():
+        seed_everything(seed)
+        import torch
+
+        from lorafuse.data.flan import examples, load_flan
+        from lorafuse.io import check_output
+        from lorafuse.train import ExpertSettings
+        from lorafuse.train import train_expert as run
+
+        check_output(out, force)
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        settings = ExpertSettings(
+            r=rank,
+            alpha=alpha,
+            dropout=dropout,
+            lr=lr,
+            steps=steps,
+            batch_size=batch_size,
+            warmup=min(20, max(1, steps // 5)),
+            max_length=max_length,
+            targets=tuple(t.strip() for t in targets.split(",")),
+        )
+        torch.set_num_threads(threads)
+        _quiet_transformers()
+        ds = load_flan(data, tasks=names, max_per_task=max_per_task, splits=("train",))
+        train = examples(ds, "train", names)
+        with console.status(f"training an expert on {len(names)} task(s) for {steps} steps"):
+            metrics = run(base, train, names, out, settings, seed, device=device)
+        console.print(f"expert -> {out} (final train loss {metrics['train_loss']:.4f})")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `benchmark build` and `train-expert` to the CLI."""
+    benchmark_app.command("build")(build)
+    app.add_typer(benchmark_app, name="benchmark")
+    app.command("train-expert")(train_expert)

@@ -1,0 +1,288 @@
+"""LoRA expert training on any subset of tasks, saved as standard PEFT adapters.
+
+The paper's settings by default (r=4, alpha=16, dropout 0.05, linear warm-up then
+cosine); the learning rate is scaled up from the paper's 1e-4 for the small base model.
+`train_experts` trains several experts at once (see `stacked`); what it saves is a plain
+PEFT adapter per expert (`PeftModel.from_pretrained(base, path)` reloads it) plus
+`lorafuse_expert.json` with the tasks it was trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from lorafuse.data.errors import DataError
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class ExpertSettings:
+    """LoRA and optimisation settings of an expert."""
+
+    r: int = 4
+    alpha: float = 16.0
+    dropout: float = 0.05
+    lr: float = 3e-3
+    steps: int = 100
+    batch_size: int = 16
+    warmup: int = 20
+    weight_decay: float = 0.0
+    max_length: int = 128
+    targets: tuple[str, ...] = TARGETS
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        bad = {
+            k: v
+            for k, v in (("r", self.r), ("steps", self.steps), ("batch_size", self.batch_size))
+            if v < 1
+        }
+        if bad:
+            raise DataError(f"expert settings must be positive integers; got {bad}")
+        if not 0 <= self.dropout < 1 or self.lr <= 0:
+            raise DataError(f"need 0 <= dropout < 1 and lr > 0; got {self.dropout}, {self.lr}")
+        if not self.targets:
+            raise DataError("expert settings need at least one target module (e.g. q_proj)")
+
+
+@dataclass
+class ExpertJob:
+    """One expert to train: its name, its tasks and where it is saved."""
+
+    name: str
+    tasks: list[str]
+    out: Path
+    kind: str = "private"
+    meta: dict = field(default_factory=dict)
+
+
+def stable_seed(*parts) -> int:
+    """A 63-bit seed derived from `parts` (same on every run and machine)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def is_done(out: Path) -> bool:
+    """Whether `out` holds a finished expert (written last, by a rename)."""
+    from lorafuse.peft_format import CONFIG_NAME, METADATA_NAME
+
+    return (out / CONFIG_NAME).is_file() and (out / METADATA_NAME).is_file()
+
+
+class Sampler:
+    """Endless shuffled batches of one expert's examples, from its own generator."""
+
+    def __init__(self, n: int, seed: int):
+        if n == 0:
+            raise DataError("an expert has no training examples; check its tasks")
+        self.n, self.g, self.order = n, torch.Generator().manual_seed(seed), []
+
+    def take(self, b: int) -> list[int]:
+        """The next `b` example indices (reshuffled at each epoch)."""
+        out = []
+        while len(out) < b:
+            if not self.order:
+                self.order = torch.randperm(self.n, generator=self.g).tolist()
+            out.append(self.order.pop())
+        return out
+
+
+def job_examples(jobs: list[ExpertJob], encoded: dict[str, list]) -> list[list]:
+    """Each job's encoded training examples (its tasks' examples, concatenated)."""
+    out = []
+    for job in jobs:
+        missing = [t for t in job.tasks if t not in encoded]
+        if missing or not job.tasks:
+            raise DataError(
+                f"expert {job.name}: task(s) {missing or '(none)'} have no training data; "
+                f"choose among {', '.join(list(encoded)[:8])}"
+            )
+        out.append([e for t in job.tasks for e in encoded[t]])
+    return out
+
+
+def token_losses(logits, labels, experts: int):
+    """Each expert's mean NLL over its labelled tokens: logits (K*b, T, V) -> (K,)."""
+    from lorafuse.data.collate import IGNORE
+
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE, reduction="none"
+    )  # (K*b, T-1)
+    mask = (labels[:, 1:] != IGNORE).float()  # (K*b, T-1)
+    per_expert = nll.view(experts, -1).sum(1)  # (K,)
+    return per_expert / mask.view(experts, -1).sum(1).clamp(min=1)  # (K,)
+
+
+def save_expert(peft_model, factors: dict, job: ExpertJob, settings: ExpertSettings, meta: dict):
+    """Copy one expert's factors into `peft_model` and save it as a PEFT adapter.
+
+    Writes under a temporary name and renames to `job.out`; adds lorafuse_expert.json.
+    """
+    import json
+
+    from lorafuse.io import atomic_dir
+    from lorafuse.peft_format import METADATA_NAME
+
+    inner = peft_model.base_model.model
+    with torch.no_grad():
+        for name, (A, B) in factors.items():
+            layer = inner.get_submodule(name)
+            layer.lora_A["default"].weight.copy_(A)
+            layer.lora_B["default"].weight.copy_(B)
+    with atomic_dir(job.out, force=True) as tmp:
+        peft_model.save_pretrained(str(tmp))
+        info = {
+            "tasks": job.tasks,
+            "kind": job.kind,
+            **job.meta,
+            **meta,
+            "settings": asdict(settings),
+        }
+        (tmp / METADATA_NAME).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def peft_wrapper(base_dir: Path, settings: ExpertSettings):
+    """The base model wrapped by PEFT with this expert's LoraConfig (used for saving)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    cfg = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, cfg)
+    peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    return peft_model
+
+
+Progress = Callable[[str, int], None]
+
+
+def train_experts(
+    base_dir: str | Path,
+    train: dict[str, list[tuple[str, str]]],
+    jobs: list[ExpertJob],
+    settings: ExpertSettings,
+    seed: int,
+    group_size: int = 8,
+    on_step: Progress | None = None,
+    on_saved: Callable[[ExpertJob, dict], None] | None = None,
+    resume: bool = True,
+    device: str = "cpu",
+) -> dict[str, dict]:
+    """Train `jobs` in groups of `group_size` experts sharing one batched model.
+
+    `train` is {task: [(source, target), ...]} (the train split). Groups are consecutive
+    jobs. With `resume`, a group whose experts are all saved already is skipped, and a
+    partly saved group is retrained whole (so a resumed run gives the same experts as an
+    uninterrupted one) but only its missing experts are written; without it every expert
+    is trained and its folder replaced. Every expert starts from the same LoRA
+    init (from `seed`) and draws its batches from its own generator. `on_step(name,
+    step)` reports progress (name of the group's first expert); `on_saved(job, metrics)`
+    runs after each expert is written. Returns {expert name: metrics} for experts trained.
+    """
+    from transformers import AutoTokenizer
+
+    from lorafuse.data.collate import encode
+
+    base_dir = Path(base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    needed = sorted({t for job in jobs for t in job.tasks})
+    missing = [t for t in needed if t not in train]
+    if missing:
+        raise DataError(f"task(s) {', '.join(missing)} have no training data in the data given")
+    encoded = {t: encode(tokenizer, train[t]) for t in needed}
+    results: dict[str, dict] = {}
+    saver = None
+    for start in range(0, len(jobs), group_size):
+        group = jobs[start : start + group_size]
+        if resume and all(is_done(j.out) for j in group):
+            continue
+        factors, metrics = _train_group(
+            base_dir, tokenizer, group, encoded, settings, seed, on_step, device
+        )
+        saver = saver or peft_wrapper(base_dir, settings)
+        for k, job in enumerate(group):
+            if resume and is_done(job.out):
+                continue
+            save_expert(saver, factors[k], job, settings, metrics[k])
+            results[job.name] = metrics[k]
+            if on_saved is not None:
+                on_saved(job, metrics[k])
+    return results
+
+
+def _train_group(base_dir, tokenizer, group, encoded, settings, seed, on_step, device):
+    from transformers import AutoModelForCausalLM
+
+    from lorafuse.data.collate import collate
+    from lorafuse.pretrain import warmup_cosine
+    from lorafuse.stacked import attach_stacked, expert_factors, lora_init
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    K, b = len(group), settings.batch_size
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    init = lora_init(model, list(settings.targets), settings.r, seed)
+    if not init:
+        raise DataError(f"the base model has no Linear module named {settings.targets}")
+    layers = attach_stacked(model, init, K, settings.alpha / settings.r, settings.dropout)
+    model.to(device)
+    params = [p for layer in layers.values() for p in (layer.A, layer.B)]
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(settings.warmup, settings.steps))
+    examples = job_examples(group, encoded)
+    samplers = [
+        Sampler(len(ex), stable_seed(seed, "data", job.name)) for ex, job in zip(examples, group)
+    ]
+    torch.manual_seed(stable_seed(seed, "dropout", *[job.name for job in group]))
+    model.train()
+    history = torch.zeros(settings.steps, K)
+    for step in range(settings.steps):
+        rows = [ex[i] for ex, s in zip(examples, samplers) for i in s.take(b)]
+        batch = {k: v.to(device) for k, v in collate(rows, pad_id, settings.max_length).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses = token_losses(logits, batch["labels"], K)  # (K,)
+        losses.sum().backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        next(iter(layers.values())).dropout.clear()
+        history[step] = losses.detach().cpu()
+        if on_step is not None:
+            on_step(group[0].name, step)
+    tail = history[-max(1, settings.steps // 10) :].mean(0)  # (K,)
+    metrics = [{"train_loss": round(float(tail[k]), 5), "steps": settings.steps} for k in range(K)]
+    factors = [
+        {n: (A.cpu(), B.cpu()) for n, (A, B) in expert_factors(layers, k).items()} for k in range(K)
+    ]
+    return factors, metrics
+
+
+def train_expert(
+    base_dir: str | Path,
+    train: dict[str, list[tuple[str, str]]],
+    tasks: list[str],
+    out: str | Path,
+    settings: ExpertSettings,
+    seed: int,
+    name: str | None = None,
+    on_step: Progress | None = None,
+    device: str = "cpu",
+) -> dict:
+    """Train one expert on `tasks` and save it at `out`, replacing it (see `train_experts`)."""
+    job = ExpertJob(name or Path(out).name, list(tasks), Path(out), kind="custom")
+    results = train_experts(base_dir, train, [job], settings, seed, 1, on_step, None, False, device)
+    return results[job.name]
