@@ -22,8 +22,12 @@ lint: setup
 test: setup lint
 	$(VENV)/bin/pytest
 
+# Until `lorafuse study` lands: build the small benchmark, then compare the baselines.
 demo: setup
-	$(VENV)/bin/lorafuse --help
+	$(VENV)/bin/lorafuse benchmark build --preset small --out runs/small --seed 0
+	$(VENV)/bin/lorafuse eval --library runs/small --split test --out results/demo \
+		--method base --method shared --method oracle --method merge-uniform \
+		--method merge-uniform-full --method arrow-top4
 
 bench: setup
 	$(PY) bench/fused_layer.py
