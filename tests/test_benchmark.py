@@ -51,23 +51,16 @@ def test_manifest_lists_tasks_experts_and_stages(built):
 
 
 def test_evaluation_matches_plain_peft(built):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lorafuse.data.flan import examples, load_flan
-    from lorafuse.nll import task_losses
+    from tests.evalref import reference_task_losses
 
     root, manifest = built
     report = json.loads((root / "evaluation.json").read_text())
     assert set(report["per_task"]) == {"base", "oracle", "uniform_merge", "shared"}
     task = manifest["tasks"][1]["name"]
-    test = examples(load_flan(root / "data"), "test", [task])
-    tok = AutoTokenizer.from_pretrained(root / "base")
-    base = AutoModelForCausalLM.from_pretrained(root / "base").eval()
-    assert task_losses(base, tok, test)[task] == pytest.approx(report["per_task"]["base"][task])
-    peft = PeftModel.from_pretrained(base, root / "experts" / "private" / task).eval()
-    own = task_losses(peft, tok, test)[task]
-    assert own == pytest.approx(report["per_task"]["oracle"][task], rel=1e-4)
+    base = reference_task_losses(root, "test", tasks=[task])[task]
+    assert base == pytest.approx(report["per_task"]["base"][task], abs=1e-5)
+    own = reference_task_losses(root, "test", root / "experts" / "private" / task, [task])[task]
+    assert own == pytest.approx(report["per_task"]["oracle"][task], abs=1e-5)
 
 
 def test_interrupted_build_resumes_to_the_same_result(built, tmp_path):
