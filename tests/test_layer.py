@@ -130,3 +130,22 @@ def test_bad_coefficients_and_space():
         FusedLoRALinear(nn.Linear(D + 1, O), stacked(), "factors", "m")
     with pytest.raises(LorafuseError, match="NaN"):
         Fixed(torch.tensor([float("nan"), 1.0]))
+
+
+@pytest.mark.parametrize("space", ["factors", "deltas"])
+def test_row_sparse_coefficients_equal_the_loop(space):
+    # One-hot and 2-sparse rows take the gather path (<= N/2 experts per row).
+    f, s = layer(space)
+    f.base.requires_grad_(False)
+    x = torch.randn(3, 4, D)
+    c = torch.zeros(3, N)
+    c[0, 1], c[1, 4], c[2, 0], c[2, 3] = 1.0, 0.7, 0.4, -0.6
+    assert f._row_sparse(c, x)
+    expected = loop_reference(f.base, s, x, c[:, None].expand(3, 4, N), space)
+    f.mixer = Fixed(c)
+    with torch.inference_mode():
+        torch.testing.assert_close(f(x), expected, atol=1e-5, rtol=1e-5)
+    theta = torch.zeros(3, N, requires_grad=True)
+    f.mixer = lambda inp: c + theta  # differentiable, still sparse
+    f(x).sum().backward()
+    assert theta.grad is not None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from lorafuse.errors import LorafuseError
@@ -66,11 +67,23 @@ class FusedLoRALinear(nn.Module):
         self.register_buffer("scale", stacked.scale.to(device=w.device), persistent=False)
         self.mixer: Mixer | None = None
 
+    def __setattr__(self, name: str, value) -> None:
+        if name == "mixer":  # any callable: a Module (registered) or a plain function
+            self._modules.pop("mixer", None)
+            self.__dict__.pop("mixer", None)
+            if not isinstance(value, nn.Module):
+                object.__setattr__(self, name, value)
+                return
+        super().__setattr__(name, value)
+
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)  # (B, T, O)
         if self.mixer is None:
             return y
         coefficients = self.mixer(x)
+        if self._row_sparse(coefficients, x):
+            d = self._row_sparse_delta(x, coefficients.to(x.dtype))  # (B, T, O)
+            return y + d if y.requires_grad or coefficients.requires_grad else y.add_(d)
         if y.requires_grad or coefficients.requires_grad or not y.is_contiguous():
             return y + self.delta(x, coefficients)
         # No autograd here: the second GEMM accumulates straight into the base output.
@@ -81,6 +94,8 @@ class FusedLoRALinear(nn.Module):
 
     def delta(self, x: Tensor, coefficients: Tensor) -> Tensor:
         """The mixed experts' contribution for input x (..., D) -> (..., O)."""
+        if self._row_sparse(coefficients, x):
+            return self._row_sparse_delta(x, coefficients.to(x.dtype))
         z, B = self._mixed_factors(x, coefficients)
         return z @ B  # (..., O)
 
@@ -101,6 +116,29 @@ class FusedLoRALinear(nn.Module):
         else:
             z = u * ls.unsqueeze(-1)  # (..., N, R)
         return z.flatten(-2), self.B_cat  # (..., N*R), (N*R, O)
+
+    def _row_sparse(self, c: Tensor, x: Tensor) -> bool:
+        # Per-sequence coefficients using at most half of the experts in every row (one-hot
+        # rows of the matrix, ensembles, the oracle): gather each row's experts instead.
+        if c.dim() != 2 or x.dim() != 3 or c.shape != (x.shape[0], self.num_experts):
+            return False
+        return 2 * int((c != 0).sum(-1).max()) <= self.num_experts
+
+    def _row_sparse_delta(self, x: Tensor, c: Tensor) -> Tensor:
+        # Per-row (not per-token) mixed factors of the K experts each row uses.
+        N, R = self.num_experts, self.rank
+        K = max(1, int((c != 0).sum(-1).max()))
+        idx = c.abs().topk(K, dim=-1).indices  # (B, K)
+        w = c.gather(-1, idx)  # (B, K)
+        ws = w * self.scale.to(c.dtype)[idx]  # (B, K)
+        A = self.A_cat.view(-1, N, R)[:, idx]  # (D, B, K, R)
+        B = self.B_cat.view(N, R, -1)[idx]  # (B, K, R, O)
+        if self.space == "factors":
+            A_mix = torch.einsum("dbkr,bk->bdr", A, w)  # (B, D, R)
+            B_mix = torch.einsum("bkro,bk->bro", B, ws)  # (B, R, O)
+            return torch.bmm(torch.bmm(x, A_mix), B_mix)  # (B, T, O)
+        u = torch.einsum("btd,dbkr->btkr", x, A)  # (B, T, K, R)
+        return torch.einsum("btkr,bkro->bto", u * ws[:, None, :, None], B)  # (B, T, O)
 
     def _broadcast(self, c: Tensor, x: Tensor) -> Tensor:
         if c.shape[-1] != self.num_experts:
