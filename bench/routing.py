@@ -121,7 +121,11 @@ def main() -> None:
     plain = get_peft_model(plain, lora).eval()
     plain_opt = torch.optim.AdamW([q for q in plain.parameters() if q.requires_grad], lr=1e-3)
 
-    plain_loss = fused_loss(SimpleNamespace(model=plain), data)  # the same loss code
+    plain_ws = SimpleNamespace(
+        model=plain,
+        logits=lambda t: plain(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits,
+    )
+    plain_loss = fused_loss(plain_ws, data)  # the same loss code
 
     def train_round(loss_fn, opt):
         for idx in batches:
