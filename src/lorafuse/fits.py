@@ -25,7 +25,8 @@ def save_fit(ws, method: str, kind: str, payload: dict[str, Any]) -> Path:
 
 
 def load_fit(ws, method: str, kind: str) -> dict[str, Any]:
-    """Read a fit; raises LorafuseError saying how to make it when it is missing."""
+    """Read a fit; raises LorafuseError when it is missing (saying how to make it) or was
+    made for other experts than the library's."""
     path = fit_path(ws, method, kind)
     if not path.is_file():
         raise LorafuseError(
@@ -33,6 +34,13 @@ def load_fit(ws, method: str, kind: str) -> dict[str, Any]:
             f"run `lorafuse fit --library {ws.spec.root} --method {method} --experts {kind}` first"
         )
     try:
-        return json.loads(path.read_text())
+        fit = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise LorafuseError(f"fit file {path} is not valid JSON ({e}); fit again") from None
+    names = ws.library(kind).names
+    if "experts_order" in fit and fit["experts_order"] != names:
+        raise LorafuseError(
+            f"the fit of {method} was made for experts {fit['experts_order']}, not the "
+            f"library's {names}; fit again"
+        )
+    return fit

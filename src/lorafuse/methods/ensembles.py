@@ -47,12 +47,6 @@ def _uniform(ws, kind) -> torch.Tensor:
 def _fitted(name: str):
     def prepare(ws, kind, arg) -> Prepared:
         fit = load_fit(ws, f"{name}:{arg}" if arg else name, kind)
-        names = ws.library(kind).names
-        if fit.get("experts_order") != names:
-            raise LorafuseError(
-                f"the fit of {name} was made for experts {fit.get('experts_order')}, not the "
-                f"library's {names}; fit again"
-            )
         return ensemble_prepared(ws, kind, torch.tensor(fit["weights"]))
 
     return prepare

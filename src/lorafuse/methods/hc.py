@@ -78,8 +78,6 @@ def prepare_hc(name: str):
 
         fit = load_fit(ws, name, kind)
         lib = ws.library(kind)
-        if fit.get("experts_order") != lib.names:
-            raise LorafuseError(f"the fit of {name} was made for other experts; fit again")
         fusion = attach(ws.model, lib, "factors")
         routers = build_hc_routers(fusion, torch.tensor(fit["labels"]), fit["arrow_init"])
         state = load_file(fit["state"])

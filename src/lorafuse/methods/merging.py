@@ -86,11 +86,6 @@ def prepare_merge_sgd(name: str):
     def prepare(ws, kind, arg) -> Prepared:
         fit = load_fit(ws, name, kind)
         lib = ws.library(kind)
-        if fit.get("experts_order") != lib.names:
-            raise LorafuseError(
-                f"the fit of {name} was made for experts {fit.get('experts_order')}, not the "
-                f"library's {lib.names}; fit again"
-            )
         fusion = attach(ws.model, lib, fit.get("space", SPACE))
         try:
             fusion.set_coefficients({m: torch.tensor(w) for m, w in fit["weights"].items()})

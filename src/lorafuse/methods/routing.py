@@ -81,11 +81,6 @@ def prepare_route_sgd(name: str, top_k: int | None):
     def prepare(ws, kind, arg) -> Prepared:
         fit = load_fit(ws, name, kind)
         lib = ws.library(kind)
-        if fit.get("experts_order") != lib.names:
-            raise LorafuseError(
-                f"the fit of {name} was made for experts {fit.get('experts_order')}, not the "
-                f"library's {lib.names}; fit again"
-            )
         k = _clamp(top_k, len(lib))
         fusion = load_routed(ws.model, fit["routed"], library=lib, top_k=k)
         info = {"experts": kind, "top_k": k, "init": fit.get("init"), "lr": fit.get("lr")}
