@@ -74,14 +74,14 @@ def load_spec(source: str | Path) -> LibrarySpec:
     if not src.is_file():
         raise LorafuseError(f"library spec {src} does not exist")
     text = src.read_text()
-    data, lines = _parse(text, src)
+    data, lines = parse_yaml(text, src)
     if not isinstance(data, dict):
         raise LorafuseError(f"{src}: a library spec must be a mapping of keys to values")
     data.setdefault("root", str(src.parent))
     try:
         return LibrarySpec(**data)
     except ValidationError as e:
-        raise LorafuseError(_explain(e, src, lines)) from None
+        raise LorafuseError(explain(e, src, lines)) from None
 
 
 def _from_benchmark(root: Path) -> LibrarySpec:
@@ -106,7 +106,8 @@ def _from_benchmark(root: Path) -> LibrarySpec:
     )
 
 
-def _parse(text: str, src: Path) -> tuple[Any, dict[str, int]]:
+def parse_yaml(text: str, src: Path) -> tuple[Any, dict[str, int]]:
+    """YAML text -> (data, line of each key path like "methods.2.name"); LorafuseError if bad."""
     import yaml
 
     try:
@@ -122,22 +123,57 @@ def _parse(text: str, src: Path) -> tuple[Any, dict[str, int]]:
                 key = f"{prefix}.{k.value}" if prefix else str(k.value)
                 lines[key] = k.start_mark.line + 1
                 walk(v, key)
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
+                key = f"{prefix}.{i}" if prefix else str(i)
+                lines.setdefault(key, v.start_mark.line + 1)
+                walk(v, key)
 
     if node is not None:
         walk(node, "")
     return data, lines
 
 
-def _explain(e: ValidationError, src: Path, lines: dict[str, int]) -> str:
+def explain(e: ValidationError, src: Path, lines: dict[str, int], model=LibrarySpec) -> str:
+    """A user message for a pydantic error: each bad key with its YAML line."""
     parts = []
     for err in e.errors():
-        key = ".".join(str(x) for x in err["loc"])
-        where = f" (line {lines[key]})" if key in lines else ""
+        loc = [str(x) for x in err["loc"]]
+        key = ".".join(loc)
+        near = next((lines[k] for k in _prefixes(loc) if k in lines), None)
+        where = f" (line {near})" if near is not None else ""
         if err["type"] == "extra_forbidden":
-            known = ", ".join(sorted(LibrarySpec.model_fields))
+            known = ", ".join(sorted(_fields_at(model, err["loc"][:-1])))
             parts.append(f"unknown key {key!r}{where}; known keys: {known}")
         elif err["type"] == "missing":
             parts.append(f"missing required key {key!r}")
         else:
             parts.append(f"key {key!r}{where}: {err['msg']}")
     return f"{src}: " + "; ".join(parts)
+
+
+def _prefixes(loc: list[str]) -> list[str]:
+    return [".".join(loc[:i]) for i in range(len(loc), 0, -1)]
+
+
+def _fields_at(model, loc) -> list[str]:
+    """The field names of the (nested) pydantic model at `loc` (for 'known keys')."""
+    for part in loc:
+        if isinstance(part, int) or not hasattr(model, "model_fields"):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        inner = [a for a in _flat_args(field.annotation) if hasattr(a, "model_fields")]
+        if inner:
+            model = inner[0]
+    return list(getattr(model, "model_fields", {}))
+
+
+def _flat_args(tp) -> list:
+    from typing import get_args
+
+    out = [tp]
+    for a in get_args(tp):
+        out.extend(_flat_args(a))
+    return out

@@ -75,3 +75,19 @@ def test_missing_or_stale_fit(ws, tmp_path):
         fit_method(ws, "oracle", "private")
     with pytest.raises(LorafuseError, match="integer k"):
         fit_method(ws, "ensemble-sparse:x", "private")
+
+
+def test_cached_scoring_equals_the_ensemble_forward(ws):
+    from lorafuse.cache import expert_target_logprobs
+    from lorafuse.methods.run import evaluate_cached
+
+    fit_method(ws, "ensemble-sparse:2", "private")
+    cached = expert_target_logprobs(ws, "private", "test", 3)
+    for name in ("ensemble-uniform", "ensemble-sparse:2"):
+        direct = evaluate_method(ws, name, "test", max_per_task=3)
+        scored = evaluate_cached(ws, name, cached, "private", "test")
+        assert scored.settings["passes"] == direct.settings["passes"]
+        for task, v in direct.per_task.items():
+            assert scored.per_task[task]["loss"] == pytest.approx(v["loss"], abs=1e-5)
+    with pytest.raises(LorafuseError, match="not a probability-level ensemble"):
+        evaluate_cached(ws, "merge-uniform", cached, "private", "test")

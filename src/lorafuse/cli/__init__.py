@@ -17,11 +17,12 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from lorafuse.cli import core, evaluate, structure
+    from lorafuse.cli import core, evaluate, structure, study
 
     core.register(app)
     evaluate.register(app)
     structure.register(app)
+    study.register(app)
     try:  # the benchmark commands (their module may be absent in a partial install)
         from lorafuse.cli import benchmark
     except ImportError:

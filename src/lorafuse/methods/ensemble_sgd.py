@@ -16,7 +16,7 @@ from torch import nn
 from lorafuse.ensemble import ensemble_logprobs
 from lorafuse.evaluate import target_nll
 from lorafuse.fit.sgd import SGDSettings, train
-from lorafuse.methods.ensembles import ROWS_PER_PASS, _fitted, train_cache
+from lorafuse.methods.ensembles import ROWS_PER_PASS, _fitted, fitted_weights, train_cache
 from lorafuse.methods.registry import Method, register
 from lorafuse.model import attach
 
@@ -105,5 +105,6 @@ register(
         "softmax weights learned by SGD with N forward passes per step (the paper's way)",
         _fitted("ensemble-sgd"),
         fit=fit_sgd,
+        weights=fitted_weights("ensemble-sgd"),
     )
 )

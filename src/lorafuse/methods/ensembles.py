@@ -46,10 +46,19 @@ def _uniform(ws, kind) -> torch.Tensor:
 
 def _fitted(name: str):
     def prepare(ws, kind, arg) -> Prepared:
-        fit = load_fit(ws, f"{name}:{arg}" if arg else name, kind)
-        return ensemble_prepared(ws, kind, torch.tensor(fit["weights"]))
+        return ensemble_prepared(ws, kind, fitted_weights(name)(ws, kind, arg))
 
     return prepare
+
+
+def fitted_weights(name: str):
+    """weights(ws, kind, arg) -> (N,): the saved fit's ensemble weights."""
+
+    def weights(ws, kind, arg) -> torch.Tensor:
+        fit = load_fit(ws, f"{name}:{arg}" if arg else name, kind)
+        return torch.tensor(fit["weights"], dtype=torch.float32)
+
+    return weights
 
 
 def train_cache(ws, kind: str, options: dict[str, Any], split: str = "train"):
@@ -104,7 +113,9 @@ def fit_minimax(ws, kind, arg, options) -> dict[str, Any]:
     from lorafuse.matrix import expert_task_matrix
 
     matrix = expert_task_matrix(
-        ws, kind, "validation", options.get("max_examples_per_task"), ROWS_PER_PASS,
+        ws, kind, "validation",
+        options.get("validation_max_per_task", options.get("max_examples_per_task")),
+        ROWS_PER_PASS,
         options.get("cache_dir") or f"{ws.fits_dir}/.cache", options.get("progress"),
     )  # fmt: skip
     fit = solve(matrix.losses.numpy())
@@ -137,6 +148,7 @@ register(
         "ensembling",
         "mean of the experts' next-token probabilities",
         lambda ws, kind, arg: ensemble_prepared(ws, kind, _uniform(ws, kind), "probs"),
+        weights=lambda ws, kind, arg: _uniform(ws, kind),
     )
 )
 register(
@@ -153,6 +165,7 @@ register(
         "ensembling",
         "weights solved to optimality on cached training probabilities",
         _fitted("ensemble-exact"),
+        weights=fitted_weights("ensemble-exact"),
         fit=fit_exact,
     )
 )
@@ -162,6 +175,7 @@ register(
         "ensembling",
         "minimax LP over the validation loss matrix (B.5)",
         _fitted("ensemble-minimax"),
+        weights=fitted_weights("ensemble-minimax"),
         fit=fit_minimax,
     )
 )
@@ -171,6 +185,7 @@ register(
         "ensembling",
         "best ensemble of at most k experts (greedy, weights re-optimised)",
         _fitted("ensemble-sparse"),
+        weights=fitted_weights("ensemble-sparse"),
         needs_arg=True,
         fit=fit_sparse,
     )

@@ -32,6 +32,9 @@ class Method:
     needs_arg: bool = False
     fit: Callable[..., dict[str, Any]] | None = None  # (workspace, kind, arg, options) -> fit
     fitted_by: str | None = None  # the method whose fit this one evaluates (a top-k variant)
+    # For probability-level ensembles: (workspace, kind, arg) -> weights (N,), so a caller
+    # holding every expert's cached target log-probabilities can score it without passes.
+    weights: Callable[..., Tensor] | None = None
 
 
 METHODS: dict[str, Method] = {}

@@ -76,3 +76,40 @@ def fit_method(ws, name: str, kind: str = "private", options: dict | None = None
 
 def _jsonable(v) -> bool:
     return isinstance(v, (int, float, str, bool, list, tuple, type(None)))
+
+
+def evaluate_cached(ws, name: str, cached, kind: str = "private", split: str = "test") -> Result:
+    """Score probability-level ensemble `name` from cached target log-probabilities.
+
+    `cached` is the TargetLogprobs of every `kind` expert on `split` (lorafuse.cache); the
+    ensemble's probability of a target token is sum_i w_i p_i, exactly what its forward
+    computes, so no model pass is needed. Raises LorafuseError for a method that is not a
+    probability-level ensemble or a cache of other experts.
+    """
+    import math
+
+    import torch
+
+    method, arg = resolve(name)
+    if method.weights is None:
+        raise LorafuseError(f"method {name} is not a probability-level ensemble")
+    start = time.perf_counter()
+    w = method.weights(ws, kind, arg).double()  # (N,)
+    if list(cached.experts) != ws.library(kind).names or w.numel() != len(cached.experts):
+        raise LorafuseError(f"the cached log-probabilities are not those of the {kind} experts")
+    logw = torch.where(w > 0, w.clamp_min(1e-300).log(), torch.full_like(w, -math.inf))
+    logq = torch.logsumexp(cached.logp.double() + logw, dim=1)  # (K,)
+    M = len(cached.tasks)
+    sums = torch.zeros(M, dtype=torch.float64).index_add_(0, cached.example, -logq)  # (M,)
+    counts = torch.bincount(cached.example, minlength=M)  # (M,)
+    settings = {
+        "experts": kind,
+        "device": str(ws.device),
+        "dtype": str(ws.dtype).replace("torch.", ""),
+        "passes": int((w > 0).sum()),
+        "level": "probs",
+        "nonzero": int((w > 0).sum()),
+        "from_cache": True,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return summarize(sums, counts, cached.tasks, name, split, settings)

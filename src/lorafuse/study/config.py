@@ -1,0 +1,173 @@
+"""A study's configuration: one validated YAML file (the presets are such files).
+
+    name: small
+    seed: 0
+    build: {preset: small, out: runs/small}   # or `library:` a built folder / a YAML spec
+    experts: private                          # the kind every method mixes
+    cluster_experts: mbc                      # Figure 4 and routing over cluster experts
+    examples: {fit: 16, validation: 8, test: 20}   # caps per task (null: all)
+    fit_defaults: {lr_grid: [0.001], max_steps: 40}
+    methods:
+      - base
+      - {name: route-sgd, options: {max_steps: 60}}
+      - {name: oracle, experts: mbc}
+    analyses: {clusters: 8, connectivity: {pairs: auto, alphas: 11}, greedy: true}
+
+Unknown keys are rejected naming the key and its line; relative paths are read against
+the config file's folder (for a shipped preset: the current folder).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lorafuse.errors import LorafuseError
+
+PRESETS = ("micro", "tiny", "small", "full")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BuildConfig(_Strict):
+    """Build a synthetic benchmark first (`lorafuse benchmark build`) and study it."""
+
+    preset: str
+    out: str
+
+
+class Examples(_Strict):
+    """Examples per task used by each stage (null: every example of the split)."""
+
+    fit: int | None = Field(None, gt=0)
+    validation: int | None = Field(None, gt=0)
+    test: int | None = Field(None, gt=0)
+
+
+class MethodConfig(_Strict):
+    """One method to run: its name (`name:arg` allowed), expert kind and fit options."""
+
+    name: str
+    experts: str | None = None  # default: the study's `experts`
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Connectivity(_Strict):
+    """Mode-connectivity curves: `auto` picks same- and cross-family pairs."""
+
+    pairs: str | list[list[str]] = "auto"
+    alphas: int = Field(11, ge=2)
+    max_pairs: int = Field(4, ge=1)
+
+    @field_validator("pairs")
+    @classmethod
+    def _pairs(cls, v):
+        if isinstance(v, str) and v != "auto":
+            raise ValueError("pairs must be 'auto' or a list of [expert_a, expert_b]")
+        if isinstance(v, list) and any(len(p) != 2 for p in v):
+            raise ValueError("each pair must name exactly two experts")
+        return v
+
+
+class Analyses(_Strict):
+    """The analyses next to the method table (each can be switched off)."""
+
+    clusters: int | None = Field(None, ge=1)  # k of the cluster heat map (null: the default)
+    connectivity: Connectivity | None = Field(default_factory=Connectivity)
+    greedy: bool = True
+
+
+class StudyConfig(_Strict):
+    """Everything a study depends on; the stages' cache keys are made from it."""
+
+    name: str = "study"
+    seed: int = 0
+    library: str | None = None
+    build: BuildConfig | None = None
+    experts: str = "private"
+    cluster_experts: str | None = "mbc"
+    device: str | None = None
+    dtype: str | None = None
+    examples: Examples = Field(default_factory=Examples)
+    fit_defaults: dict[str, Any] = Field(default_factory=dict)
+    methods: list[MethodConfig]
+    analyses: Analyses = Field(default_factory=Analyses)
+    root: str = "."  # the folder relative paths are read against
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _names(cls, v):
+        """A bare name stands for {name: <name>}."""
+        if isinstance(v, list):
+            return [{"name": m} if isinstance(m, str) else m for m in v]
+        return v
+
+    def library_path(self) -> Path:
+        """The benchmark folder or library spec to study."""
+        if self.build is not None:
+            return self.path(self.build.out)
+        if self.library is None:
+            raise LorafuseError("a study config needs `library:` (a folder or spec) or `build:`")
+        return self.path(self.library)
+
+    def path(self, value: str) -> Path:
+        """`value` against the config's folder unless absolute."""
+        p = Path(value)
+        return p if p.is_absolute() else Path(self.root) / p
+
+    def method_list(self) -> list[MethodConfig]:
+        """The methods as MethodConfig, kinds filled in, fit defaults under their options."""
+        out = []
+        for m in self.methods:
+            options = {**self.fit_defaults, **m.options}
+            out.append(
+                MethodConfig(name=m.name, experts=m.experts or self.experts, options=options)
+            )
+        return out
+
+
+def load_config(source: str | Path) -> StudyConfig:
+    """Read and validate a study config (YAML); LorafuseError names the bad key and line."""
+    from lorafuse.spec import explain, parse_yaml
+
+    src = Path(source)
+    if not src.is_file():
+        raise LorafuseError(f"study config {src} does not exist")
+    data, lines = parse_yaml(src.read_text(), src)
+    if not isinstance(data, dict):
+        raise LorafuseError(f"{src}: a study config must be a mapping of keys to values")
+    data.setdefault("root", str(src.parent))
+    try:
+        config = StudyConfig(**data)
+    except ValidationError as e:
+        raise LorafuseError(explain(e, src, lines, StudyConfig)) from None
+    _check_methods(config, src, lines)
+    return config
+
+
+def preset_config(preset: str) -> StudyConfig:
+    """The shipped study config of a benchmark preset (builds into runs/<preset>)."""
+    from lorafuse.spec import parse_yaml
+
+    if preset not in PRESETS:
+        raise LorafuseError(f"unknown study preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    text = resources.files("lorafuse.study").joinpath(f"presets/{preset}.yaml").read_text()
+    data, _ = parse_yaml(text, Path(f"{preset}.yaml"))
+    return StudyConfig(**data)
+
+
+def _check_methods(config: StudyConfig, src: Path, lines: dict[str, int]) -> None:
+    from lorafuse.methods import resolve
+
+    for i, m in enumerate(config.method_list()):
+        try:
+            resolve(m.name)
+        except LorafuseError as e:
+            line = lines.get(f"methods.{i}.name", lines.get(f"methods.{i}"))
+            where = f" (line {line})" if line else ""
+            raise LorafuseError(f"{src}: methods.{i}{where}: {e}") from None

@@ -1,0 +1,362 @@
+"""Run a study: build, caches, fit and evaluate every method, analyses, report.
+
+Every stage goes through the StageCache (study/stages.py): a re-run skips what is done,
+an interrupted run resumes, and a run with everything cached only re-renders the report.
+A method that fails is recorded with its error and the others still run. The maths is
+in the methods and select/ modules; this file only orders and records.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorafuse.errors import LorafuseError
+from lorafuse.study.config import MethodConfig, StudyConfig
+from lorafuse.study.stages import StageCache, stage_key
+
+RESULTS = "results.json"
+FORMAT = "lorafuse-study/1"
+
+
+class Progress:
+    """Progress callbacks of a study (the CLI draws bars; the default does nothing)."""
+
+    def plan(self, stages: list[str]) -> None:
+        """The stages about to run, in order."""
+
+    def start(self, stage: str, total: int | None) -> None:
+        """A stage begins; `total` units of work (None: unknown)."""
+
+    def advance(self, n: int = 1) -> None:
+        """`n` units of the current stage are done."""
+
+    def update(self, done: int, total: int) -> None:
+        """The current stage is at `done` of `total`."""
+
+    def finish(self, stage: str, cached: bool) -> None:
+        """A stage ended (`cached`: its stored result was reused)."""
+
+
+@dataclass
+class StudyRun:
+    """What a study run needs besides the config."""
+
+    config: StudyConfig
+    out: Path
+    methods: list[str] | None = None  # --methods: a subset of the config's
+    max_examples_per_task: int | None = None  # --max-examples-per-task: caps every stage
+    progress: Progress = field(default_factory=Progress)
+
+
+def run_study(run: StudyRun) -> dict[str, Any]:
+    """Run (or resume) the study; write results.json and the report; return the results."""
+    import torch
+
+    from lorafuse.study.render import render
+
+    cfg, out, bar = run.config, Path(run.out), run.progress
+    out.mkdir(parents=True, exist_ok=True)
+    cache = StageCache(out / "stages")
+    methods = _selected(cfg, run.methods)
+    caps = _caps(cfg, run.max_examples_per_task)
+    stages = (["build"] if cfg.build else []) + ["load"]
+    stages += [f"{m.name}@{m.experts}" for m in methods] + ["analyses", "report"]
+    bar.plan(stages)
+    threads = torch.get_num_threads()
+    try:
+        if cfg.build:
+            _build(cfg, cache, bar)
+        bar.start("load", None)
+        ws = _workspace(cfg, out)
+        library = _library_key(ws)
+        bar.finish("load", False)
+        context = _Context(cfg, ws, out, caps, library, cache, bar)
+        records = [context.method(m) for m in methods]
+        bar.start("analyses", None)
+        analyses, figures = context.analyses()
+        bar.finish("analyses", False)
+    finally:
+        torch.set_num_threads(threads)
+    bar.start("report", None)
+    results = {
+        "format": FORMAT,
+        "config": cfg.model_dump(mode="json"),
+        "library": _library_info(ws, cfg),
+        "examples": caps,
+        "methods": records,
+        "analyses": analyses,
+        "figures": figures,
+        "stages": cache.timings,
+    }
+    from lorafuse.io import write_json
+    from lorafuse.study.claims import claims
+
+    results["claims"] = claims(results)
+    write_json(out / RESULTS, results)
+    render(results, out)
+    bar.finish("report", False)
+    return results
+
+
+def _selected(cfg: StudyConfig, names: list[str] | None) -> list[MethodConfig]:
+    methods = cfg.method_list()
+    if not names:
+        return methods
+    known = {m.name for m in methods}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise LorafuseError(
+            f"--methods names {unknown} not in the study config; it has {sorted(known)}"
+        )
+    return [m for m in methods if m.name in names]
+
+
+def _caps(cfg: StudyConfig, cap: int | None) -> dict[str, int | None]:
+    caps = cfg.examples.model_dump()
+    if cap is None:
+        return caps
+    if cap < 1:
+        raise LorafuseError(f"--max-examples-per-task must be >= 1; got {cap}")
+    return {k: cap if v is None else min(v, cap) for k, v in caps.items()}
+
+
+def _build(cfg: StudyConfig, cache: StageCache, bar: Progress) -> None:
+    from lorafuse.benchmark import MANIFEST, build
+
+    assert cfg.build is not None
+    root = cfg.library_path()
+    start = time.perf_counter()
+    bar.start("build", None)
+    before = (root / MANIFEST).read_text() if (root / MANIFEST).is_file() else ""
+    manifest = build(root, cfg.build.preset, cfg.seed, on_progress=_stage_bar(bar))
+    done = (
+        before
+        and '"evaluate"' in before
+        and all(s in manifest["stages"] for s in ("data", "base", "private", "shared"))
+    )
+    seconds = sum(s.get("seconds", 0.0) for s in manifest["stages"].values())
+    cache.timings["build"] = {
+        "seconds": round(seconds if done else time.perf_counter() - start, 3),
+        "cached": bool(done),
+        "parts": {k: v.get("seconds") for k, v in manifest["stages"].items()},
+    }
+    bar.finish("build", bool(done))
+
+
+def _stage_bar(bar: Progress) -> Callable[[str, int, int], None]:
+    def report(stage: str, done: int, total: int) -> None:
+        bar.update(done, total)
+
+    return report
+
+
+def _workspace(cfg: StudyConfig, out: Path):
+    from lorafuse.spec import load_spec
+    from lorafuse.workspace import Workspace
+
+    spec = load_spec(cfg.library_path())
+    spec.fits = str((out / "fits").resolve())  # the study's fits live in its folder
+    return Workspace(spec, device=cfg.device, dtype=cfg.dtype)
+
+
+def _library_key(ws) -> str:
+    """Identity of the setup: the spec and each expert file's size and mtime."""
+    files = []
+    for kind, folder in sorted(ws.spec.experts.items()):
+        for f in sorted(Path(ws.spec.path(folder)).rglob("adapter_model.*")):
+            st = f.stat()
+            files.append([kind, str(f), st.st_size, st.st_mtime_ns])
+    spec = ws.spec.model_dump(exclude={"fits"})
+    return stage_key(spec, files, ws.base_id, str(ws.device), str(ws.dtype))
+
+
+def _library_info(ws, cfg: StudyConfig) -> dict[str, Any]:
+    import json
+
+    kinds = {}
+    for kind in ws.kinds:
+        try:
+            kinds[kind] = ws.library(kind).names
+        except LorafuseError as e:
+            kinds[kind] = f"error: {e}"
+    families = None
+    manifest = Path(ws.spec.root) / "manifest.json"
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        families = {f["name"]: f["tasks"] for f in m.get("families", [])} or None
+    return {
+        "base_model": ws.spec.base_model,
+        "tasks": ws.tasks,
+        "experts": kinds,
+        "families": families,
+        "device": str(ws.device),
+        "dtype": str(ws.dtype).replace("torch.", ""),
+        "seed": cfg.seed,
+    }
+
+
+class _Context:
+    """The shared state of one run: workspace, caps, caches, stage keys."""
+
+    def __init__(self, cfg, ws, out, caps, library, cache, bar):
+        self.cfg, self.ws, self.out, self.caps = cfg, ws, Path(out), caps
+        self.library, self.cache, self.bar = library, cache, bar
+        self.cache_dir = str(Path(ws.fits_dir) / ".cache")
+        self._test_cache: dict[str, Any] = {}
+        self._shapes: dict[str, Any] = {}
+
+    # ---- methods ------------------------------------------------------------------------
+    def options(self, m: MethodConfig) -> dict[str, Any]:
+        """Fit options: the config's, plus caps, seed and the shared cache folder."""
+        return {
+            "max_examples_per_task": self.caps["fit"],
+            "validation_max_per_task": self.caps["validation"],
+            "seed": self.cfg.seed,
+            **m.options,
+            "cache_dir": self.cache_dir,
+        }
+
+    def method(self, m: MethodConfig) -> dict[str, Any]:
+        """Fit (when needed) and evaluate one method; a failure is recorded, not raised."""
+        from lorafuse.methods import resolve
+
+        stage = f"{m.name}@{m.experts}"
+        record: dict[str, Any] = {"name": m.name, "experts": m.experts, "status": "ok"}
+        try:
+            method, _ = resolve(m.name)
+            record["family"] = "baseline" if m.name.startswith("arrow") else method.family
+            self.bar.start(stage, None)
+            fit, fit_key, fit_seconds = self.fit(m, method)
+            result, cached = self.evaluate(m, method, fit_key)
+        except LorafuseError as e:
+            return self._failed(record, stage, str(e))
+        except Exception as e:  # a method's bug must not stop the others
+            tb = traceback.format_exc(limit=3)
+            return self._failed(record, stage, f"{type(e).__name__}: {e}", tb)
+        record.update(
+            mean=result["mean"],
+            se=result["se"],
+            per_task={t: v["loss"] for t, v in result["per_task"].items()},
+            examples=sum(v["n_examples"] for v in result["per_task"].values()),
+            token_mean=result.get("token_mean"),
+            settings=result["settings"],
+            cost=self.cost(m, record["family"], result["settings"]),
+            seconds={"fit": fit_seconds, "eval": result["settings"].get("seconds")},
+            fit=_fit_summary(fit),
+        )
+        self.bar.finish(stage, cached)
+        return record
+
+    def _failed(self, record, stage, error: str, tb: str | None = None) -> dict[str, Any]:
+        record.update(status="failed", error=error, mean=None, se=None, per_task={})
+        if tb:
+            record["traceback"] = tb
+        record.setdefault("family", "unknown")
+        self.bar.finish(stage, False)
+        return record
+
+    def fit(self, m: MethodConfig, method) -> tuple[dict | None, str, float | None]:
+        """The method's fit (cached by its settings); for top-k variants, their parent's."""
+        from lorafuse.fits import fit_path
+        from lorafuse.methods import resolve
+        from lorafuse.methods.run import fit_method
+
+        if method.fitted_by is not None:
+            parent_name = method.fitted_by
+            parent = MethodConfig(name=parent_name, experts=m.experts, options=m.options)
+            for other in self.cfg.method_list():  # the parent's own options, when listed
+                if other.name == parent_name and other.experts == m.experts:
+                    parent = other
+            return self.fit(parent, resolve(parent_name)[0])
+        if method.fit is None:
+            return None, self.library, None
+        options = self.options(m)
+        key = stage_key(self.library, "fit", m.name, m.experts, _plain(options), self.caps)
+        stage = f"fit:{m.name}@{m.experts}"
+        fit = self.cache.get(stage, key)
+        if fit is not None and fit_path(self.ws, m.name, m.experts).is_file():
+            return fit, key, self.cache.timings[stage]["seconds"]
+        start = time.perf_counter()
+        tick = _tick(self.bar)
+        fit = fit_method(self.ws, m.name, m.experts, {**options, "progress": tick})
+        seconds = time.perf_counter() - start
+        self.cache.put(stage, key, fit, seconds)
+        return fit, key, round(seconds, 3)
+
+    def evaluate(self, m: MethodConfig, method, fit_key: str) -> tuple[dict, bool]:
+        """The method's test result (cached by its fit and the test cap)."""
+        from lorafuse.methods.run import evaluate_cached, evaluate_method
+
+        key = stage_key(fit_key, "eval", m.name, m.experts, self.caps["test"])
+        stage = f"eval:{m.name}@{m.experts}"
+        stored = self.cache.get(stage, key)
+        if stored is not None:
+            return stored, True
+        start = time.perf_counter()
+        if method.weights is not None:  # a probability ensemble: score the cached passes
+            result = evaluate_cached(self.ws, m.name, self.test_cache(m.experts), m.experts)
+        else:
+            result = evaluate_method(
+                self.ws, m.name, "test", m.experts, self.caps["test"], self.bar.advance
+            )
+        result.settings["seed"] = self.cfg.seed
+        value = result.to_dict()
+        self.cache.put(stage, key, value, time.perf_counter() - start)
+        return value, False
+
+    def test_cache(self, kind: str):
+        """Every `kind` expert's target log-probabilities on the test subset (one pass)."""
+        from lorafuse.cache import expert_target_logprobs
+        from lorafuse.methods.ensembles import ROWS_PER_PASS
+
+        if kind not in self._test_cache:
+            self._test_cache[kind] = expert_target_logprobs(
+                self.ws, kind, "test", self.caps["test"], ROWS_PER_PASS, self.cache_dir,
+                self.bar.advance,
+            )  # fmt: skip
+        return self._test_cache[kind]
+
+    def cost(self, m: MethodConfig, family: str, settings: dict) -> dict[str, Any]:
+        """Passes and added FLOPs per token of the evaluated method."""
+        from lorafuse.study.cost import library_shapes, method_cost
+
+        kind = "shared" if m.name == "shared" else m.experts
+        if kind not in self._shapes:
+            self._shapes[kind] = library_shapes(self.ws.model, self.ws.library(kind))
+        return method_cost(m.name, family, settings, self._shapes[kind])
+
+    # ---- analyses -----------------------------------------------------------------------
+    def analyses(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """Cluster heat map, connectivity curves, greedy selection (each cached)."""
+        from lorafuse.study.analyses import run_analyses
+
+        return run_analyses(self)
+
+
+def _tick(bar: Progress) -> Callable[..., None]:
+    """A fit's progress callback: progress(n) counts n units, progress(step, loss) one."""
+
+    def tick(*args) -> None:
+        bar.advance(int(args[0]) if len(args) == 1 else 1)
+
+    return tick
+
+
+def _fit_summary(fit: dict | None) -> dict | None:
+    if fit is None:
+        return None
+    keep = (
+        "weights", "experts_order", "curve", "order", "k", "nonzero_fraction", "value", "lr",
+        "validation_loss", "steps", "gap", "converged", "iterations", "clusters", "plot",
+        "routed", "adapter", "fit_seconds", "cache_seconds", "solve_seconds", "runs",
+    )  # fmt: skip
+    return {k: v for k, v in fit.items() if k in keep}
+
+
+def _plain(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k not in ("progress", "cache_dir")}

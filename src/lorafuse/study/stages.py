@@ -1,0 +1,66 @@
+"""Stage cache of a study: each stage's result is a JSON file keyed by its inputs.
+
+A stage's key is a hash of everything its result depends on (the library's identity,
+the method, its options, example caps, seed, device, dtype). A re-run finds a stage
+whose stored key equals the new key and skips it; any changed input changes the key
+and the stage runs again. Files are written atomically, so an interrupted study keeps
+every finished stage and resumes at the first unfinished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lorafuse.io import write_json
+
+
+def stage_key(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class StageCache:
+    """Results of finished stages under `root/<stage>.json` ({"key", "seconds", "value"})."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.timings: dict[str, dict[str, Any]] = {}
+
+    def file(self, stage: str) -> Path:
+        """Where stage `stage` is stored (':' and '/' made file-safe)."""
+        return self.root / (stage.replace(":", "_").replace("/", "_") + ".json")
+
+    def get(self, stage: str, key: str) -> dict | None:
+        """The stored value of `stage` when it was made with `key`, else None."""
+        f = self.file(stage)
+        if not f.is_file():
+            return None
+        try:
+            stored = json.loads(f.read_text())
+        except json.JSONDecodeError:
+            return None
+        if stored.get("key") != key:
+            return None
+        self.timings.setdefault(stage, {"seconds": stored.get("seconds", 0.0), "cached": True})
+        return stored["value"]
+
+    def put(self, stage: str, key: str, value: Any, seconds: float) -> None:
+        """Store `value` for `stage` under `key`."""
+        write_json(self.file(stage), {"key": key, "seconds": round(seconds, 3), "value": value})
+        self.timings[stage] = {"seconds": round(seconds, 3), "cached": False}
+
+    def run(self, stage: str, key: str, compute: Callable[[], Any]) -> Any:
+        """The cached value of `stage` for `key`, else `compute()` stored under `key`."""
+        value = self.get(stage, key)
+        if value is not None:
+            return value
+        start = time.perf_counter()
+        value = compute()
+        self.put(stage, key, value, time.perf_counter() - start)
+        return value

@@ -1,0 +1,37 @@
+"""`lorafuse study` on the command line: bad input exits 2 with the key and line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from lorafuse.cli import app
+
+runner = CliRunner()
+
+
+def test_study_help_does_not_import_torch():
+    code = "import sys; from lorafuse.cli import main; sys.argv=['lorafuse','study','--help']\n"
+    code += "try:\n    main()\nexcept SystemExit:\n    pass\n"
+    code += "assert 'torch' not in sys.modules, 'torch imported by --help'\nprint('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "--preset" in out.stdout and out.stdout.strip().endswith("ok")
+
+
+def test_bad_config_names_key_and_line(tmp_path):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("library: x\nmethods: [base]\nexamples: {tests: 3}\n")
+    r = runner.invoke(app, ["study", "--config", str(cfg), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2
+    assert "examples.tests" in r.output and "line 3" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_preset_or_config_not_both(tmp_path):
+    r = runner.invoke(app, ["study", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "either --preset" in r.output
+    r = runner.invoke(app, ["study", "--preset", "huge", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "unknown study preset" in r.output

@@ -1,0 +1,73 @@
+"""Study configs: validation names the bad key and its line; presets load."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorafuse.errors import LorafuseError
+from lorafuse.study.config import PRESETS, load_config, preset_config
+
+GOOD = """\
+name: mine
+library: bench
+examples: {fit: 4, test: 2}
+fit_defaults: {max_steps: 3}
+methods:
+  - base
+  - {name: route-sgd, options: {max_steps: 5}}
+  - {name: oracle, experts: mbc}
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_valid_config(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.library_path() == tmp_path / "bench"
+    methods = cfg.method_list()
+    assert [(m.name, m.experts) for m in methods] == [
+        ("base", "private"), ("route-sgd", "private"), ("oracle", "mbc"),
+    ]  # fmt: skip
+    assert methods[1].options == {"max_steps": 5} and methods[0].options == {"max_steps": 3}
+    assert cfg.examples.fit == 4 and cfg.examples.validation is None
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        (GOOD + "budget: 3\n", "unknown key 'budget' (line 9)"),
+        (GOOD.replace("{name: oracle, experts: mbc}", "{name: oracle, expert: mbc}"),
+         "unknown key 'methods.2.expert' (line 8)"),
+        (GOOD.replace("fit: 4", "fit: -1"), "examples.fit' (line 3)"),
+        (GOOD.replace("- base", "- basse"), "methods.0 (line 6): unknown method 'basse'"),
+        ("methods: [base]\n", "needs `library:`"),
+        ("name: x\n", "missing required key 'methods'"),
+        ("[1, 2]\n", "must be a mapping"),
+    ],
+)  # fmt: skip
+def test_bad_configs_name_the_key_and_line(tmp_path, text, needle):
+    with pytest.raises(LorafuseError) as e:
+        load_config(write(tmp_path, text)).library_path()
+    assert needle in str(e.value)
+    assert "study.yaml" in str(e.value) or "library" in str(e.value)
+
+
+def test_unknown_nested_key_lists_the_known_ones(tmp_path):
+    with pytest.raises(LorafuseError, match="known keys: .*max_pairs"):
+        load_config(write(tmp_path, GOOD + "analyses: {connectivity: {pair: auto}}\n"))
+
+
+def test_every_preset_loads_and_names_known_methods():
+    from lorafuse.methods import resolve
+
+    for preset in PRESETS:
+        cfg = preset_config(preset)
+        assert cfg.build is not None and cfg.build.preset == preset
+        for m in cfg.method_list():
+            resolve(m.name)
+    with pytest.raises(LorafuseError, match="unknown study preset"):
+        preset_config("huge")

@@ -1,0 +1,91 @@
+"""The study end to end on the micro benchmark: schema, caching, failures, subsets."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from lorafuse.errors import LorafuseError
+from lorafuse.study.config import MethodConfig, preset_config
+from lorafuse.study.runner import RESULTS, StudyRun, run_study
+
+
+def micro(tmp_path, methods=None, **update):
+    cfg = preset_config("micro")
+    build = cfg.build.model_copy(update={"out": str(tmp_path / "bench")})
+    cfg = cfg.model_copy(update={"build": build, **update})
+    if methods is not None:
+        cfg = cfg.model_copy(update={"methods": [MethodConfig(name=m) for m in methods]})
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    cfg = micro(root)
+    bad = MethodConfig(name="single:no-such-expert")  # fails at evaluation
+    cfg = cfg.model_copy(update={"methods": [*cfg.methods, bad]})
+    out = root / "out"
+    return cfg, out, run_study(StudyRun(cfg, out))
+
+
+def test_results_schema_and_finite_losses(study):
+    cfg, out, results = study
+    on_disk = json.loads((out / RESULTS).read_text())
+    assert on_disk["format"] == "lorafuse-study/1" and on_disk["methods"] == results["methods"]
+    by = {(m["name"], m["experts"]): m for m in results["methods"]}
+    assert len(by) == len(cfg.methods)
+    tasks = results["library"]["tasks"]
+    for (name, kind), m in by.items():
+        if name.startswith("single:"):
+            continue
+        assert m["status"] == "ok", (name, kind, m.get("error"))
+        assert math.isfinite(m["mean"]) and m["se"] >= 0
+        assert sorted(m["per_task"]) == sorted(tasks)
+        assert m["mean"] == pytest.approx(sum(m["per_task"].values()) / len(tasks))
+        assert m["cost"]["passes"] >= 1 and m["cost"]["relative_flops"] >= 1
+    # fitted methods point to their fits; ensembles were scored from the cached passes
+    assert by[("ensemble-exact", "private")]["fit"]["weights"]
+    assert by[("ensemble-exact", "private")]["settings"]["from_cache"]
+    assert by[("oracle", "mbc")]["status"] == "ok"
+    for name in ("report.md", "report.html"):
+        assert (out / name).is_file()
+    for fig in results["figures"].values():
+        assert (out / fig).is_file()
+    a = results["analyses"]
+    assert a["clusters"]["k"] == 2 and sum(len(c) for c in a["clusters"]["clusters"]) == 4
+    assert a["connectivity"]["curves"] and a["greedy"]["n_experts"] == 4
+
+
+def test_a_failing_method_is_reported_and_the_others_complete(study):
+    _, _, results = study
+    bad = [m for m in results["methods"] if m["status"] == "failed"]
+    assert [m["name"] for m in bad] == ["single:no-such-expert"]
+    assert "no-such-expert" in bad[0]["error"]
+
+
+def test_a_rerun_reuses_every_stage_and_gives_the_same_numbers(study):
+    cfg, out, first = study
+    again = run_study(StudyRun(cfg, out))
+    assert all(s["cached"] for k, s in again["stages"].items() if k != "build")
+    assert [m.get("mean") for m in again["methods"]] == [m.get("mean") for m in first["methods"]]
+
+
+def test_a_changed_setting_reruns_only_what_depends_on_it(study, tmp_path):
+    cfg, out, _ = study
+    steps = {**cfg.fit_defaults, "max_steps": 1}
+    changed = cfg.model_copy(update={"fit_defaults": steps})
+    again = run_study(StudyRun(changed, out, methods=["base", "merge-sgd-global"]))
+    assert again["stages"]["eval:base@private"]["cached"]
+    assert not again["stages"]["fit:merge-sgd-global@private"]["cached"]
+    assert [m["name"] for m in again["methods"]] == ["base", "merge-sgd-global"]
+
+
+def test_bad_subset_and_cap(study):
+    cfg, out, _ = study
+    with pytest.raises(LorafuseError, match="not in the study config"):
+        run_study(StudyRun(cfg, out, methods=["route-magic"]))
+    with pytest.raises(LorafuseError, match="max-examples-per-task must be >= 1"):
+        run_study(StudyRun(cfg, out, max_examples_per_task=0))

@@ -1,0 +1,27 @@
+"""The stage cache: a changed input reruns a stage, an unchanged one is reused."""
+
+from __future__ import annotations
+
+from lorafuse.study.stages import StageCache, stage_key
+
+
+def test_keys_are_stable_and_input_sensitive():
+    assert stage_key("a", {"x": 1, "y": [2]}) == stage_key("a", {"y": [2], "x": 1})
+    assert stage_key("a", {"x": 1}) != stage_key("a", {"x": 2})
+
+
+def test_run_reuses_and_recomputes(tmp_path):
+    cache = StageCache(tmp_path)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"v": len(calls)}
+
+    assert cache.run("fit:m@private", "k1", compute) == {"v": 1}
+    assert StageCache(tmp_path).run("fit:m@private", "k1", compute) == {"v": 1}  # reused
+    assert cache.run("fit:m@private", "k2", compute) == {"v": 2}  # a new key reruns
+    assert len(calls) == 2
+    assert not list(tmp_path.glob(".*tmp*"))  # nothing half-written left
+    (tmp_path / "fit_m@private.json").write_text("{broken")
+    assert StageCache(tmp_path).get("fit:m@private", "k2") is None  # a torn file reruns
