@@ -1,14 +1,16 @@
-"""`benchmark build` end to end on the micro preset: manifest, resume, CLI, bad input."""
+"""`benchmark build` end to end on the micro preset: manifest, cluster (MBC) experts,
+resume (also of a build made before the mbc stage existed), CLI, bad input."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from lorafuse.benchmark import build
+from lorafuse.benchmark import BuildSettings, build, preset_settings
 from lorafuse.cli import app
 from lorafuse.data.errors import DataError
 
@@ -36,7 +38,7 @@ def test_manifest_lists_tasks_experts_and_stages(built):
     assert json.loads((root / "manifest.json").read_text()) == manifest
     names = [t["name"] for t in manifest["tasks"]]
     assert len(names) == 4 and len(manifest["families"]) == 2
-    assert set(manifest["stages"]) == {"data", "base", "private", "shared", "evaluate"}
+    assert set(manifest["stages"]) == {"data", "base", "private", "shared", "mbc", "evaluate"}
     private = [e for e in manifest["experts"] if e["kind"] == "private"]
     assert [e["tasks"] for e in private] == [[n] for n in names]
     for e in manifest["experts"]:
@@ -55,7 +57,7 @@ def test_evaluation_matches_plain_peft(built):
 
     root, manifest = built
     report = json.loads((root / "evaluation.json").read_text())
-    assert set(report["per_task"]) == {"base", "oracle", "uniform_merge", "shared"}
+    assert set(report["per_task"]) == {"base", "oracle", "mbc_oracle", "uniform_merge", "shared"}
     task = manifest["tasks"][1]["name"]
     base = reference_task_losses(root, "test", tasks=[task])[task]
     assert base == pytest.approx(report["per_task"]["base"][task], abs=1e-5)
@@ -88,6 +90,110 @@ def test_interrupted_build_resumes_to_the_same_result(built, tmp_path):
     assert not [p for p in root_b.rglob("*") if ".tmp-" in p.name]
 
 
+def _mbc(root):
+    """{cluster expert name: its tasks}, read from the saved experts themselves."""
+    out = {}
+    for d in sorted((root / "experts" / "mbc").iterdir()):
+        out[d.name] = json.loads((d / "lorafuse_expert.json").read_text())["tasks"]
+    return out
+
+
+def test_cluster_experts_partition_the_tasks(built):
+    from sklearn.metrics import adjusted_rand_score
+
+    root, manifest = built
+    names = [t["name"] for t in manifest["tasks"]]
+    mbc = _mbc(root)
+    assert list(mbc) == ["cluster_0", "cluster_1"]  # k = 2 for micro
+    assert sorted(t for tasks in mbc.values() for t in tasks) == sorted(names)
+    assert all(mbc.values())
+    listed = {e["name"]: e for e in manifest["experts"] if e["kind"] == "mbc"}
+    assert {n: e["tasks"] for n, e in listed.items()} == mbc
+    assert listed["cluster_0"]["path"] == "experts/mbc/cluster_0"
+    stage = manifest["stages"]["mbc"]
+    assert [c["tasks"] for c in stage["clusters"]] == list(mbc.values())
+    assert [c["experts"] for c in stage["clusters"]] == list(mbc.values())  # private = task
+    family = {t["name"]: t["family"] for t in manifest["tasks"]}
+    cluster_of = {t: c for c, tasks in enumerate(mbc.values()) for t in tasks}
+    ari = adjusted_rand_score([family[t] for t in names], [cluster_of[t] for t in names])
+    assert stage["adjusted_rand_index"] == pytest.approx(ari, abs=1e-4)
+    assert json.loads((root / "clusters.json").read_text())["clusters"] == stage["clusters"]
+    assert (root / "clusters.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_oracle_over_cluster_experts(built):
+    from lorafuse.methods.run import evaluate_method
+    from lorafuse.spec import load_spec
+    from lorafuse.workspace import Workspace
+    from tests.evalref import reference_task_losses
+
+    root, manifest = built
+    ws = Workspace(load_spec(root))
+    owner = {t: name for name, tasks in _mbc(root).items() for t in tasks}
+    assert ws.task_map("mbc") == owner
+    r = evaluate_method(ws, "oracle", "test", kind="mbc")
+    report = json.loads((root / "evaluation.json").read_text())
+    assert report["summary"]["mbc_oracle"]["mean"] == pytest.approx(r.mean, abs=1e-5)
+    for name in _mbc(root):
+        alone = evaluate_method(ws, f"single:{name}", "test", kind="mbc")
+        for task in (t for t, e in owner.items() if e == name):
+            assert r.per_task[task]["loss"] == pytest.approx(alone.per_task[task]["loss"])
+    task = manifest["tasks"][1]["name"]  # as in test_evaluation_matches_plain_peft
+    expert = root / "experts" / "mbc" / owner[task]
+    ref = reference_task_losses(root, "test", expert, [task])[task]
+    assert r.per_task[task]["loss"] == pytest.approx(ref, abs=1e-5)
+
+
+def test_build_made_before_the_mbc_stage_resumes_with_it_alone(built, tmp_path):
+    root_a, manifest_a = built
+    old = tmp_path / "old"
+    shutil.copytree(root_a, old)
+    shutil.rmtree(old / "experts" / "mbc")
+    (old / "clusters.json").unlink()
+    (old / "clusters.png").unlink()
+    m = json.loads((old / "manifest.json").read_text())
+    del m["settings"]["clusters"], m["stages"]["mbc"]
+    m["experts"] = [e for e in m["experts"] if e["kind"] != "mbc"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    evaluation = (old / "evaluation.json").read_bytes()
+    saved = []
+
+    def stop_at_second(name):
+        saved.append(name)
+        if len(saved) == 1:
+            raise Stop
+
+    with pytest.raises(Stop):  # interrupted inside the mbc stage, after one cluster expert
+        build(old, "micro", seed=0, on_expert=stop_at_second)
+    assert len(list((old / "experts" / "mbc").iterdir())) == 1
+    bars = []
+    again = build(
+        old, "micro", seed=0, on_progress=lambda *a: bars.append(a), on_expert=saved.append
+    )
+    assert saved == ["cluster_0", "cluster_1"]  # only the missing expert was written again
+    for stage in ("data", "base", "private", "shared", "evaluate"):
+        assert again["stages"][stage] == m["stages"][stage]  # kept, not redone
+        assert [b for b in bars if b[0] == stage] == [(stage, 1, 1)]
+    assert again["stages"]["mbc"]["clusters"] == manifest_a["stages"]["mbc"]["clusters"]
+    assert again["experts"] == manifest_a["experts"]
+    assert (old / "evaluation.json").read_bytes() == evaluation
+    for name in ("cluster_0", "cluster_1"):
+        a, b = _tensors(root_a / "experts" / "mbc" / name), _tensors(old / "experts" / "mbc" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_bad_cluster_count():
+    for k in (0, 5, 2.0):
+        with pytest.raises(DataError, match=f"clusters={k!r}.*1..4"):
+            BuildSettings(**{**preset_settings("micro").__dict__, "clusters": k})
+    assert [preset_settings(p).clusters for p in ("micro", "tiny", "small", "full")] == [
+        2,
+        4,
+        8,
+        10,
+    ]
+
+
 def test_bad_preset_and_foreign_folder(built, tmp_path):
     root, _ = built
     with pytest.raises(DataError, match="unknown preset 'huge'"):
@@ -95,6 +201,9 @@ def test_bad_preset_and_foreign_folder(built, tmp_path):
     assert not (tmp_path / "x").exists()
     with pytest.raises(DataError, match="seed 0.*--force"):
         build(root, "micro", seed=1)
+    other_k = BuildSettings(**{**preset_settings("micro").__dict__, "clusters": 3})
+    with pytest.raises(DataError, match="other settings.*--force"):
+        build(root, "micro", seed=0, settings=other_k)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("mine")
     with pytest.raises(DataError, match="non-empty folder"):

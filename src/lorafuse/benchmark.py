@@ -1,4 +1,4 @@
-"""`lorafuse benchmark build`: data, base model, private and shared experts, a check.
+"""`lorafuse benchmark build`: data, base model, private, shared and cluster experts, a check.
 
 Stages run in order and each writes its output under a temporary name then renames it,
 so an interrupted build resumes where it stopped: finished stages are skipped, finished
@@ -6,6 +6,10 @@ experts are kept, and a half-trained group of experts is retrained from its star
 seeds depend only on the build seed and the experts' names), giving the same result as
 an uninterrupted build. `manifest.json` records the tasks, families, experts (name,
 kind, path, tasks), seeds, settings and the completed stages with their durations.
+
+The `mbc` stage clusters the private experts (MBC, `lorafuse.select.clustering`) and trains
+one expert per cluster on the union of its tasks (`experts/mbc/cluster_<i>`). The clusters
+are saved in `clusters.json` before training, so a resumed stage trains the same experts.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from lorafuse.pretrain import BaseSettings
 from lorafuse.train import ExpertSettings
 
 MANIFEST = "manifest.json"
-STAGES = ("data", "base", "private", "shared", "evaluate")
+STAGES = ("data", "base", "private", "shared", "mbc", "evaluate")
+CLUSTERS = "clusters.json"
 Progress = Callable[[str, int, int], None]
 
 
@@ -38,6 +43,18 @@ class BuildSettings:
     group_size: int = 8
     threads: int = 2
     eval_batch_size: int = 64
+    clusters: int = 8  # k of the MBC clustering behind the cluster experts
+
+    def __post_init__(self):
+        p = get_preset(self.preset)
+        n = p.families * p.tasks_per_family
+        if isinstance(self.clusters, bool) or not isinstance(self.clusters, int):
+            raise DataError(f"clusters={self.clusters!r} must be an integer in 1..{n}")
+        if not 1 <= self.clusters <= n:
+            raise DataError(
+                f"clusters={self.clusters} is impossible for the {n} private experts of preset "
+                f"{self.preset}; choose an integer in 1..{n}"
+            )
 
     def to_dict(self) -> dict:
         """Plain-JSON form for the manifest."""
@@ -52,21 +69,44 @@ def preset_settings(preset: str) -> BuildSettings:
     if preset == "micro":  # for tests: a few seconds end to end
         base = BaseSettings(hidden=32, layers=2, heads=2, intermediate=64, steps=20, batch_size=8)
         expert = ExpertSettings(steps=6, batch_size=4, warmup=2)
-        return BuildSettings(preset, base, expert, 6, group_size=2, threads=1, eval_batch_size=16)
+        return BuildSettings(
+            preset, base, expert, 6, group_size=2, threads=1, eval_batch_size=16, clusters=2
+        )
     if preset == "tiny":
         base = BaseSettings(steps=240)
-        return BuildSettings(preset, base, ExpertSettings(steps=40, warmup=10), shared_steps=80)
+        expert = ExpertSettings(steps=40, warmup=10)
+        return BuildSettings(preset, base, expert, shared_steps=80, clusters=4)
     if preset == "small":
-        return BuildSettings(preset, BaseSettings(steps=800), ExpertSettings(), shared_steps=300)
-    return BuildSettings(preset, BaseSettings(steps=4000), ExpertSettings(), shared_steps=2000)
+        return BuildSettings(preset, BaseSettings(steps=800), ExpertSettings(), 300, clusters=8)
+    return BuildSettings(preset, BaseSettings(steps=4000), ExpertSettings(), 2000, clusters=10)
 
 
-def expert_plan(root: Path, tasks: list[str]) -> list:
-    """The jobs of a build: one private expert per task, then the shared expert."""
+def expert_plan(root: Path, tasks: list[str], clusters: list[list[str]] | None = None) -> list:
+    """The jobs of a build: one private expert per task, the shared expert, and one
+    expert per cluster of tasks (`cluster_<i>`, once the clusters are known)."""
     from lorafuse.train import ExpertJob
 
     jobs = [ExpertJob(t, [t], root / "experts" / "private" / t, "private") for t in tasks]
-    return [*jobs, ExpertJob("shared", list(tasks), root / "experts" / "shared", "shared")]
+    jobs.append(ExpertJob("shared", list(tasks), root / "experts" / "shared", "shared"))
+    for i, members in enumerate(clusters or []):
+        name = f"cluster_{i}"
+        jobs.append(ExpertJob(name, list(members), root / "experts" / "mbc" / name, "mbc"))
+    return jobs
+
+
+def saved_clusters(root: Path) -> dict | None:
+    """The build's `clusters.json` (written by the mbc stage), or None before that stage."""
+    path = Path(root) / CLUSTERS
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _experts(root: Path, names: list[str]) -> list[dict]:
+    saved = saved_clusters(root)
+    clusters = [c["tasks"] for c in saved["clusters"]] if saved else None
+    return [
+        {"name": j.name, "kind": j.kind, "path": str(j.out.relative_to(root)), "tasks": j.tasks}
+        for j in expert_plan(root, names, clusters)
+    ]
 
 
 def _manifest(root: Path, settings: BuildSettings, seed: int, tasks) -> dict:
@@ -86,15 +126,15 @@ def _manifest(root: Path, settings: BuildSettings, seed: int, tasks) -> dict:
         "settings": settings.to_dict(),
         "families": _families(tasks),
         "tasks": [t.describe() for t in tasks],
-        "experts": [
-            {"name": j.name, "kind": j.kind, "path": str(j.out.relative_to(root)), "tasks": j.tasks}
-            for j in expert_plan(root, [t.name for t in tasks])
-        ],
+        "experts": _experts(root, [t.name for t in tasks]),
         "eval": {"max_length": settings.base.max_length, "batch_size": settings.eval_batch_size},
         "stages": {},
     }
     if old is not None:
-        same = all(old.get(k) == new[k] for k in ("preset", "seed", "settings"))
+        # settings added after a build was made take their defaults there, so it resumes
+        settings_then = _with_defaults(old.get("settings"), new["settings"])
+        same = old.get("preset") == new["preset"] and old.get("seed") == new["seed"]
+        same = same and settings_then == new["settings"]
         if not same:
             raise DataError(
                 f"{root} holds a build with preset {old.get('preset')}, seed {old.get('seed')} "
@@ -102,6 +142,13 @@ def _manifest(root: Path, settings: BuildSettings, seed: int, tasks) -> dict:
             )
         new["stages"] = old.get("stages", {})
     return new
+
+
+def _with_defaults(old, new):
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return old
+    missing = {k: v for k, v in new.items() if k not in old}
+    return {**{k: _with_defaults(v, new.get(k)) for k, v in old.items()}, **missing}
 
 
 def _families(tasks) -> list[dict]:
@@ -173,6 +220,7 @@ def build(
             start = time.perf_counter()
             info = _run_stage(stage, root, settings, seed, tasks, report, on_expert)
             manifest["stages"][stage] = {"seconds": round(time.perf_counter() - start, 2), **info}
+            manifest["experts"] = _experts(root, [t.name for t in tasks])
             write_json(root / MANIFEST, manifest)
     finally:
         torch.set_num_threads(threads)
@@ -180,10 +228,9 @@ def build(
 
 
 def _run_stage(stage, root, settings, seed, tasks, report, on_expert) -> dict:
-    from lorafuse.data.flan import examples, load_flan, write_flan
+    from lorafuse.data.flan import write_flan
     from lorafuse.data.synthetic import generate
     from lorafuse.pretrain import pretrain
-    from lorafuse.train import train_experts
 
     names = [t.name for t in tasks]
     if stage == "data":
@@ -204,24 +251,76 @@ def _run_stage(stage, root, settings, seed, tasks, report, on_expert) -> dict:
         return {"final_loss": round(info["final_loss"], 4)}
     if stage in ("private", "shared"):
         jobs = [j for j in expert_plan(root, names) if j.kind == stage]
-        train = examples(load_flan(root / "data", tasks=names, splits=("train",)), "train", names)
         es = settings.expert
         if stage == "shared":
             es = ExpertSettings(**{**asdict(es), "steps": settings.shared_steps})
-        total, done = len(jobs) * es.steps, [0]
-        size = min(settings.group_size, len(jobs))
-
-        def step(_name: str, _i: int) -> None:
-            done[0] += size
-            report(stage, min(done[0], total), total)
-
-        def saved(job, _metrics) -> None:
-            if on_expert is not None:
-                on_expert(job.name)
-
-        train_experts(root / "base", train, jobs, es, seed, settings.group_size, step, saved)
-        report(stage, total, total)
+        _train(stage, root, jobs, es, settings, seed, report, on_expert)
         return {"experts": len(jobs)}
+    if stage == "mbc":
+        saved = saved_clusters(root) or _cluster(root, settings, seed, tasks)
+        jobs = expert_plan(root, names, [c["tasks"] for c in saved["clusters"]])
+        jobs = [j for j in jobs if j.kind == "mbc"]
+        _train(stage, root, jobs, settings.expert, settings, seed, report, on_expert)
+        ari = saved["adjusted_rand_index"]
+        return {"experts": len(jobs), "adjusted_rand_index": ari, "clusters": saved["clusters"]}
     from lorafuse.benchmark_eval import evaluate_build
 
     return evaluate_build(root, names, settings, report)
+
+
+def _train(stage, root, jobs, es, settings, seed, report, on_expert) -> None:
+    from lorafuse.data.flan import examples, load_flan
+    from lorafuse.train import train_experts
+
+    names = sorted({t for j in jobs for t in j.tasks})
+    train = examples(load_flan(root / "data", tasks=names, splits=("train",)), "train", names)
+    total, done = len(jobs) * es.steps, [0]
+    size = min(settings.group_size, len(jobs))
+
+    def step(_name: str, _i: int) -> None:
+        done[0] += size
+        report(stage, min(done[0], total), total)
+
+    def saved(job, _metrics) -> None:
+        if on_expert is not None:
+            on_expert(job.name)
+
+    report(stage, 0, total)
+    train_experts(root / "base", train, jobs, es, seed, settings.group_size, step, saved)
+    report(stage, total, total)
+
+
+def _cluster(root: Path, settings: BuildSettings, seed: int, tasks) -> dict:
+    """MBC clusters of the private experts -> clusters.json (and the heat map clusters.png)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from lorafuse.io import write_json
+    from lorafuse.library import ExpertLibrary
+    from lorafuse.select.clustering import mbc_cluster, plot_similarity
+
+    lib = ExpertLibrary.load([root / "experts" / "private"])
+    result = mbc_cluster(lib, k=settings.clusters, seed=seed)
+    family = {t.name: t.family.name for t in tasks}
+    truth = [family[e.tasks[0]] for e in lib.experts]  # each private expert has one task
+    clusters = [
+        {
+            "cluster": c,
+            "name": f"cluster_{c}",
+            "experts": [lib.names[i] for i in members],
+            "tasks": [t for i in members for t in lib.experts[i].tasks],
+            "families": sorted({truth[i] for i in members}),
+        }
+        for c, members in enumerate(result.clusters)
+    ]
+    ari = round(float(adjusted_rand_score(truth, result.labels)), 4)
+    title = f"MBC: {settings.clusters} clusters of {len(lib)} private experts (ARI {ari:.2f})"
+    plot_similarity(result, root / "clusters.png", names=lib.names, title=title)
+    saved = {
+        "k": settings.clusters,
+        "experts_kind": "private",
+        "seed": seed,
+        "adjusted_rand_index": ari,
+        "clusters": clusters,
+    }
+    write_json(root / CLUSTERS, saved)  # last: its presence marks the clustering as done
+    return saved

@@ -25,7 +25,8 @@ def test_cluster_writes_clusters_and_heat_map(mini_bench, tmp_path):
         res = runner.invoke(
             app, ["cluster", "--library", str(mini_bench), "--k", k, "--out", str(out)]
         )
-        assert res.exit_code == 2 and "k" in res.output
+        assert res.exit_code == 2 and f"k={k} clusters is impossible" in res.output
+        assert "1..3" in res.output
 
 
 def test_connect_writes_curves(mini_bench, tmp_path):
@@ -38,3 +39,5 @@ def test_connect_writes_curves(mini_bench, tmp_path):
     assert (out / "connectivity.png").exists()
     res = runner.invoke(app, [*args[:4], "count,nobody", "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "nobody" in res.output and not (tmp_path / "x").exists()
+    res = runner.invoke(app, [*args[:4], "count", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "two different experts" in res.output

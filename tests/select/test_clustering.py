@@ -108,3 +108,10 @@ def test_plot_is_written(tmp_path):
     out = plot_similarity(res, tmp_path / "mbc.png", names=[f"task{i}" for i in range(9)])
     assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.tmp.png"))
+
+
+def test_plot_handles_one_expert_and_large_libraries(tmp_path):
+    one = mbc_cluster(planted(k=1, per=1, seed=8)[0], k=1)
+    assert plot_similarity(one, tmp_path / "one.png", names=["a"]).exists()
+    many = mbc_cluster(planted(k=3, per=30, seed=9)[0], k=3)  # 90 experts: no name ticks
+    assert plot_similarity(many, tmp_path / "many.png", names=[f"t{i}" for i in range(90)]).exists()

@@ -24,7 +24,7 @@ def build(
     evaluate: bool = typer.Option(True, help="Finish with the test-loss check (evaluation.json)."),
     force: bool = typer.Option(False, help="Delete an earlier build in --out and start over."),
 ) -> None:
-    """Build data, base model, private and shared experts; resumes an interrupted build."""
+    """Build data, base model, private, shared and cluster (MBC) experts; resumable."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with user_errors():
@@ -76,11 +76,14 @@ def _quiet_transformers() -> None:
 def _summary(out: Path, manifest: dict) -> None:
     from rich.table import Table
 
+    from lorafuse.benchmark import STAGES
+
     table = Table(title=f"benchmark {manifest['preset']} (seed {manifest['seed']}) in {out}")
     table.add_column("stage")
     table.add_column("seconds", justify="right")
-    for stage, info in manifest["stages"].items():
-        table.add_row(stage, f"{info['seconds']:.1f}")
+    for stage in STAGES:  # a build resumed after an upgrade may hold them out of order
+        if stage in manifest["stages"]:
+            table.add_row(stage, f"{manifest['stages'][stage]['seconds']:.1f}")
     console.print(table)
     summary = manifest["stages"].get("evaluate", {}).get("summary")
     if summary:
@@ -90,6 +93,16 @@ def _summary(out: Path, manifest: dict) -> None:
         for method, s in summary.items():
             rows.add_row(method, f"{s['mean']:.4f} +- {s['se']:.4f}")
         console.print(rows)
+    mbc = manifest["stages"].get("mbc")
+    if mbc:
+        console.print(
+            f"{len(mbc['clusters'])} MBC clusters of the private experts, adjusted Rand index "
+            f"{mbc['adjusted_rand_index']:.3f} against the task families (clusters.json, "
+            "clusters.png):",
+            highlight=False,
+        )
+        for c in mbc["clusters"]:
+            console.print(f"  {c['name']}: {', '.join(c['tasks'])}", highlight=False)
     n = len(manifest["tasks"])
     console.print(f"{n} tasks, {len(manifest['experts'])} experts -> {out}/manifest.json")
 

@@ -121,27 +121,46 @@ def plot_similarity(
     names: Sequence[str] | None = None,
     title: str | None = None,
 ) -> Path:
-    """Heat map of S with experts grouped by cluster and cluster boundaries drawn.
+    """Heat map of S with experts grouped by cluster and each cluster's block outlined.
 
-    `names` (N,) labels the axes when given. The PNG is written atomically; returns the path.
+    The colour scale spans the off-diagonal similarities (their 1st to 99th percentile;
+    the diagonal is 1 by construction and would wash the structure out), with a colour
+    bar. `names` (N,) labels the axes when given (up to 80 experts). The PNG is written
+    atomically; returns the path.
     """
     from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
 
     order = np.argsort(result.labels, kind="stable")  # (N,)
     S = result.similarity[np.ix_(order, order)]  # (N, N)
     N = len(order)
-    fig = Figure(figsize=(6, 5))
+    off = S[~np.eye(N, dtype=bool)]  # (N*(N-1),)
+    lo, hi = np.percentile(off, [1, 99]) if off.size else (-1.0, 1.0)
+    if hi - lo < 1e-6:
+        lo, hi = lo - 0.05, hi + 0.05
+    side = min(14.0, max(6.0, 2.5 + 0.16 * N))
+    fig = Figure(figsize=(side + 1.2, side))
     ax = fig.add_subplot()
-    im = ax.imshow(S, cmap="viridis", vmin=-1, vmax=1, interpolation="nearest")
-    fig.colorbar(im, ax=ax, label="cosine similarity")
-    for edge in np.cumsum([len(c) for c in result.clusters])[:-1]:
-        ax.axhline(edge - 0.5, color="white", lw=1.2)
-        ax.axvline(edge - 0.5, color="white", lw=1.2)
-    if names is not None and len(names) == N:
+    im = ax.imshow(S, cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
+    fig.colorbar(
+        im, ax=ax, extend="both", shrink=0.8, label="cosine similarity (off-diagonal range)"
+    )
+    edges = np.concatenate([[0], np.cumsum([len(c) for c in result.clusters])])  # (C+1,)
+    for e in edges[1:-1]:
+        ax.axhline(e - 0.5, color="white", lw=0.6, alpha=0.7)
+        ax.axvline(e - 0.5, color="white", lw=0.6, alpha=0.7)
+    for c, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
+        box = Rectangle((a - 0.5, a - 0.5), b - a, b - a, fill=False, ec="red", lw=1.8)
+        ax.add_patch(box)
+        ax.text(b - 0.5, a - 0.5, f" c{c}", color="red", fontsize=8, ha="left", va="bottom")
+    if names is not None and len(names) == N and N <= 80:
         ticks = [names[i] for i in order]
-        ax.set_xticks(range(N), ticks, rotation=90, fontsize=6)
-        ax.set_yticks(range(N), ticks, fontsize=6)
-    ax.set_title(title or f"MBC: {len(result.clusters)} clusters of {N} experts")
+        size = 7 if N <= 40 else 5
+        ax.set_xticks(range(N), ticks, rotation=90, fontsize=size)
+        ax.set_yticks(range(N), ticks, fontsize=size)
+    else:
+        ax.set_xlabel("experts, ordered by cluster")
+    ax.set_title(title or f"MBC: {len(result.clusters)} clusters of {N} experts", pad=14)
     fig.tight_layout()
     return save_png(fig, path)
 
