@@ -50,3 +50,12 @@ def test_long_sources_are_cut_from_the_left(tok):
     assert tok.decode(row[:keep]) == src[-keep:]
     assert tok.decode(row[keep:-1]) == " " + tgt
     assert int((batch["labels"][0] != IGNORE).sum()) == len(tgt) + 2
+
+
+def test_truncate_keeps_a_source_that_fits_whole_and_cuts_from_the_left():
+    from lorafuse.data.collate import truncate
+
+    source, target = list(range(60)), [100, 101]
+    assert truncate(source, target, 128) == (source, target)  # 62 tokens fit: nothing cut
+    assert truncate(source, target, 40) == (source[-38:], target)  # cut from the left
+    assert truncate(source, list(range(50)), 30) == ([], list(range(30)))  # target alone

@@ -30,7 +30,7 @@ def truncate(source: list[int], target: list[int], max_length: int) -> Encoded:
     (and the target from the right only when it alone is too long)."""
     target = target[:max_length]
     keep = max_length - len(target)
-    return (source[len(source) - keep :] if keep > 0 else []), target
+    return (source[max(0, len(source) - keep) :] if keep > 0 else []), target
 
 
 def collate(encoded: Sequence[Encoded], pad_id: int, max_length: int = 256) -> dict[str, Tensor]:
