@@ -1,0 +1,316 @@
+"""The study's report: figures plus report.md and report.html from a results dict.
+
+The report is built once as a list of blocks (headings, paragraphs, tables, images, lists
+of plain text) and written twice: as Markdown and as a self-contained HTML page (inline
+CSS, images by relative path). All text is escaped on the way out. Files are written to
+a temporary name and renamed into place, so a failed render leaves no half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lorafuse.study.claims import RULE, claims, lookup, paired, study_kinds, usable
+from lorafuse.study.figures import (
+    cost_text,
+    figure2,
+    figure4,
+    figure5,
+    kind_title,
+    method_label,
+    ordered,
+    sparse_curve,
+)
+
+DRAWN = {
+    "figure2": (figure2, "Figure 2: test loss ± se of every method with its inference cost."),
+    "figure4": (figure4, "Figure 4: private vs cluster (MBC) experts."),
+    "figure5": (
+        figure5,
+        "Figure 5: probability vs logit ensembling; low-rank vs full-rank merging.",
+    ),
+    "sparse_curve": (sparse_curve, "Sparse ensemble: training objective vs experts kept."),
+}
+# Captions of the runner's figures, by a word of their key.
+CAPTIONS = {
+    "connect": "Figure 3: loss along the linear path between two experts vs the per-input oracle.",
+    "minimax": "Figure 6: minimax-LP ensemble coefficients (how sparse the LP solution is).",
+    "greedy": "Figure 7: greedy task-level expert selection vs the private-oracle loss.",
+    "cluster": "Cluster heat map: similarity of the experts, grouped by cluster.",
+}
+Block = (
+    tuple  # ("h1"|"h2"|"p", text) | ("table", head, rows) | ("img", src, caption) | ("ul", items)
+)
+
+
+def render(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Draw the figures into `out_dir/figures/` and write `report.md` and `report.html`.
+
+    Returns {"figure2" | "figure4" | "figure5" | "sparse_curve" (those drawn), "report.md",
+    "report.html": path}. Figures whose data is missing are left out; the runner's PNGs
+    listed in results["figures"] (relative to `out_dir`) are shown when they exist.
+    """
+    out = Path(out_dir)
+    written: dict[str, Path] = {}
+    images: list[tuple[str, str, str]] = []  # (key, src relative to out, caption)
+    for key, (draw, caption) in DRAWN.items():
+        path = draw(results, out / "figures" / f"{key}.png")
+        if path is not None:
+            written[key] = path
+            images.append((key, path.relative_to(out).as_posix(), caption))
+    missing = []
+    for key, src in (results.get("figures") or {}).items():
+        if not (out / src).is_file():
+            missing.append(f"{key}: {src}")
+            continue
+        caption = next((c for w, c in CAPTIONS.items() if w in key), f"{key}.")
+        images.append((key, Path(src).as_posix(), caption))
+    blocks = _blocks(results, claims(results), images, missing)
+    texts = {"report.md": _markdown(blocks), "report.html": _html(blocks, _title(results))}
+    for name, text in texts.items():
+        written[name] = _write_text(out / name, text)
+    return written
+
+
+def _title(results: dict) -> str:
+    name = (results.get("config") or {}).get("name")
+    return f"lorafuse study: {name}" if name else "lorafuse study"
+
+
+def _blocks(
+    results: dict, rows: list[dict], images: list[tuple[str, str, str]], missing: list[str]
+) -> list[Block]:
+    img = {key: ("img", src, caption) for key, src, caption in images}
+    blocks: list[Block] = [("h1", _title(results)), *_summary(results)]
+    blocks += [("h2", "Figure 2: every method"), _figure2_table(results)]
+    broken = [m for m in ordered(results) if m.get("status") != "ok"]
+    if broken:
+        blocks.append(("p", "Methods that did not complete:"))
+        main = study_kinds(results)[0]
+        blocks.append(("ul", [f"{method_label(m, main)} ({m.get('status')}): "
+                              f"{m.get('error') or '-'}" for m in broken]))  # fmt: skip
+    blocks += [img.pop("figure2")] if "figure2" in img else []
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
+    blocks += [
+        ("h2", "Claims of the paper"),
+        ("p", "Decision rule: " + RULE),
+        ("p", "Verdicts: " + ", ".join(f"{v}: {n}" for v, n in counts.items())),
+        ("table", ["#", "claim", "paper", "verdict", "evidence"],
+         [[str(i), r["claim"], r["paper"], r["verdict"], r["evidence"]]
+          for i, r in enumerate(rows, 1)]),
+        ("h2", "Private vs cluster (MBC) experts"),
+        _kinds_table(results),
+    ]  # fmt: skip
+    blocks += [img.pop("figure4")] if "figure4" in img else []
+    rest = sorted(img.values(), key=lambda b: _figure_number(b[2]))
+    blocks += [("h2", "More figures"), *rest] if img or missing else []
+    blocks += [("p", "Figures listed but not found: " + ", ".join(missing))] if missing else []
+    blocks += [("h2", "Analyses"), ("ul", _analyses(results.get("analyses") or {}))]
+    blocks += [("h2", "Stage timings"), _stages_table(results.get("stages") or {})]
+    return blocks
+
+
+def _figure_number(caption: str) -> int:
+    m = re.match(r"Figure (\d+)", caption)
+    return int(m.group(1)) if m else 99
+
+
+def _summary(results: dict) -> list[Block]:
+    lib, cfg = results.get("library") or {}, results.get("config") or {}
+    experts = lib.get("experts") or {}
+    tasks = list(lib.get("tasks") or [])
+    methods = results.get("methods") or []
+    status = {s: sum(m.get("status") == s for m in methods) for s in ("ok", "failed", "skipped")}
+    hidden = ("name", "seed", "base_model", "methods", "root")
+    settings = {k: v for k, v in cfg.items() if k not in hidden and v not in (None, {}, [])}
+    rows = [
+        ["base model", str(lib.get("base_model") or cfg.get("base_model") or "?")],
+        ["experts", ", ".join(f"{k}: {_count(v)}" for k, v in experts.items()) or "none"],
+        ["tasks", f"{len(tasks)}" + (f" ({_clip(', '.join(tasks), 160)})" if tasks else "")],
+        ["task families", str(len(lib["families"])) if lib.get("families") else "none given"],
+        ["study", f"{cfg.get('name', '?')}, seed {cfg.get('seed', '?')}"],
+        ["methods", ", ".join(f"{n} {s}" for s, n in status.items())],
+        ["settings", _clip(json.dumps(settings, default=str), 400) if settings else "defaults"],
+    ]
+    return [("table", ["library", ""], rows)]
+
+
+def _figure2_table(results: dict) -> Block:
+    head = ["method", "family", "experts", "test loss ± se", "passes", "relative FLOPs",
+            "fit s", "eval s", "status"]  # fmt: skip
+    rows = []
+    for m in ordered(results):
+        cost, secs = m.get("cost") or {}, m.get("seconds") or {}
+        rel = cost_text({"cost": {"relative_flops": cost.get("relative_flops")}})
+        rel = rel.replace(" FLOPs", "").replace("cost n/a", "-")
+        rows.append([
+            m["name"], str(m.get("family", "")), str(m.get("experts") or "private"),
+            _loss(m), str(cost.get("passes", "-")), rel,
+            _secs(secs.get("fit")), _secs(secs.get("eval")), str(m.get("status", "")),
+        ])  # fmt: skip
+    return ("table", head, rows)
+
+
+def _kinds_table(results: dict) -> Block:
+    idx = lookup(results)
+    main, cluster = study_kinds(results)
+    names = list(dict.fromkeys(n for n, k in idx if k == cluster and (n, main) in idx))
+    rows = []
+    for name in names:
+        a, b = idx[(name, main)], idx[(name, cluster)]
+        diff = "n/a"
+        if usable(a) and usable(b):
+            s = paired(b, a)
+            se = "n/a" if s["se"] is None else f"{s['se']:.4f}"
+            diff = f"{s['diff']:+.4f} ± {se} ({s['n_tasks']} tasks)"
+        rows.append([name, _loss(a), _loss(b), diff])
+    if not rows:
+        return ("p", f"No method ran with both {kind_title(main)} and {kind_title(cluster)}.")
+    head = ["method", kind_title(main), kind_title(cluster), f"{cluster} - {main} (paired)"]
+    return ("table", head, rows)
+
+
+def _num(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+def _count(v: Any) -> str:
+    return str(len(v)) if isinstance(v, list) else str(v)
+
+
+def _analyses(an: dict) -> list[str]:
+    items = [
+        f"{k}: failed: {v['error']}" for k, v in an.items() if isinstance(v, dict) and "error" in v
+    ]
+    an = {k: v for k, v in an.items() if not (isinstance(v, dict) and "error" in v)}
+    if c := an.get("clusters"):
+        ari = "n/a" if c.get("ari") is None else f"{c['ari']:.3f}"
+        sizes = ", ".join(str(len(x)) for x in c.get("clusters") or [])
+        items.append(f"clusters: k = {c.get('k')}, sizes {sizes}; ARI with task families {ari}")
+    if c := an.get("connectivity"):
+        items.append(f"connectivity: {len(c.get('curves') or [])} expert pairs interpolated")
+    if g := an.get("greedy"):
+        items.append(
+            f"greedy selection: private-oracle loss {_num(g.get('private_oracle'))}, "
+            f"recovered with {g.get('recovers_at')} of {g.get('n_experts')} experts"
+        )
+    if nb := an.get("not_best_on_own_task"):
+        who = _clip(", ".join(nb.get("experts") or []), 200)
+        items.append(f"{nb['count']} of {nb['n_experts']} experts not best on own task: {who}")
+    return items or ["no analyses in the results"]
+
+
+def _stages_table(stages: dict[str, Any]) -> Block:
+    rows = [[name, _secs(s.get("seconds")), "yes" if s.get("cached") else "no"]
+            for name, s in stages.items()]  # fmt: skip
+    total = sum(s.get("seconds") or 0.0 for s in stages.values())
+    return ("table", ["stage", "seconds", "cached"], rows + [["total", _secs(total), ""]])
+
+
+def _loss(m: dict) -> str:
+    if m.get("status") != "ok" or m.get("mean") is None:
+        return "-"
+    se = m.get("se")
+    return f"{m['mean']:.4f} ± {se:.4f}" if se is not None else f"{m['mean']:.4f}"
+
+
+def _secs(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _md(text: Any) -> str:
+    """One line of Markdown text: tags and entities neutralised, pipes escaped."""
+    text = re.sub(r"&(?=#?\w+;)", "&amp;", " ".join(str(text).split()))
+    return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", text).replace("|", "\\|")
+
+
+def _markdown(blocks: list[Block]) -> str:
+    out = []
+    for b in blocks:
+        if b[0] in ("h1", "h2"):
+            out.append(("# " if b[0] == "h1" else "## ") + _md(b[1]))
+        elif b[0] == "p":
+            out.append(_md(b[1]))
+        elif b[0] == "ul":
+            out.append("\n".join(f"- {_md(x)}" for x in b[1]))
+        elif b[0] == "img":
+            out.append(f"![{_md(b[2])}]({b[1]})\n\n*{_md(b[2])}*")
+        else:
+            lines = ["| " + " | ".join(map(_md, b[1])) + " |", "|" + "---|" * len(b[1])]
+            lines += ["| " + " | ".join(map(_md, row)) + " |" for row in b[2]]
+            out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; }
+tr:nth-child(even) td { background: #fafafa; }
+td.holds { background: #d9f2d9 !important; } td.fails { background: #f8d7d7 !important; }
+td.unsure { background: #fff3cd !important; } td.missing { background: #e7e7e7 !important; }
+td.failed, td.skipped { color: #b00020; font-weight: bold; }
+figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-style: italic; color: #555; }
+"""
+CELL_CLASS = {"holds": "holds", "does not hold": "fails", "inconclusive": "unsure",
+              "not measured": "missing", "failed": "failed", "skipped": "skipped"}  # fmt: skip
+
+
+def _html(blocks: list[Block], title: str) -> str:
+    e = html.escape
+    body = []
+    for b in blocks:
+        if b[0] in ("h1", "h2", "p"):
+            body.append(f"<{b[0]}>{e(str(b[1]))}</{b[0]}>")
+        elif b[0] == "ul":
+            body.append("<ul>" + "".join(f"<li>{e(str(x))}</li>" for x in b[1]) + "</ul>")
+        elif b[0] == "img":
+            body.append(f'<figure><img src="{e(b[1])}" alt="{e(b[2])}">'
+                        f"<figcaption>{e(b[2])}</figcaption></figure>")  # fmt: skip
+        else:
+            head = "".join(f"<th>{e(str(h))}</th>" for h in b[1])
+            rows = "".join("<tr>" + "".join(_td(str(c)) for c in row) + "</tr>" for row in b[2])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{e(title)}</title><style>{CSS}</style></head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
+
+
+def _td(text: str) -> str:
+    cls = CELL_CLASS.get(text)
+    return f'<td class="{cls}">{html.escape(text)}</td>' if cls else f"<td>{html.escape(text)}</td>"
+
+
+def _write_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the report gets normal permissions
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,123 @@
+"""The report: report.md and report.html hold every method and claim, escape text, and are
+written atomically; the console table lists every method."""
+
+from __future__ import annotations
+
+import html
+import os
+
+import pytest
+from rich.console import Console
+
+from lorafuse.study.claims import claims
+from lorafuse.study.console import summary_table
+from lorafuse.study.render import render
+from tests.study.test_figures import _is_png, realistic_results
+
+EVIL = "<script>alert('x')</script>"
+
+
+def _no_temp_files(root) -> bool:
+    return not [p for p in root.rglob("*") if ".tmp" in p.name]
+
+
+def test_render_writes_figures_and_reports(tmp_path):
+    res = realistic_results()
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "connectivity.png").write_bytes(
+        (render(realistic_results(), tmp_path / "first")["figure4"]).read_bytes()
+    )
+    res["figures"] = {"connectivity": "figures/connectivity.png", "greedy": "figures/greedy.png"}
+    out = render(res, tmp_path)
+    assert set(out) == {"figure2", "figure4", "figure5", "sparse_curve", "report.md", "report.html"}
+    for key in ("figure2", "figure4", "figure5", "sparse_curve"):
+        assert out[key] == tmp_path / "figures" / f"{key}.png"
+        assert _is_png(out[key])
+    md, page = out["report.md"].read_text(), out["report.html"].read_text()
+    for m in res["methods"]:
+        assert m["name"] in md and m["name"] in page
+    for r in claims(res):
+        assert r["claim"] in md
+        assert html.escape(r["claim"]) in page
+        assert html.escape(r["evidence"]) in page
+    for text in (md, page):
+        assert "figures/figure2.png" in text and "figures/connectivity.png" in text
+        assert "Figure 3" in text  # the runner's figure gets its caption
+        assert "greedy.png" in text and "not found" in text  # listed but missing
+        assert "pico-llama" in text and "fit:ensemble-sgd" in text and "541.8" in text
+        assert "does not hold" in text or "holds" in text
+    assert page.startswith("<!DOCTYPE html>") and "<style>" in page and "<table>" in page
+    assert _no_temp_files(tmp_path)
+
+
+def test_error_messages_are_escaped(tmp_path):
+    res = realistic_results()
+    failed = [m for m in res["methods"] if m["status"] == "failed"]
+    assert failed and EVIL in failed[0]["error"]
+    out = render(res, tmp_path)
+    md, page = out["report.md"].read_text(), out["report.html"].read_text()
+    assert "<script>" not in md and "<script>" not in page
+    assert html.escape(failed[0]["error"]) in page
+    assert "&lt;script>alert('x')&lt;/script> & out of memory" in md
+    assert "route-sgd-arrow" in md and "failed" in md
+
+
+def test_markdown_table_cells_escape_pipes_and_newlines(tmp_path):
+    res = realistic_results()
+    res["methods"][-1]["error"] = "bad | value\nsecond line"
+    md = render(res, tmp_path)["report.md"].read_text()
+    assert "bad \\| value second line" in md
+
+
+def test_render_without_data(tmp_path):
+    out = render({"methods": []}, tmp_path / "out")
+    assert set(out) == {"report.md", "report.html"}
+    md = out["report.md"].read_text()
+    assert "not measured" in md and "lorafuse study" in md
+    assert "No method ran with both private experts and cluster (MBC) experts" in md
+    assert not (tmp_path / "out" / "figures").exists()
+
+
+def test_render_survives_runner_errors(tmp_path):
+    res = realistic_results()
+    res["library"]["experts"]["mbc"] = "error: no such folder <x>"
+    res["analyses"]["greedy"] = {"error": "greedy <broke>"}
+    res["analyses"]["not_best_on_own_task"] = None
+    md = render(res, tmp_path)["report.md"].read_text()
+    assert "mbc: error: no such folder &lt;x>" in md
+    assert "greedy: failed: greedy &lt;broke>" in md
+
+
+def test_failed_write_leaves_no_half_written_file(tmp_path, monkeypatch):
+    real = os.replace
+
+    def fail_on_html(src, dst):
+        if str(dst).endswith("report.html"):
+            raise OSError("disk full")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_on_html)
+    with pytest.raises(OSError, match="disk full"):
+        render(realistic_results(), tmp_path)
+    assert not (tmp_path / "report.html").exists()
+    assert _no_temp_files(tmp_path)
+
+
+def test_rerender_replaces_reports(tmp_path):
+    render(realistic_results(), tmp_path)
+    res = realistic_results()
+    res["config"]["name"] = "second"
+    out = render(res, tmp_path)
+    assert "lorafuse study: second" in out["report.md"].read_text()
+    assert _no_temp_files(tmp_path)
+
+
+def test_summary_table_lists_every_method():
+    res = realistic_results()
+    console = Console(record=True, width=200)
+    console.print(summary_table(res))
+    text = console.export_text()
+    for m in res["methods"]:
+        assert m["name"] in text
+    assert "failed" in text and "did not complete" in text
+    assert f"{res['methods'][0]['mean']:.4f} ± {res['methods'][0]['se']:.4f}" in text
