@@ -22,12 +22,9 @@ lint: setup
 test: setup lint
 	$(VENV)/bin/pytest
 
-# Until `lorafuse study` lands: build the small benchmark, then compare the baselines.
+# The main job: build the small benchmark (resumable) and run the paper's study on it.
 demo: setup
-	$(VENV)/bin/lorafuse benchmark build --preset small --out runs/small --seed 0
-	$(VENV)/bin/lorafuse eval --library runs/small --split test --out results/demo \
-		--method base --method shared --method oracle --method merge-uniform \
-		--method merge-uniform-full --method arrow-top4
+	$(VENV)/bin/lorafuse study --preset small --out runs/study --seed 0
 
 bench: setup
 	$(PY) bench/fused_layer.py

@@ -124,3 +124,18 @@ def test_attach_errors(llama_experts, gpt2_dir, llama_dir):
         fusion.set_coefficients(torch.ones(3))
     with pytest.raises(LorafuseError, match="unknown mixing space"):
         attach(load_base(llama_dir), lib, "weights")
+
+
+def test_detach_all_recovers_a_model_left_fused(llama_dir, llama_experts, tokens):
+    from lorafuse.model import detach_all
+
+    model = load_base(llama_dir)
+    with torch.no_grad():
+        before = model(tokens).logits
+    attach(model, ExpertLibrary.load(llama_experts), "factors")  # handle lost, as after an error
+    with pytest.raises(LorafuseError, match="fused layers already"):
+        attach(model, ExpertLibrary.load(llama_experts), "factors")
+    assert detach_all(model) > 0 and detach_all(model) == 0
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, before)
+    attach(model, ExpertLibrary.load(llama_experts), "factors").detach()

@@ -135,6 +135,19 @@ def attach(
     return fusion
 
 
+def detach_all(model: nn.Module) -> int:
+    """Put back the original layer of every fused layer left in `model`; return how many.
+
+    For recovery after an error left a Fusion attached (the next `attach` would refuse).
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, FusedLoRALinear)}
+    if layers:
+        fusion = Fusion(model, None, "factors")  # type: ignore[arg-type]
+        fusion.layers = layers
+        fusion.detach()
+    return len(layers)
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

@@ -15,7 +15,11 @@ def _logits(ws, batch):
 def _fused(ws, kind: str, space: str, setup) -> Prepared:
     library = ws.library(kind)
     fusion = attach(ws.model, library, space)
-    setup(fusion)
+    try:
+        setup(fusion)
+    except BaseException:
+        fusion.detach()
+        raise
     return Prepared(lambda b: _logits(ws, b), fusion.detach, info={"experts": kind})
 
 

@@ -126,26 +126,27 @@ def _caps(cfg: StudyConfig, cap: int | None) -> dict[str, int | None]:
 
 
 def _build(cfg: StudyConfig, cache: StageCache, bar: Progress) -> None:
-    from lorafuse.benchmark import MANIFEST, build
+    """Build (or resume) the benchmark; its closing check is skipped (the study evaluates)."""
+    import json
+
+    from lorafuse.benchmark import MANIFEST, STAGES, build
 
     assert cfg.build is not None
     root = cfg.library_path()
     start = time.perf_counter()
     bar.start("build", None)
-    before = (root / MANIFEST).read_text() if (root / MANIFEST).is_file() else ""
-    manifest = build(root, cfg.build.preset, cfg.seed, on_progress=_stage_bar(bar))
-    done = (
-        before
-        and '"evaluate"' in before
-        and all(s in manifest["stages"] for s in ("data", "base", "private", "shared"))
-    )
-    seconds = sum(s.get("seconds", 0.0) for s in manifest["stages"].values())
+    file = root / MANIFEST
+    before = json.loads(file.read_text()).get("stages", {}) if file.is_file() else {}
+    manifest = build(root, cfg.build.preset, cfg.seed, on_progress=_stage_bar(bar), evaluate=False)
+    done = all(s in before for s in STAGES if s != "evaluate")
+    parts = {k: v.get("seconds") for k, v in manifest["stages"].items()}
+    seconds = sum(v for k, v in parts.items() if k != "evaluate" and v is not None)
     cache.timings["build"] = {
         "seconds": round(seconds if done else time.perf_counter() - start, 3),
-        "cached": bool(done),
-        "parts": {k: v.get("seconds") for k, v in manifest["stages"].items()},
+        "cached": done,
+        "parts": parts,
     }
-    bar.finish("build", bool(done))
+    bar.finish("build", done)
 
 
 def _stage_bar(bar: Progress) -> Callable[[str, int, int], None]:
@@ -253,6 +254,10 @@ class _Context:
         return record
 
     def _failed(self, record, stage, error: str, tb: str | None = None) -> dict[str, Any]:
+        from lorafuse.model import detach_all
+
+        if "model" in vars(self.ws):  # loaded: leave no fused layer behind for the next method
+            detach_all(self.ws.model)
         record.update(status="failed", error=error, mean=None, se=None, per_task={})
         if tb:
             record["traceback"] = tb
