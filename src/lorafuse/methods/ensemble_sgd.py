@@ -53,7 +53,9 @@ def fit_sgd(ws, kind, arg, options) -> dict[str, Any]:
     from lorafuse.fit.exact import ensemble_objective
 
     data = TrainingSet(ws, "train", options.get("max_examples_per_task"))
-    val = train_cache(ws, kind, {**options, "progress": None}, split="validation")
+    cap = options.get("validation_max_per_task", options.get("max_examples_per_task"))
+    val_options = {**options, "progress": None, "max_examples_per_task": cap}
+    val = train_cache(ws, kind, val_options, split="validation")
     P_val, w_val = val.logp.double().exp(), val.token_weights()
     lib = ws.library(kind)
     fusion = attach(ws.model, lib, "factors")

@@ -107,7 +107,9 @@ def plot_connectivity(curves: list[dict[str, Any]], path: str | Path) -> Path:
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.plot(c["alphas"], c["loss"], marker=".", color="tab:blue", label="interpolation")
         ax.axhline(c["oracle"], color="tab:pink", lw=2, label="per-input oracle")
-        ax.set_title(f"{c['pair'][0]} -> {c['pair'][1]}", fontsize=9)
+        same = c.get("same_family")
+        kin = "" if same is None else (" (same family)" if same else " (other families)")
+        ax.set_title(f"{c['pair'][0]} -> {c['pair'][1]}{kin}", fontsize=9)
         ax.set_xlabel("alpha")
         ax.set_ylabel("loss on both tasks")
         if i == 0:
