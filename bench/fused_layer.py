@@ -1,9 +1,11 @@
 """One routed layer at Phi-2 size: fused layer vs PEFT's Arrow layer vs the bare Linear.
 
-Prints, from ONE run, each variant's time relative to the bare nn.Linear and its peak
+Prints, from ONE run, each variant's time relative to the bare nn.Linear (the median
+over rounds of each round's ratio; variants interleaved within a round) and its peak
 extra memory, next to the arithmetic floor 1 + N*R*(D+O)/(D*O). Every routed variant
 computes the same per-token coefficients (top-k softmax of |x . v_i| over the same
-prototypes) and the same output; the script checks they agree before timing.
+prototypes) and the same output; the script checks they agree before timing. The fused
+layers route with lorafuse's ArrowRouter, whose projection rides in the layer's GEMM.
 
     python bench/fused_layer.py [--tokens 2048] [--dim 2560] [--experts 10] [--rank 4]
 """
@@ -11,6 +13,7 @@ prototypes) and the same output; the script checks they agree before timing.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import subprocess
@@ -30,6 +33,7 @@ def build(args):
 
     from lorafuse.layer import FusedLoRALinear
     from lorafuse.library import StackedModule
+    from lorafuse.mixers.routers import ArrowRouter
     from lorafuse.mixers.topk import topk_softmax
 
     g = torch.Generator().manual_seed(args.seed)
@@ -47,9 +51,9 @@ def build(args):
 
     stacked = StackedModule(A=A, B=Bf, scale=scale, rank=torch.full((N,), R))
     fused = {}
-    for space in ("factors", "deltas"):
-        fused[space] = FusedLoRALinear(linear, stacked, space, "bench")
-        fused[space].mixer = router
+    for space in ("factors", "deltas"):  # each its own copy: the layer takes W's storage
+        fused[space] = FusedLoRALinear(copy.deepcopy(linear), stacked, space, "bench")
+        fused[space].mixer = ArrowRouter(protos, K, 1.0)  # the same rule as `router`
 
     names = [f"task_{i}" for i in range(N)]
     cfg = ArrowConfig(top_k=K, router_temperature=1.0)
@@ -95,19 +99,27 @@ def check_agreement(fns):
         raise SystemExit(f"per-token matrices disagree with fused factors: {err}")
 
 
-def time_all(fns, rounds: int, inner: int) -> dict[str, float]:
-    """Median seconds per call; variants interleaved each round so load hits all alike."""
+def time_all(fns, rounds: int, inner: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per call and median per-round ratio to the Linear, per variant.
+
+    Variants are interleaved within each round (in a rotating order) so that the load of
+    a shared machine hits them alike.
+    """
     times = {v: [] for v in VARIANTS}
     with torch.inference_mode():
         for v in VARIANTS:
             fns[v](fns["x"])  # warm-up
-        for _ in range(rounds):
-            for v in VARIANTS:
+        for r in range(rounds):
+            for v in VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]:
                 t0 = time.perf_counter()
                 for _ in range(inner):
                     fns[v](fns["x"])
                 times[v].append((time.perf_counter() - t0) / inner)
-    return {v: statistics.median(ts) for v, ts in times.items()}
+    seconds = {v: statistics.median(ts) for v, ts in times.items()}
+    ratios = {
+        v: statistics.median(a / b for a, b in zip(ts, times["linear"])) for v, ts in times.items()
+    }
+    return seconds, ratios
 
 
 def peak_memory(variant: str, args) -> float:
@@ -154,19 +166,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     fns = build(args)
     check_agreement(fns)
-    t = time_all(fns, args.rounds, args.inner)
+    t, ratio = time_all(fns, args.rounds, args.inner)
     D = O = args.dim
     N, R = args.experts, args.rank
     floor = 1 + N * R * (D + O) / (D * O)
     print(
         f"one layer D=O={D}, N={N}, R={R}, tokens={args.tokens}, per-token top-{args.top_k} "
         f"softmax coefficients, fp32, {args.threads} threads, torch {torch.__version__}; "
-        f"median of {args.rounds} interleaved rounds x {args.inner} calls"
+        f"median of {args.rounds} interleaved rounds x {args.inner} calls (x Linear: median "
+        "of the per-round ratios)"
     )
     print(f"{'variant':<22}{'ms/call':>10}{'x Linear':>10}{'peak extra MiB':>16}")
     for v in VARIANTS:
         mem = peak_memory(v, args)
-        print(f"{v:<22}{t[v] * 1e3:>10.2f}{t[v] / t['linear']:>10.3f}{mem:>16.1f}")
+        print(f"{v:<22}{t[v] * 1e3:>10.2f}{ratio[v]:>10.3f}{mem:>16.1f}")
     print(f"{'arithmetic floor':<22}{'':>10}{floor:>10.3f}")
 
 

@@ -10,6 +10,7 @@ from lorafuse.errors import LorafuseError
 from lorafuse.layer import FusedLoRALinear
 from lorafuse.library import StackedModule
 from lorafuse.mixers import Fixed, Learned, Uniform
+from lorafuse.mixers.routers import ArrowRouter, LinearRouter
 
 N, R, D, O = 5, 3, 12, 7
 
@@ -149,3 +150,160 @@ def test_row_sparse_coefficients_equal_the_loop(space):
     f.mixer = lambda inp: c + theta  # differentiable, still sparse
     f(x).sum().backward()
     assert theta.grad is not None
+
+
+def _router_reference(f, s, x, router, space):
+    """Plain autograd: the base layer plus the per-token loop, coefficients router(x)."""
+    return loop_reference(f.base, s, x, router(x), space)
+
+
+@pytest.mark.parametrize("space", ["factors", "deltas"])
+@pytest.mark.parametrize("joined", [True, False])
+def test_router_in_the_gemm_values_and_gradients(space, joined, monkeypatch):
+    # A router's projection rides in the layer's GEMM (with the base layer, or beside it):
+    # the same output and the same gradients for x, the router's weight and its bias.
+    if not joined:
+        monkeypatch.setattr(FusedLoRALinear, "_base_joins", lambda self, x2, P: False)
+    f, s = layer(space)
+    f.base.requires_grad_(False)
+    router = LinearRouter(D, N, init=torch.randn(N, D), absolute=False)
+    f.mixer = router
+    x = torch.randn(2, 4, D, requires_grad=True)
+    w = torch.randn(2, 4, O)
+    got = f(x)
+    grads = torch.autograd.grad((got * w).sum(), [x, router.weight, router.bias])
+    ref = _router_reference(f, s, x, router, space)
+    expected = torch.autograd.grad((ref * w).sum(), [x, router.weight, router.bias])
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+    with torch.inference_mode():
+        torch.testing.assert_close(f(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_arrow_router_top_k_in_the_gemm():
+    f, s = layer("deltas")
+    protos = torch.nn.functional.normalize(torch.randn(N, D), dim=-1)
+    f.mixer = router = ArrowRouter(protos, top_k=2, temperature=0.5)
+    x = torch.randn(3, 5, D)
+    with torch.inference_mode():
+        torch.testing.assert_close(f(x), _router_reference(f, s, x, router, "deltas"))
+
+
+def test_router_changes_reach_the_gemm():
+    # The layer keeps a copy of the router's weight in its GEMM: an optimiser step, a
+    # device or dtype move or another router must all be seen.
+    f, s = layer("factors")
+    f.base.requires_grad_(False)
+    router = LinearRouter(D, N, init=torch.randn(N, D))
+    f.mixer = router
+    x = torch.randn(2, 3, D)
+    opt = torch.optim.SGD(router.parameters(), lr=1.0)
+    for _ in range(2):
+        with torch.no_grad():
+            torch.testing.assert_close(f(x), _router_reference(f, s, x, router, "factors"))
+        f(x).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    other = LinearRouter(D, N, init=torch.randn(N, D))
+    f.mixer = other
+    with torch.no_grad():
+        torch.testing.assert_close(f(x), _router_reference(f, s, x, other, "factors"))
+
+
+def test_base_layer_is_a_view_of_the_fused_weight():
+    base = nn.Linear(D, O)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    f = FusedLoRALinear(base, stacked(), "factors")
+    assert base.weight.data_ptr() == f.weight_cat.data_ptr()  # no second copy of W
+    assert base.bias.data_ptr() == f.bias_cat.data_ptr()
+    assert base.weight.is_contiguous() and base.weight.shape == (O, D)
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, before[k])
+    f.mixer = Fixed(torch.softmax(torch.randn(2, 4, N), -1))
+    x = torch.randn(2, 4, D)
+    expected = loop_reference(base, stacked(), x, f.mixer(x), "factors")
+    f64 = FusedLoRALinear(nn.Linear(D, O), stacked(), "factors").to(torch.float64)
+    assert f64.base.weight.data_ptr() == f64.weight_cat.data_ptr()  # still one copy
+    assert f64.weight_cat.dtype == torch.float64
+    released = f.release()
+    assert released is base and type(released) is nn.Linear
+    for name, p in released.named_parameters():
+        assert p.untyped_storage().nbytes() == p.nbytes, name  # storage of its own
+        assert torch.equal(p, before[name])
+    with torch.inference_mode():
+        torch.testing.assert_close(f(x), expected, atol=1e-5, rtol=1e-5)  # still right
+
+
+def test_two_fused_layers_on_one_linear():
+    # The second layer takes the base weight's view; the first notices and runs apart.
+    base = nn.Linear(D, O).requires_grad_(False)
+    f1 = FusedLoRALinear(base, stacked(0), "factors")
+    f2 = FusedLoRALinear(base, stacked(1), "deltas")
+    c = torch.softmax(torch.randn(2, 4, N), -1)
+    f1.mixer = f2.mixer = Fixed(c)
+    x = torch.randn(2, 4, D)
+    with torch.inference_mode():
+        torch.testing.assert_close(f1(x), loop_reference(base, stacked(0), x, c, "factors"))
+        torch.testing.assert_close(f2(x), loop_reference(base, stacked(1), x, c, "deltas"))
+
+
+def test_decoding_keeps_small_gemms_apart():
+    # With several threads, joining the base GEMM must not make MKL thread a GEMM that
+    # would otherwise stay serial (a few decoded tokens); long inputs always join.
+    Nb, Rb, Db, Ob = 32, 4, 128, 256
+    s = StackedModule(
+        A=torch.randn(Nb, Rb, Db), B=torch.randn(Nb, Ob, Rb), scale=torch.ones(Nb),
+        rank=torch.full((Nb,), Rb),
+    )  # fmt: skip
+    f = FusedLoRALinear(nn.Linear(Db, Ob).requires_grad_(False), s, "factors")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert not f._base_joins(torch.randn(4, Db), Nb)
+        assert f._base_joins(torch.randn(512, Db), Nb)
+        assert f._base_joins(torch.randn(1, Db), Nb)
+        torch.set_num_threads(1)
+        assert f._base_joins(torch.randn(4, Db), Nb)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("space", ["factors", "deltas"])
+def test_conv1d_base(space):
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = Conv1D(O, D).requires_grad_(False)  # weight (D, O)
+    f = FusedLoRALinear(base, stacked(), space)
+    router = LinearRouter(D, N, init=torch.randn(N, D))
+    f.mixer = router
+    x = torch.randn(2, 3, D, requires_grad=True)
+    ref = loop_reference(base, stacked(), x, router(x), space)
+    got = f(x)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    gx, gw = torch.autograd.grad(got.sum(), [x, router.weight])
+    ex, ew = torch.autograd.grad(ref.sum(), [x, router.weight])
+    torch.testing.assert_close(gx, ex, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gw, ew, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("space", ["factors", "deltas"])
+@pytest.mark.parametrize("shape", [(N,), (2, N), (2, 4, N)])
+def test_gradients_equal_the_loop(space, shape):
+    f, s = layer(space)
+    f.base.requires_grad_(False)
+    theta = torch.randn(*shape, requires_grad=True)
+    f.mixer = lambda inp: torch.softmax(theta, -1)  # dense: not the row-sparse path
+    x = torch.randn(2, 4, D, requires_grad=True)
+    got = f(x)
+    c = torch.softmax(theta, -1)
+    c = c.expand(2, 4, N) if c.dim() != 2 else c[:, None].expand(2, 4, N)
+    ref = loop_reference(f.base, s, x, c, space)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn(2, 4, O)
+    for g, e in zip(
+        torch.autograd.grad((got * w).sum(), [x, theta]),
+        torch.autograd.grad((ref * w).sum(), [x, theta]),
+    ):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)

@@ -5,19 +5,32 @@ Two mixing spaces, each two GEMMs whose inner size is N*R over the concatenated 
 - `deltas`  (full rank, PEFT):  y = W x + sum_i l_i s_i B_i A_i x
 No Python loop over experts, no per-token (D, R) matrices and no (tokens, N, O) tensor.
 With one-hot coefficients both reduce exactly to the single expert s_i B_i A_i x.
+
+Memory traffic, not arithmetic, is what the experts cost on top of W x, so x is read once:
+the layer keeps one weight [W ; A_1 .. A_N ; P] of shape (O + N*R + N, D) and one GEMM
+gives the base output, the experts' projections u = x A^T and, for a mixer that exposes
+a linear map P of x (a router's `projection`), the router's projection too. The base
+layer's weight (and bias) are views into it: no second copy of W, and the base layer is
+still an ordinary nn.Linear with its own parameters (after detach as well). The second
+GEMM accumulates into the base output in place when nothing needs gradients. A GPT-2
+Conv1D keeps its weight (stored (D, O), it cannot be a contiguous view of the rows), so
+only the experts' and the router's rows share a GEMM there.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorafuse.errors import LorafuseError
 from lorafuse.library import StackedModule
 
 SPACES = ("factors", "deltas")
+SERIAL_GEMM = 3 * 2**16  # MKL (2024.2) threads an (M, D) x (D, O) sgemm from M*D*O ~ this
 Mixer = Callable[[Tensor], Tensor]
 
 
@@ -43,7 +56,11 @@ class FusedLoRALinear(nn.Module):
 
     The mixer returns (N,), (B, N) or (B, T, N) coefficients for input x of shape
     (B, T, D) (or (T, D) with (N,) / (T, N) coefficients). Gradients flow to the
-    mixer's parameters; the experts' factors are buffers (frozen).
+    mixer's parameters; the experts' factors are buffers (frozen). A mixer with a
+    `projection` (P <= N, D) and `from_projection(p)` (see lorafuse.mixers.static) has
+    p = x @ projection^T computed in the layer's GEMM; its coefficients are unchanged.
+    The base layer's weight and bias become views of the fused weight; `release()` gives
+    them storage of their own again.
     """
 
     def __init__(self, base: nn.Module, stacked: StackedModule, space: str, name: str = ""):
@@ -58,17 +75,39 @@ class FusedLoRALinear(nn.Module):
         self.base = base
         self.name = name
         self.space = check_space(space)
-        self.num_experts, self.rank = N, R
+        self.num_experts, self.rank, self.out_features = N, R, O
         w = base.weight
-        A = stacked.A.to(device=w.device, dtype=w.dtype)
-        B = stacked.B.to(device=w.device, dtype=w.dtype)
-        self.register_buffer("A_cat", A.permute(2, 0, 1).reshape(D, N * R), persistent=False)
-        self.register_buffer("B_cat", B.permute(0, 2, 1).reshape(N * R, O), persistent=False)
-        self.register_buffer("scale", stacked.scale.to(device=w.device), persistent=False)
+        # Rank-major order, row r*N + i = expert i's r-th factor: the products with the
+        # coefficients (M, R, N) then run along N, not along the short R (vectorised).
+        A = stacked.A.to(device=w.device, dtype=w.dtype).transpose(0, 1).reshape(N * R, D)
+        sB = stacked.B * stacked.scale.to(stacked.B.dtype)[:, None, None]  # (N, O, R)
+        sB = sB.to(device=w.device, dtype=w.dtype).permute(2, 0, 1).reshape(N * R, O)
+        self.register_buffer("B_cat", sB, persistent=False)  # (R*N, O), scalings folded in
+        # Rows [W (O, Linear only) ; A (N*R) ; room for a mixer's projection (N)].
+        self.base_rows = O if isinstance(base, nn.Linear) else 0
+        rows = [w.detach()] if self.base_rows else []
+        room = torch.zeros(N, D, dtype=w.dtype, device=w.device)
+        self.register_buffer("weight_cat", torch.cat([*rows, A, room]), persistent=False)
+        bias = getattr(base, "bias", None)
+        if self.base_rows and bias is not None:
+            zeros = torch.zeros(N * R + N, dtype=w.dtype, device=w.device)
+            self.register_buffer("bias_cat", torch.cat([bias.detach(), zeros]), persistent=False)
+        else:
+            self.bias_cat = None
+        self._shared: tuple = (None, None)  # addresses of the base's weight and bias views
+        self._plans: dict = {}  # (fuse_base, P) -> the GEMM's rows, see _rows
+        self._share_base()
         self.mixer: Mixer | None = None
+
+    @property
+    def A_cat(self) -> Tensor:
+        """The experts' A factors side by side (D, N*R), a view of the fused weight."""
+        start = self.base_rows
+        return self.weight_cat[start : start + self.num_experts * self.rank].T
 
     def __setattr__(self, name: str, value) -> None:
         if name == "mixer":  # any callable: a Module (registered) or a plain function
+            self._synced = None  # the projection rows hold another mixer's map
             self._modules.pop("mixer", None)
             self.__dict__.pop("mixer", None)
             if not isinstance(value, nn.Module):
@@ -77,45 +116,145 @@ class FusedLoRALinear(nn.Module):
         super().__setattr__(name, value)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)  # (B, T, O)
-        if self.mixer is None:
-            return y
-        coefficients = self.mixer(x)
-        if self._row_sparse(coefficients, x):
-            d = self._row_sparse_delta(x, coefficients.to(x.dtype))  # (B, T, O)
-            return y + d if y.requires_grad or coefficients.requires_grad else y.add_(d)
-        if y.requires_grad or coefficients.requires_grad or not y.is_contiguous():
-            return y + self.delta(x, coefficients)
+        mixer = self.mixer
+        if mixer is None:
+            return self.base(x)
+        N, R, O = self.num_experts, self.rank, self.out_features
+        lead = x.shape[:-1]
+        proj = self._projection(mixer, x)  # (P, D) or None: then the mixer runs on x
+        c = None
+        if proj is None:
+            c = mixer(x)
+            if self._row_sparse(c, x):
+                d = self._row_sparse_delta(x, c.to(x.dtype))  # (B, T, O)
+                y = self.base(x)
+                return y + d if y.requires_grad or c.requires_grad else y.add_(d)
+        x2 = x.reshape(-1, x.shape[-1])  # (M, D)
+        P = 0 if proj is None else proj.shape[0]
+        fuse_base = self._base_joins(x2, P)
+        weight, bias, widths = self._rows(fuse_base, P)
+        if torch.is_grad_enabled() and (x.requires_grad or (P and proj.requires_grad)):
+            y, u, p = _Project.apply(x2, weight, bias, proj, widths)
+        else:
+            y, u, p = F.linear(x2, weight, bias).split_with_sizes(widths, -1)
+        # y (M, O) (width 0 if the base runs apart), u (M, R*N), p (M, P)
+        if not fuse_base:
+            y = self.base(x).reshape(-1, O)  # (M, O)
+        if c is None:
+            l = mixer.from_projection(p.view(*lead, P)).reshape(-1, N)  # (M, N)
+        else:
+            l = self._coefficients(c, x)  # (N,) or (M, N)
+        if torch.is_grad_enabled() and (y.requires_grad or u.requires_grad or l.requires_grad):
+            l = l.expand(y.shape[0], N)  # (M, N)
+            return _Mix.apply(y, u.unflatten(-1, (R, N)), l, self.B_cat, self.space).view(*lead, O)
         # No autograd here: the second GEMM accumulates straight into the base output.
-        z, B = self._mixed_factors(x, coefficients)
-        y2 = y.view(-1, y.shape[-1])  # (B*T, O)
-        y2.addmm_(z.reshape(y2.shape[0], -1).to(y.dtype), B.to(y.dtype))
-        return y
+        return y.addmm_(self._mix(u, l), self.B_cat).view(*lead, O)
 
     def delta(self, x: Tensor, coefficients: Tensor) -> Tensor:
         """The mixed experts' contribution for input x (..., D) -> (..., O)."""
         if self._row_sparse(coefficients, x):
             return self._row_sparse_delta(x, coefficients.to(x.dtype))
-        z, B = self._mixed_factors(x, coefficients)
-        return z @ B  # (..., O)
+        u = x.reshape(-1, x.shape[-1]) @ self.A_cat  # (M, N*R)
+        z = self._mix(u, self._coefficients(coefficients, x))  # (M, N*R)
+        return (z @ self.B_cat).view(*x.shape[:-1], self.out_features)  # (..., O)
 
-    def _mixed_factors(self, x: Tensor, coefficients: Tensor) -> tuple[Tensor, Tensor]:
-        # (z, B) with delta = z @ B: z (..., N*R) or (..., R), B (N*R, O) or (R, O).
+    def _mix(self, u: Tensor, l: Tensor) -> Tensor:
+        # z (M, R*N) with delta = z @ B_cat, from u = x A^T (M, R*N), l (N,) or (M, N).
         N, R = self.num_experts, self.rank
-        l = self._broadcast(coefficients, x)  # (N,) or (..., N)
-        ls = l * self.scale.to(l.dtype)  # (..., N)
-        if l.dim() == 1 and self.space == "factors":
-            # Global coefficients: fold into one rank-R pair first (cheaper, same result).
-            A = (self.A_cat.view(-1, N, R) * l[:, None]).sum(1)  # (D, R)
-            B = (self.B_cat.view(N, R, -1) * ls[:, None, None]).sum(0)  # (R, O)
-            return x @ A, B  # (..., R), (R, O)
-        u = (x @ self.A_cat).unflatten(-1, (N, R))  # (..., N, R)
-        if self.space == "factors":
-            h = (u * l.unsqueeze(-1)).sum(-2)  # (..., R)  = (sum l_i A_i) x
-            z = ls.unsqueeze(-1) * h.unsqueeze(-2)  # (..., N, R)
-        else:
-            z = u * ls.unsqueeze(-1)  # (..., N, R)
-        return z.flatten(-2), self.B_cat  # (..., N*R), (N*R, O)
+        u = u.unflatten(-1, (R, N))  # (M, R, N)
+        lr = l.unsqueeze(-2)  # (1, N) or (M, 1, N)
+        if self.space == "deltas":
+            return (u * lr).flatten(-2)  # (M, R*N): l_i A_i x
+        h = u @ l.unsqueeze(-1)  # (M, R, 1) = (sum_j l_j A_j) x
+        return (h * lr).flatten(-2)  # (M, R*N): l_i (sum_j l_j A_j) x
+
+    def _projection(self, mixer: Mixer, x: Tensor) -> Tensor | None:
+        # The mixer's linear map (P, D) once copied into the weight's room rows, else None.
+        proj = getattr(mixer, "projection", None)
+        if proj is None:
+            return None
+        seen = self._synced  # (tensor, version, address, x dtype, answer) of the last call
+        if seen and seen[0]() is proj and seen[1:4] == (proj._version, proj.data_ptr(), x.dtype):
+            return seen[4]
+        room = self.weight_cat[self.base_rows + self.num_experts * self.rank :]  # (N, D)
+        fits = (
+            hasattr(mixer, "from_projection")
+            and proj.dim() == 2
+            and proj.shape[0] <= room.shape[0]
+            and proj.shape[1] == room.shape[1]
+            and proj.dtype == room.dtype == x.dtype
+            and proj.device == room.device
+        )
+        if fits:
+            with torch.no_grad():
+                room[: proj.shape[0]].copy_(proj)
+        answer = proj if fits else None
+        self._synced = (weakref.ref(proj), proj._version, proj.data_ptr(), x.dtype, answer)
+        return answer
+
+    def _rows(self, fuse_base: bool, P: int) -> tuple[Tensor, Tensor | None, tuple]:
+        # (weight rows, bias rows, output widths) of the GEMM, kept per (fuse_base, P).
+        key = (fuse_base, P)
+        if key not in self._plans:
+            NR, start = self.num_experts * self.rank, 0 if fuse_base else self.base_rows
+            stop = self.base_rows + NR + P
+            bias = self.bias_cat[start:stop] if fuse_base and self.bias_cat is not None else None
+            widths = (self.out_features if fuse_base else 0, NR, P)
+            self._plans[key] = (self.weight_cat[start:stop], bias, widths)
+        return self._plans[key]
+
+    def _base_joins(self, x2: Tensor, P: int) -> bool:
+        # Whether the base layer joins the GEMM: its parameters are still views of the
+        # fused weight (not replaced or moved), they do not train, and it pays (below).
+        if not self.base_rows:
+            return False
+        base = self.base
+        w, b = base.weight, base.bias
+        if w.data_ptr() != self._shared[0] or (b is not None and b.data_ptr() != self._shared[1]):
+            return False
+        if x2.dtype != w.dtype or torch.is_autocast_enabled(x2.device.type):
+            return False
+        if torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad)):
+            return False  # the base layer trains: let autograd see its own parameters
+        # On a multi-threaded CPU MKL threads a GEMM past M*D*O ~ SERIAL_GEMM, and each
+        # parallel region waits for a second core (~5 ms on a busy machine): when decoding
+        # a few tokens through a small layer, two serial GEMMs beat one threaded one.
+        if not x2.is_cpu or torch.get_num_threads() == 1 or x2.shape[0] == 1:
+            return True  # (a GEMV, M = 1, is threaded from a few thousand weights anyway)
+        MD, O = x2.numel(), self.out_features
+        return MD * O >= SERIAL_GEMM or MD * (O + self.num_experts * self.rank + P) < SERIAL_GEMM
+
+    def _share_base(self) -> None:
+        # Make the base layer's weight (and bias) views of the fused weight's first rows.
+        if not self.base_rows:
+            return
+        O = self.out_features
+        self.base.weight.data = self.weight_cat[:O]
+        if self.bias_cat is not None:
+            self.base.bias.data = self.bias_cat[:O]
+        self._shared = (
+            self.weight_cat.data_ptr(),
+            self.bias_cat is not None and self.bias_cat.data_ptr(),
+        )
+
+    def release(self) -> nn.Module:
+        """The base layer with parameters of their own (no views of the fused weight)."""
+        base = self.base
+        for name in ("weight", "bias"):
+            p = getattr(base, name, None)
+            if p is not None and p.untyped_storage().nbytes() != p.nbytes:
+                p.data = p.data.clone()
+        self._shared = (None, None)
+        return base
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .half(), ...: convert once and keep the base layer's views of the result.
+        shared = self.base_rows and self.base.weight.data_ptr() == self.weight_cat.data_ptr()
+        super()._apply(fn, recurse)
+        if shared:
+            self._share_base()
+        self._synced, self._plans = None, {}
+        return self
 
     def _row_sparse(self, c: Tensor, x: Tensor) -> bool:
         # Per-sequence coefficients using at most half of the experts in every row (one-hot
@@ -126,31 +265,34 @@ class FusedLoRALinear(nn.Module):
 
     def _row_sparse_delta(self, x: Tensor, c: Tensor) -> Tensor:
         # Per-row (not per-token) mixed factors of the K experts each row uses.
-        N, R = self.num_experts, self.rank
+        N, R, O = self.num_experts, self.rank, self.out_features
         K = max(1, int((c != 0).sum(-1).max()))
         idx = c.abs().topk(K, dim=-1).indices  # (B, K)
         w = c.gather(-1, idx)  # (B, K)
-        ws = w * self.scale.to(c.dtype)[idx]  # (B, K)
-        A = self.A_cat.view(-1, N, R)[:, idx]  # (D, B, K, R)
-        B = self.B_cat.view(N, R, -1)[idx]  # (B, K, R, O)
+        A = self.A_cat.T.reshape(R, N, -1).transpose(0, 1)[idx]  # (B, K, R, D)
+        B = self.B_cat.view(R, N, O).transpose(0, 1)[idx]  # (B, K, R, O), scalings included
         if self.space == "factors":
-            A_mix = torch.einsum("dbkr,bk->bdr", A, w)  # (B, D, R)
-            B_mix = torch.einsum("bkro,bk->bro", B, ws)  # (B, R, O)
+            A_mix = torch.einsum("bkrd,bk->bdr", A, w)  # (B, D, R)
+            B_mix = torch.einsum("bkro,bk->bro", B, w)  # (B, R, O)
             return torch.bmm(torch.bmm(x, A_mix), B_mix)  # (B, T, O)
-        u = torch.einsum("btd,dbkr->btkr", x, A)  # (B, T, K, R)
-        return torch.einsum("btkr,bkro->bto", u * ws[:, None, :, None], B)  # (B, T, O)
+        u = torch.einsum("btd,bkrd->btkr", x, A)  # (B, T, K, R)
+        return torch.einsum("btkr,bkro->bto", u * w[:, None, :, None], B)  # (B, T, O)
 
-    def _broadcast(self, c: Tensor, x: Tensor) -> Tensor:
-        if c.shape[-1] != self.num_experts:
+    def _coefficients(self, c: Tensor, x: Tensor) -> Tensor:
+        # Coefficients as (N,) or one row per token (M, N), M = x.numel() / D.
+        N = self.num_experts
+        if c.shape[-1] != N:
             raise LorafuseError(
                 f"module {self.name}: coefficients of shape {tuple(c.shape)} do not end in "
-                f"N={self.num_experts} experts"
+                f"N={N} experts"
             )
         c = c.to(dtype=x.dtype, device=x.device)
-        if c.dim() == 1 or c.dim() == x.dim():
-            return c  # (N,) or (B, T, N)
-        if c.dim() == 2 and x.dim() == 3:
-            return c[:, None, :]  # (B, 1, N): one vector per sequence
+        if c.dim() == 1:
+            return c  # (N,)
+        if c.dim() == x.dim():
+            return c.expand(*x.shape[:-1], N).reshape(-1, N)  # (M, N)
+        if c.dim() == 2 and x.dim() == 3:  # one vector per sequence
+            return c[:, None, :].expand(*x.shape[:-1], N).reshape(-1, N)  # (M, N)
         raise LorafuseError(
             f"module {self.name}: coefficients of shape {tuple(c.shape)} do not fit input "
             f"{tuple(x.shape)}; use (N,), (B, N) or (B, T, N)"
@@ -158,3 +300,68 @@ class FusedLoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, rank={self.rank}, space={self.space}"
+
+
+class _Project(torch.autograd.Function):
+    """x (M, D) @ weight^T split into (base output, u, router projection), with autograd.
+
+    The weight's last P rows hold a copy of `proj` (P, D), which receives the gradient.
+    Backward is one GEMM for x (the three output gradients side by side times the fused
+    weight) where autograd on slices of one output would add them up as full-size zeros.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, proj, widths):
+        ctx.save_for_backward(x if proj is not None and proj.requires_grad else None, weight)
+        ctx.widths = widths
+        return F.linear(x, weight, bias).split(widths, -1)  # (M, O), (M, N*R), (M, P)
+
+    @staticmethod
+    def backward(ctx, gy, gu, gp):
+        x, weight = ctx.saved_tensors
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.cat([gy, gu, gp], -1) @ weight  # (M, O + N*R + P) @ (., D)
+        gproj = gp.T @ x if ctx.needs_input_grad[3] else None  # (P, D)
+        return gx, None, None, gproj, None
+
+
+class _Mix(torch.autograd.Function):
+    """y + z @ B with z (M, R*N) the experts' projections u (M, R, N) mixed by l (M, N).
+
+    The same values as `FusedLoRALinear._mix`, with a hand-written backward: autograd
+    through the broadcast products takes about twice the ops, each a pass over (M, R, N).
+    Elementwise products and sums along N (batched (R, N) x (N, 1) matmuls measured slower
+    here with their backward; they win in `_mix`, for the few tokens of decoding).
+    """
+
+    @staticmethod
+    def forward(ctx, y, u, l, B, space):
+        lr = l.unsqueeze(1)  # (M, 1, N)
+        h = None
+        if space == "deltas":
+            z = u * lr  # (M, R, N)
+        else:
+            h = (u * lr).sum(-1, keepdim=True)  # (M, R, 1) = (sum_j l_j A_j) x
+            z = h * lr  # (M, R, N)
+        ctx.save_for_backward(u, l, h, B)
+        return torch.addmm(y, z.flatten(1), B)  # (M, O)
+
+    @staticmethod
+    def backward(ctx, g):
+        u, l, h, B = ctx.saved_tensors
+        gz = (g @ B.T).view_as(u)  # (M, R, N)
+        lr = l.unsqueeze(1)  # (M, 1, N)
+        gu = gl = None
+        if h is None:  # deltas
+            if ctx.needs_input_grad[1]:
+                gu = gz * lr  # (M, R, N)
+            if ctx.needs_input_grad[2]:
+                gl = (gz * u).sum(1)  # (M, N)
+            return g, gu, gl, None, None
+        gh = (gz * lr).sum(-1, keepdim=True)  # (M, R, 1)
+        if ctx.needs_input_grad[1]:
+            gu = gh * lr  # (M, R, N)
+        if ctx.needs_input_grad[2]:
+            gl = torch.addcmul(gz * h, u, gh).sum(1)  # (M, N)
+        return g, gu, gl, None, None

@@ -137,6 +137,23 @@ def test_router_rules():
         LinearRouter(8, 5, init=torch.zeros(4, 8))
 
 
+def test_projection_then_from_projection_is_the_router():
+    # What the fused layer relies on to compute a router's projection in its own GEMM.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, generator=g)
+    routers = [
+        ArrowRouter(torch.randn(5, 8, generator=g), 2, 0.7),
+        ArrowRouter(torch.randn(5, 8, generator=g)),
+        LinearRouter(8, 5, init=torch.randn(5, 8, generator=g)),
+        LinearRouter(8, 5, init=torch.randn(5, 8, generator=g), absolute=False, top_k=3),
+    ]
+    for r in routers:
+        assert r.projection.shape == (5, 8)
+        torch.testing.assert_close(r.from_projection(x @ r.projection.T), r(x))
+    lin = routers[2]
+    assert lin.projection is lin.weight  # gradients reach the parameter itself
+
+
 def test_router_on_one_expert_reproduces_it(llama_dir, llama_experts, tokens):
     from peft import PeftModel
 

@@ -10,6 +10,10 @@ softmax, as the paper does) and `top_k` is applied afterwards at inference by ke
 k largest coefficients and renormalising them (B.4's rule, `topk_renormalize`). Setting
 `top_k` while training also works without loops: gradients then flow through the kept
 coefficients only (a sparse, not straight-through, estimator).
+
+Both expose their linear map of x as `projection` (N, D) and the rest as
+`from_projection`, so the fused layer computes x @ projection^T inside its own GEMM
+(x is read once for the base layer, the experts' A factors and the router).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from torch import Tensor, nn
 
 from lorafuse.errors import LorafuseError
 from lorafuse.library import StackedModule
-from lorafuse.mixers.topk import topk_renormalize
+from lorafuse.mixers.topk import softmax, topk_renormalize, topk_softmax
 
 if TYPE_CHECKING:
     from lorafuse.model import Fusion
@@ -72,14 +76,19 @@ class ArrowRouter(nn.Module):
             raise LorafuseError(f"the Arrow temperature must be > 0; got {temperature}")
         self.temperature = float(temperature)
 
+    @property
+    def projection(self) -> Tensor:
+        """The prototypes (N, D): the fused layer computes x @ projection^T with its GEMM."""
+        return self.prototypes
+
+    def from_projection(self, p: Tensor) -> Tensor:
+        """Coefficients (..., N) from the scores before the absolute value, p = x V^T."""
+        k = self.num_experts if self.top_k is None else self.top_k
+        return topk_softmax(p.abs(), k, self.temperature)  # (..., N)
+
     def forward(self, x: Tensor) -> Tensor:
         v = self.prototypes
-        scores = (x.to(v.dtype) @ v.T).abs() / self.temperature  # (B, T, N)
-        if self.top_k is None or self.top_k == self.num_experts:
-            return softmax(scores)
-        # topk_softmax's rule, with the small-tensor softmax below.
-        top, idx = scores.topk(self.top_k, dim=-1)  # (B, T, K)
-        return torch.zeros_like(scores).scatter(-1, idx, softmax(top))  # (B, T, N)
+        return self.from_projection(x.to(v.dtype) @ v.T)  # (B, T, N)
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, top_k={self.top_k}, temperature={self.temperature}"
@@ -124,18 +133,24 @@ class LinearRouter(nn.Module):
         self.weight = nn.Parameter(weight.clone())  # (N, D)
         self.bias = nn.Parameter(torch.zeros(num_experts))  # (N,)
 
+    @property
+    def projection(self) -> Tensor:
+        """The weight W (N, D): the fused layer computes x @ W^T with its own GEMM."""
+        return self.weight
+
+    def from_projection(self, p: Tensor) -> Tensor:
+        """Coefficients (..., N) from the projection p = x W^T (..., N) (no bias yet)."""
+        c = softmax((p.abs() if self.absolute else p) + self.bias)  # (..., N)
+        return c if self.top_k is None else topk_renormalize(c, self.top_k)
+
     def logits(self, x: Tensor) -> Tensor:
         """Router logits (..., N) for x (..., D), in fp32."""
-        w = self.weight  # (N, D); locals and one linear op: this runs per layer per token
-        if x.dtype != w.dtype:
-            x = x.to(w.dtype)
-        if not self.absolute:
-            return torch.nn.functional.linear(x, w, self.bias)  # (B, T, N)
-        return (x @ w.T).abs() + self.bias  # (B, T, N)
+        p = x.to(self.weight.dtype) @ self.weight.T  # (..., N)
+        return (p.abs() if self.absolute else p) + self.bias
 
     def forward(self, x: Tensor) -> Tensor:
-        c = softmax(self.logits(x))  # (B, T, N)
-        return c if self.top_k is None else topk_renormalize(c, self.top_k)
+        w = self.weight
+        return self.from_projection(x.to(w.dtype) @ w.T)  # (B, T, N)
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, top_k={self.top_k}, absolute={self.absolute}"
@@ -181,20 +196,6 @@ def set_top_k(routers: dict[str, nn.Module], top_k: int | None) -> None:
 def router_parameters(routers: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
     """Trainable parameters by name `<module path>.<parameter>` (for the training loop)."""
     return {f"{m}.{n}": p for m, r in routers.items() for n, p in r.named_parameters()}
-
-
-def softmax(z: Tensor) -> Tensor:
-    """Softmax over the last dimension (..., N) -> (..., N), the values of torch.softmax.
-
-    With several CPU threads torch's softmax kernel opens a parallel region even for the
-    (B, 1, N) tensors of routing during generation, which costs milliseconds per call on
-    a busy machine (measured here: ~3 ms, vs ~20 us for the elementwise ops below). On
-    one thread, or off the CPU, torch's fused kernel is used.
-    """
-    if torch.get_num_threads() == 1 or not z.is_cpu:
-        return torch.softmax(z, -1)
-    e = (z - z.amax(-1, keepdim=True)).exp()  # (..., N)
-    return e / e.sum(-1, keepdim=True)
 
 
 def _check_k(k: int | None, n: int) -> int | None:

@@ -4,6 +4,12 @@ A mixer is any callable `mixer(x) -> coefficients` with `x` the fused layer's in
 (B, T, D) and coefficients of shape (N,), (B, N) or (B, T, N). Modules here ignore `x`
 (except for its dtype and device). One instance may be shared by all layers (global
 weights) or each layer may get its own (per-layer weights).
+
+Optionally, a mixer whose coefficients start with one linear map of x exposes it: a
+`projection` tensor (P, D), P <= N, and `from_projection(p)` mapping p = x @ projection^T
+(..., P) to the coefficients, with `mixer(x) == mixer.from_projection(x @ projection.T)`.
+The fused layer then computes p inside its own GEMM, so x is read once (the routers in
+lorafuse.mixers.routers do this); gradients still reach `projection`.
 """
 
 from __future__ import annotations
