@@ -10,11 +10,12 @@ Memory traffic, not arithmetic, is what the experts cost on top of W x, so x is 
 the layer keeps one weight [W ; A_1 .. A_N ; P] of shape (O + N*R + N, D) and one GEMM
 gives the base output, the experts' projections u = x A^T and, for a mixer that exposes
 a linear map P of x (a router's `projection`), the router's projection too. The base
-layer's weight (and bias) are views into it: no second copy of W, and the base layer is
-still an ordinary nn.Linear with its own parameters (after detach as well). The second
-GEMM accumulates into the base output in place when nothing needs gradients. A GPT-2
-Conv1D keeps its weight (stored (D, O), it cannot be a contiguous view of the rows), so
-only the experts' and the router's rows share a GEMM there.
+layer's weight (and bias) are contiguous views of its first rows: no second copy of W,
+and the base layer stays an ordinary nn.Linear with the same parameters (after detach
+too; `release()` also gives them storage of their own). Without autograd the second
+GEMM accumulates into the base output in place, so the output is a row-strided view of
+the joint GEMM's output. A GPT-2 Conv1D keeps its weight (stored (D, O), it cannot be a
+contiguous view of the rows), so only the experts' and the router's rows share a GEMM.
 """
 
 from __future__ import annotations
