@@ -139,3 +139,12 @@ def test_detach_all_recovers_a_model_left_fused(llama_dir, llama_experts, tokens
     with torch.no_grad():
         assert torch.equal(model(tokens).logits, before)
     attach(model, ExpertLibrary.load(llama_experts), "factors").detach()
+
+
+def test_detach_gives_each_weight_its_own_storage(llama_dir, llama_experts):
+    model = load_base(llama_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    attach(model, ExpertLibrary.load(llama_experts), "factors").detach()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+        assert p.untyped_storage().nbytes() == p.nbytes, n  # not a view of a fused buffer

@@ -91,9 +91,9 @@ class Fusion:
         return list(seen.values())
 
     def detach(self) -> nn.Module:
-        """Put the original layers back and return the model."""
+        """Put the original layers back (with weights of their own) and return the model."""
         for name, layer in self.layers.items():
-            _set_submodule(self.model, name, layer.base)
+            _set_submodule(self.model, name, layer.release())
         self.layers = {}
         return self.model
 
