@@ -73,9 +73,9 @@ def preset_settings(preset: str) -> BuildSettings:
             preset, base, expert, 6, group_size=2, threads=1, eval_batch_size=16, clusters=2
         )
     if preset == "tiny":
-        base = BaseSettings(steps=240)
-        expert = ExpertSettings(steps=40, warmup=10)
-        return BuildSettings(preset, base, expert, shared_steps=80, clusters=4)
+        base = BaseSettings(steps=180)
+        expert = ExpertSettings(steps=30, warmup=8)
+        return BuildSettings(preset, base, expert, shared_steps=60, clusters=4)
     if preset == "small":
         return BuildSettings(preset, BaseSettings(steps=800), ExpertSettings(), 300, clusters=8)
     return BuildSettings(preset, BaseSettings(steps=4000), ExpertSettings(), 2000, clusters=10)
