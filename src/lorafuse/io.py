@@ -53,21 +53,28 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
         os.replace(tmp, out)
 
 
-def write_json(path: str | os.PathLike, obj: Any, force: bool = True) -> Path:
-    """Write `obj` as indented JSON to `path` through a temporary file and a rename."""
+def write_text(path: str | os.PathLike, text: str, force: bool = True) -> Path:
+    """Write `text` (UTF-8) to `path` through a temporary file and a rename."""
     out = check_output(path, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get normal permissions
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
         os.replace(tmp, out)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     return out
+
+
+def write_json(path: str | os.PathLike, obj: Any, force: bool = True) -> Path:
+    """Write `obj` as indented JSON to `path` through a temporary file and a rename."""
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", force)
 
 
 def save_png(fig, path: str | os.PathLike, dpi: int = 150) -> Path:

@@ -20,13 +20,15 @@ from tests.conftest import load_base
 runner = CliRunner()
 
 
-def test_help_does_not_import_torch():
-    code = "import sys; from lorafuse.cli import main; sys.argv=['lorafuse','--help']\n"
+@pytest.mark.parametrize("argv, shown", [([], "merge"), (["study"], "--preset")])
+def test_help_does_not_import_torch(argv, shown):
+    args = ["lorafuse", *argv, "--help"]
+    code = f"import sys; from lorafuse.cli import main; sys.argv={args!r}\n"
     code += "try:\n    main()\nexcept SystemExit:\n    pass\n"
     code += "assert 'torch' not in sys.modules, 'torch imported by --help'\nprint('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "merge" in out.stdout and out.stdout.strip().endswith("ok")
+    assert shown in out.stdout and out.stdout.strip().endswith("ok")
 
 
 def test_info_table(llama_experts):

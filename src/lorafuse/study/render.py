@@ -8,15 +8,14 @@ a temporary name and renamed into place, so a failed render leaves no half-writt
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from lorafuse.io import write_text
 from lorafuse.study.claims import RULE, claims, lookup, paired, study_kinds, usable
 from lorafuse.study.figures import (
     cost_text,
@@ -75,7 +74,7 @@ def render(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     blocks = _blocks(results, claims(results), images, missing)
     texts = {"report.md": _markdown(blocks), "report.html": _html(blocks, _title(results))}
     for name, text in texts.items():
-        written[name] = _write_text(out / name, text)
+        written[name] = write_text(out / name, text)
     return written
 
 
@@ -297,20 +296,3 @@ def _html(blocks: list[Block], title: str) -> str:
 def _td(text: str) -> str:
     cls = CELL_CLASS.get(text)
     return f'<td class="{cls}">{html.escape(text)}</td>' if cls else f"<td>{html.escape(text)}</td>"
-
-
-def _write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the report gets normal permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
