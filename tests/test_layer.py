@@ -8,6 +8,7 @@ from torch import nn
 
 from lorafuse.errors import LorafuseError
 from lorafuse.layer import FusedLoRALinear
+from lorafuse.layer_grad import Routed
 from lorafuse.library import StackedModule
 from lorafuse.mixers import Fixed, Learned, Uniform
 from lorafuse.mixers.routers import ArrowRouter, LinearRouter
@@ -159,15 +160,21 @@ def _router_reference(f, s, x, router, space):
 
 @pytest.mark.parametrize("space", ["factors", "deltas"])
 @pytest.mark.parametrize("joined", [True, False])
-def test_router_in_the_gemm_values_and_gradients(space, joined, monkeypatch):
+@pytest.mark.parametrize("absolute", [False, True])
+def test_router_in_the_gemm_values_and_gradients(space, joined, absolute, monkeypatch):
     # A router's projection rides in the layer's GEMM (with the base layer, or beside it):
     # the same output and the same gradients for x, the router's weight and its bias.
+    # Joined, a softmax router trains through one Function (layer_grad.Routed).
     if not joined:
         monkeypatch.setattr(FusedLoRALinear, "_base_joins", lambda self, x2, P: False)
     f, s = layer(space)
     f.base.requires_grad_(False)
-    router = LinearRouter(D, N, init=torch.randn(N, D), absolute=False)
+    router = LinearRouter(D, N, init=torch.randn(N, D), absolute=absolute)
+    with torch.no_grad():
+        router.bias.normal_()
     f.mixer = router
+    calls = []
+    monkeypatch.setattr(Routed, "apply", _counting(Routed.apply, calls))
     x = torch.randn(2, 4, D, requires_grad=True)
     w = torch.randn(2, 4, O)
     got = f(x)
@@ -179,6 +186,29 @@ def test_router_in_the_gemm_values_and_gradients(space, joined, monkeypatch):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
     with torch.inference_mode():
         torch.testing.assert_close(f(x), ref, atol=1e-5, rtol=1e-5)
+    assert len(calls) == (1 if joined else 0)
+
+
+def _counting(fn, calls):
+    def counted(*args):
+        calls.append(1)
+        return fn(*args)
+
+    return counted
+
+
+def test_router_without_x_gradient_trains_its_weight():
+    # The first layers' inputs need no gradient; the router's weight and bias still get one.
+    f, s = layer("factors")
+    f.base.requires_grad_(False)
+    router = LinearRouter(D, N, init=torch.randn(N, D), absolute=False)
+    f.mixer = router
+    x = torch.randn(2, 4, D)
+    got = torch.autograd.grad(f(x).pow(2).sum(), [router.weight, router.bias])
+    ref = _router_reference(f, s, x, router, "factors")
+    expected = torch.autograd.grad(ref.pow(2).sum(), [router.weight, router.bias])
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
 
 
 def test_arrow_router_top_k_in_the_gemm():

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorafuse.errors import LorafuseError
+from lorafuse.layer_grad import Mix, Project, Routed
 from lorafuse.library import StackedModule
 
 SPACES = ("factors", "deltas")
@@ -134,20 +135,27 @@ class FusedLoRALinear(nn.Module):
         P = 0 if proj is None else proj.shape[0]
         fuse_base = self._base_joins(x2, P)
         weight, bias, widths = self._rows(fuse_base, P)
-        if torch.is_grad_enabled() and (x.requires_grad or (P and proj.requires_grad)):
-            y, u, p = _Project.apply(x2, weight, bias, proj, widths)
+        grad = torch.is_grad_enabled() and (x.requires_grad or (P and proj.requires_grad))
+        rbias = _softmax_bias(mixer, x) if P == N else None
+        if grad and rbias is not None and fuse_base:  # a softmax router: one Function
+            args = (self.B_cat, widths, self.space, bool(mixer.absolute))
+            return Routed.apply(x2, weight, bias, proj, rbias, *args).view(*lead, O)
+        if grad:
+            y, u, p = Project.apply(x2, weight, bias, proj, widths)
         else:
             y, u, p = F.linear(x2, weight, bias).split_with_sizes(widths, -1)
         # y (M, O) (width 0 if the base runs apart), u (M, R*N), p (M, P)
         if not fuse_base:
             y = self.base(x).reshape(-1, O)  # (M, O)
-        if c is None:
+        if rbias is not None:  # a softmax router, without autograd here
+            l = torch.softmax((p.abs() if mixer.absolute else p) + rbias, -1)  # (M, N)
+        elif c is None:
             l = mixer.from_projection(p.view(*lead, P)).reshape(-1, N)  # (M, N)
         else:
             l = self._coefficients(c, x)  # (N,) or (M, N)
         if torch.is_grad_enabled() and (y.requires_grad or u.requires_grad or l.requires_grad):
             l = l.expand(y.shape[0], N)  # (M, N)
-            return _Mix.apply(y, u.unflatten(-1, (R, N)), l, self.B_cat, self.space).view(*lead, O)
+            return Mix.apply(y, u.unflatten(-1, (R, N)), l, self.B_cat, self.space).view(*lead, O)
         # No autograd here: the second GEMM accumulates straight into the base output.
         return y.addmm_(self._mix(u, l), self.B_cat).view(*lead, O)
 
@@ -166,7 +174,7 @@ class FusedLoRALinear(nn.Module):
         lr = l.unsqueeze(-2)  # (1, N) or (M, 1, N)
         if self.space == "deltas":
             return (u * lr).flatten(-2)  # (M, R*N): l_i A_i x
-        h = u @ l.unsqueeze(-1)  # (M, R, 1) = (sum_j l_j A_j) x
+        h = torch.bmm(u, l.unsqueeze(-1)) if l.dim() == 2 else u @ l.unsqueeze(-1)  # (M, R, 1)
         return (h * lr).flatten(-2)  # (M, R*N): l_i (sum_j l_j A_j) x
 
     def _projection(self, mixer: Mixer, x: Tensor) -> Tensor | None:
@@ -303,66 +311,8 @@ class FusedLoRALinear(nn.Module):
         return f"experts={self.num_experts}, rank={self.rank}, space={self.space}"
 
 
-class _Project(torch.autograd.Function):
-    """x (M, D) @ weight^T split into (base output, u, router projection), with autograd.
-
-    The weight's last P rows hold a copy of `proj` (P, D), which receives the gradient.
-    Backward is one GEMM for x (the three output gradients side by side times the fused
-    weight) where autograd on slices of one output would add them up as full-size zeros.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, proj, widths):
-        ctx.save_for_backward(x if proj is not None and proj.requires_grad else None, weight)
-        ctx.widths = widths
-        return F.linear(x, weight, bias).split(widths, -1)  # (M, O), (M, N*R), (M, P)
-
-    @staticmethod
-    def backward(ctx, gy, gu, gp):
-        x, weight = ctx.saved_tensors
-        gx = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.cat([gy, gu, gp], -1) @ weight  # (M, O + N*R + P) @ (., D)
-        gproj = gp.T @ x if ctx.needs_input_grad[3] else None  # (P, D)
-        return gx, None, None, gproj, None
-
-
-class _Mix(torch.autograd.Function):
-    """y + z @ B with z (M, R*N) the experts' projections u (M, R, N) mixed by l (M, N).
-
-    The same values as `FusedLoRALinear._mix`, with a hand-written backward: autograd
-    through the broadcast products takes about twice the ops, each a pass over (M, R, N).
-    Elementwise products and sums along N (batched (R, N) x (N, 1) matmuls measured slower
-    here with their backward; they win in `_mix`, for the few tokens of decoding).
-    """
-
-    @staticmethod
-    def forward(ctx, y, u, l, B, space):
-        lr = l.unsqueeze(1)  # (M, 1, N)
-        h = None
-        if space == "deltas":
-            z = u * lr  # (M, R, N)
-        else:
-            h = (u * lr).sum(-1, keepdim=True)  # (M, R, 1) = (sum_j l_j A_j) x
-            z = h * lr  # (M, R, N)
-        ctx.save_for_backward(u, l, h, B)
-        return torch.addmm(y, z.flatten(1), B)  # (M, O)
-
-    @staticmethod
-    def backward(ctx, g):
-        u, l, h, B = ctx.saved_tensors
-        gz = (g @ B.T).view_as(u)  # (M, R, N)
-        lr = l.unsqueeze(1)  # (M, 1, N)
-        gu = gl = None
-        if h is None:  # deltas
-            if ctx.needs_input_grad[1]:
-                gu = gz * lr  # (M, R, N)
-            if ctx.needs_input_grad[2]:
-                gl = (gz * u).sum(1)  # (M, N)
-            return g, gu, gl, None, None
-        gh = (gz * lr).sum(-1, keepdim=True)  # (M, R, 1)
-        if ctx.needs_input_grad[1]:
-            gu = gh * lr  # (M, R, N)
-        if ctx.needs_input_grad[2]:
-            gl = torch.addcmul(gz * h, u, gh).sum(1)  # (M, N)
-        return g, gu, gl, None, None
+def _softmax_bias(mixer: Mixer, x: Tensor) -> Tensor | None:
+    # The bias b (N,) of a mixer whose coefficients are softmax(|p| + b) or softmax(p + b)
+    # (see lorafuse.mixers.static), if its dtype and device are x's; else None.
+    b = getattr(mixer, "softmax_bias", None)
+    return b if b is not None and b.dtype == x.dtype and b.device == x.device else None

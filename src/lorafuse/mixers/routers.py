@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from lorafuse.errors import LorafuseError
 from lorafuse.library import StackedModule
-from lorafuse.mixers.topk import softmax, topk_renormalize, topk_softmax
+from lorafuse.mixers.topk import topk_renormalize, topk_softmax
 
 if TYPE_CHECKING:
     from lorafuse.model import Fusion
@@ -138,9 +138,14 @@ class LinearRouter(nn.Module):
         """The weight W (N, D): the fused layer computes x @ W^T with its own GEMM."""
         return self.weight
 
+    @property
+    def softmax_bias(self) -> Tensor | None:
+        """b when the coefficients are exactly softmax(|p| + b) or softmax(p + b) (dense)."""
+        return self.bias if self.top_k is None else None
+
     def from_projection(self, p: Tensor) -> Tensor:
         """Coefficients (..., N) from the projection p = x W^T (..., N) (no bias yet)."""
-        c = softmax((p.abs() if self.absolute else p) + self.bias)  # (..., N)
+        c = torch.softmax((p.abs() if self.absolute else p) + self.bias, -1)  # (..., N)
         return c if self.top_k is None else topk_renormalize(c, self.top_k)
 
     def logits(self, x: Tensor) -> Tensor:

@@ -9,7 +9,10 @@ Optionally, a mixer whose coefficients start with one linear map of x exposes it
 `projection` tensor (P, D), P <= N, and `from_projection(p)` mapping p = x @ projection^T
 (..., P) to the coefficients, with `mixer(x) == mixer.from_projection(x @ projection.T)`.
 The fused layer then computes p inside its own GEMM, so x is read once (the routers in
-lorafuse.mixers.routers do this); gradients still reach `projection`.
+lorafuse.mixers.routers do this); gradients still reach `projection`. If moreover its
+coefficients are exactly softmax(q + b) with q = |p| (`absolute` true) or q = p, it
+exposes the bias as `softmax_bias` (N,) (None otherwise), and the layer trains the whole
+thing as one autograd Function (lorafuse.layer_grad.Routed).
 """
 
 from __future__ import annotations

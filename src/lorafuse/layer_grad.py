@@ -1,0 +1,131 @@
+"""The fused layer's hand-written backward passes (used by lorafuse.layer only).
+
+Autograd through the fused layer's slices and broadcast products would take about twice
+the ops, each a pass over (M, R, N) or a full-size zero gradient per slice. Three
+Functions, M tokens, the joint GEMM's output split as (base O, experts' u R*N, router P):
+- `Project`: the joint GEMM x @ [W ; A ; P]^T, split, with one GEMM back for x;
+- `Mix`: y + z @ B_cat with z the experts' u mixed by coefficients l (M, N);
+- `Routed`: both and, between them, a softmax router l = softmax(p + b) (or |p| + b):
+  one Function, so the router costs no autograd nodes and the gradient of x is one GEMM
+  over a buffer that the backward fills in place (no concatenation).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _mix_forward(u: Tensor, l: Tensor, space: str) -> tuple[Tensor, Tensor | None]:
+    # z (M, R, N) from u (M, R, N) and l (M, N); h (M, R, 1) = (sum_j l_j A_j) x (factors).
+    lr = l.unsqueeze(1)  # (M, 1, N)
+    if space == "deltas":
+        return u * lr, None
+    h = (u * lr).sum(-1, keepdim=True)  # (M, R, 1)
+    return h * lr, h
+
+
+def _mix_backward(gz: Tensor, u: Tensor, l: Tensor, h: Tensor | None, gu_out=None):
+    # (gu (M, R, N), gl (M, N)) from gz (M, R, N); gu written into gu_out when given.
+    lr = l.unsqueeze(1)  # (M, 1, N)
+    if h is None:  # deltas
+        return torch.mul(gz, lr, out=gu_out), (gz * u).sum(1)
+    gh = (gz * lr).sum(-1, keepdim=True)  # (M, R, 1)
+    return torch.mul(gh, lr, out=gu_out), torch.addcmul(gz * h, u, gh).sum(1)
+
+
+class Project(torch.autograd.Function):
+    """x (M, D) @ weight^T split into (base output, u, router projection), with autograd.
+
+    The weight's last P rows hold a copy of `proj` (P, D), which receives the gradient.
+    Backward is one GEMM for x (the three output gradients side by side times the fused
+    weight) where autograd on slices of one output would add them up as full-size zeros.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, proj, widths):
+        ctx.save_for_backward(x if proj is not None and proj.requires_grad else None, weight)
+        ctx.widths = widths
+        return F.linear(x, weight, bias).split(widths, -1)  # (M, O), (M, N*R), (M, P)
+
+    @staticmethod
+    def backward(ctx, gy, gu, gp):
+        x, weight = ctx.saved_tensors
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.cat([gy, gu, gp], -1) @ weight  # (M, O + N*R + P) @ (., D)
+        gproj = gp.T @ x if ctx.needs_input_grad[3] else None  # (P, D)
+        return gx, None, None, gproj, None
+
+
+class Mix(torch.autograd.Function):
+    """y + z @ B with z the experts' projections u (M, R, N) mixed by l (M, N).
+
+    Elementwise products and sums along N (batched (R, N) x (N, 1) matmuls measured slower
+    here with their backward; they win in the layer's inference path, for the few tokens
+    of decoding).
+    """
+
+    @staticmethod
+    def forward(ctx, y, u, l, B, space):
+        z, h = _mix_forward(u, l, space)  # (M, R, N), (M, R, 1) or None
+        ctx.save_for_backward(u, l, h, B)
+        return torch.addmm(y, z.flatten(1), B)  # (M, O)
+
+    @staticmethod
+    def backward(ctx, g):
+        u, l, h, B = ctx.saved_tensors
+        gz = (g @ B.T).view_as(u)  # (M, R, N)
+        gu, gl = _mix_backward(gz, u, l, h)
+        return (
+            g,
+            gu if ctx.needs_input_grad[1] else None,
+            gl if ctx.needs_input_grad[2] else None,
+            None,
+            None,
+        )
+
+
+class Routed(torch.autograd.Function):
+    """x W^T + z @ B with coefficients l = softmax(q + b), q = |p| or p, from one GEMM.
+
+    x (M, D); weight (O + R*N + N, D) = [W ; A ; proj], whose last N rows hold a copy of
+    the router's `proj` (N, D); `rbias` (N,) the router's bias. Gradients go to x, proj
+    and rbias (the experts and W are frozen). The backward writes the gradients of the
+    GEMM's three outputs into one (M, O + R*N + N) buffer and multiplies it by the weight
+    once.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, proj, rbias, B, widths, space, absolute):
+        O, NR, N = widths
+        y, u, p = F.linear(x, weight, bias).split(widths, -1)  # (M, O), (M, R*N), (M, N)
+        q = p.abs() if absolute else p  # (M, N)
+        l = torch.softmax(q + rbias, -1)  # (M, N)
+        u = u.unflatten(-1, (NR // N, N))  # (M, R, N)
+        z, h = _mix_forward(u, l, space)  # (M, R, N), (M, R, 1) or None
+        needs_x = ctx.needs_input_grad[3]
+        ctx.save_for_backward(x if needs_x else None, weight, u, l, h, p if absolute else None, B)
+        ctx.widths = widths
+        return torch.addmm(y, z.flatten(1), B)  # (M, O)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, u, l, h, p, B = ctx.saved_tensors
+        O, NR, N = ctx.widths
+        M, R = g.shape[0], NR // N
+        G = g.new_empty(M, O + NR + N)  # gradients of the GEMM's outputs, side by side
+        G[:, :O].copy_(g)
+        gz = (g @ B.T).view(M, R, N)  # (M, R, N)
+        _, gl = _mix_backward(gz, u, l, h, G[:, O : O + NR].unflatten(-1, (R, N)))
+        gq = l * (gl - (gl * l).sum(-1, keepdim=True))  # (M, N), through the softmax
+        gp = G[:, O + NR :]  # (M, N), through |p| if absolute
+        if p is None:
+            gp.copy_(gq)
+        else:
+            torch.mul(gq, p.sign(), out=gp)
+        gx = G @ weight if ctx.needs_input_grad[0] else None  # (M, D)
+        gproj = gp.T @ x if ctx.needs_input_grad[3] else None  # (N, D)
+        gbias = gq.sum(0) if ctx.needs_input_grad[4] else None  # (N,), after |p|
+        return gx, None, None, gproj, gbias, None, None, None, None
