@@ -136,8 +136,8 @@ class FusedLoRALinear(nn.Module):
         fuse_base = self._base_joins(x2, P)
         weight, bias, widths = self._rows(fuse_base, P)
         grad = torch.is_grad_enabled() and (x.requires_grad or (P and proj.requires_grad))
-        rbias = _softmax_bias(mixer, x) if P == N else None
-        if grad and rbias is not None and fuse_base:  # a softmax router: one Function
+        rbias = _softmax_bias(mixer, x) if grad and fuse_base and P == N else None
+        if rbias is not None:  # a softmax router: the whole layer in one Function
             args = (self.B_cat, widths, self.space, bool(mixer.absolute))
             return Routed.apply(x2, weight, bias, proj, rbias, *args).view(*lead, O)
         if grad:
@@ -147,9 +147,7 @@ class FusedLoRALinear(nn.Module):
         # y (M, O) (width 0 if the base runs apart), u (M, R*N), p (M, P)
         if not fuse_base:
             y = self.base(x).reshape(-1, O)  # (M, O)
-        if rbias is not None:  # a softmax router, without autograd here
-            l = torch.softmax((p.abs() if mixer.absolute else p) + rbias, -1)  # (M, N)
-        elif c is None:
+        if c is None:
             l = mixer.from_projection(p.view(*lead, P)).reshape(-1, N)  # (M, N)
         else:
             l = self._coefficients(c, x)  # (N,) or (M, N)
