@@ -7,16 +7,20 @@
   every layer, each new token routed as it is decoded) vs one expert loaded with
   PeftModel.from_pretrained (goal >= 0.8x). Greedy, every sequence forced to the same
   number of new tokens.
-Variants alternate round by round; the ratios are medians of the per-round ratios.
+On CPU the routed model also runs with its compiled kernels off (torch ops only,
+lorafuse.kernels), as a third variant. Variants alternate round by round; the ratios are
+medians of the per-round ratios.
 
     python bench/routing.py [--library runs/small] [--experts private]
     python bench/routing.py --pico          # a built-in pico setup (Llama, hidden 128)
+    LORAFUSE_CPU_KERNELS=0 python bench/routing.py   # the routed layer with torch ops only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -74,6 +78,7 @@ def main() -> None:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from lorafuse import kernels
     from lorafuse.fit.sgd import epoch_order
     from lorafuse.methods.ensemble_sgd import TrainingSet
     from lorafuse.methods.fused_sgd import fused_loss
@@ -136,9 +141,23 @@ def main() -> None:
     tokens = sum(int(data.batch(idx)["attention_mask"].sum()) for idx in batches)
     train_round(route_loss, route_opt)  # warm-up
     train_round(plain_loss, plain_opt)
-    t_route, t_plain = [], []
+    kern = kernels.routed() if ws.device.type == "cpu" else None
+
+    def torch_ops(fn):  # fn with the routed layer's compiled kernels switched off
+        def run():
+            os.environ[kernels.SWITCH] = "0"
+            try:
+                fn()
+            finally:
+                os.environ[kernels.SWITCH] = "1"
+
+        return run
+
+    t_route, t_plain, t_ops = [], [], []
     for _ in range(args.rounds):
         t_route.append(timed(lambda: train_round(route_loss, route_opt)))
+        if kern:
+            t_ops.append(timed(torch_ops(lambda: train_round(route_loss, route_opt))))
         t_plain.append(timed(lambda: train_round(plain_loss, plain_opt)))
 
     # Generation: routed (dense, routers perturbed so the routing is input-dependent)
@@ -164,9 +183,11 @@ def main() -> None:
         assert out.shape[1] == ids.shape[1] + args.new_tokens
 
     gen(ws.model), gen(one)  # warm-up
-    g_route, g_one = [], []
+    g_route, g_one, g_ops = [], [], []
     for _ in range(args.rounds):
         g_route.append(timed(lambda: gen(ws.model)))
+        if kern:
+            g_ops.append(timed(torch_ops(lambda: gen(ws.model))))
         g_one.append(timed(lambda: gen(one)))
     fusion.detach()
 
@@ -177,6 +198,11 @@ def main() -> None:
         f"{len(lib.modules)} fused modules (first: D={D}, O={O}, R={R}), {ws.dtype}, "
         f"{ws.device}, {args.threads} threads, torch {torch.__version__}"
     )
+    print(
+        "routed layer's elementwise work: "
+        + (f"compiled kernels ({'OpenMP ' + kern.openmp if kern.openmp else 'serial'})"
+           if kern else "torch ops (no kernels: not CPU, LORAFUSE_CPU_KERNELS=0 or no build)")
+    )  # fmt: skip
     print(
         f"training: {len(batches)} steps x batch {args.batch_size} per round ({tokens} tokens), "
         f"AdamW; route-sgd trains {n_router} router parameters (dense softmax), plain trains "
@@ -200,6 +226,11 @@ def main() -> None:
     generate = statistics.median(o / r for r, o in zip(g_route, g_one))
     print(f"training ratio route-sgd / single LoRA: {train:.2f}x (goal >= 0.7)")
     print(f"generation ratio routed / one adapter: {generate:.2f}x (goal >= 0.8)")
+    if kern:
+        train = statistics.median(p / r for r, p in zip(t_ops, t_plain))
+        generate = statistics.median(o / r for r, o in zip(g_ops, g_one))
+        print(f"  with torch ops only (kernels off): training {train:.2f}x, "
+              f"generation {generate:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

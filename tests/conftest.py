@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The compiled CPU kernels (lorafuse.kernels) build into a cache of this session's own.
+os.environ.setdefault("LORAFUSE_CACHE", tempfile.mkdtemp(prefix="lorafuse-test-cache-"))
 torch.set_num_threads(1)  # tiny models: one thread is fastest, and robust on a busy CPU
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -6,12 +6,14 @@ import pytest
 import torch
 from torch import nn
 
+from lorafuse import kernels
 from lorafuse.errors import LorafuseError
 from lorafuse.layer import FusedLoRALinear
 from lorafuse.layer_grad import Routed
 from lorafuse.library import StackedModule
 from lorafuse.mixers import Fixed, Learned, Uniform
 from lorafuse.mixers.routers import ArrowRouter, LinearRouter
+from tests.test_kernels import built
 
 N, R, D, O = 5, 3, 12, 7
 
@@ -161,10 +163,18 @@ def _router_reference(f, s, x, router, space):
 @pytest.mark.parametrize("space", ["factors", "deltas"])
 @pytest.mark.parametrize("joined", [True, False])
 @pytest.mark.parametrize("absolute", [False, True])
-def test_router_in_the_gemm_values_and_gradients(space, joined, absolute, monkeypatch):
+@pytest.mark.parametrize("kernel", [True, False])
+def test_router_in_the_gemm_values_and_gradients(space, joined, absolute, kernel, monkeypatch):
     # A router's projection rides in the layer's GEMM (with the base layer, or beside it):
     # the same output and the same gradients for x, the router's weight and its bias.
-    # Joined, a softmax router trains through one Function (layer_grad.Routed).
+    # Joined, a softmax router trains through one Function (layer_grad.Routed), with the
+    # compiled kernels (lorafuse.kernels) or with torch ops.
+    monkeypatch.setenv(kernels.SWITCH, "1" if kernel else "0")
+    if kernel:
+        built()
+    used = []
+    real = kernels.routed
+    monkeypatch.setattr(kernels, "routed", lambda: used.append(real()) or used[-1])
     if not joined:
         monkeypatch.setattr(FusedLoRALinear, "_base_joins", lambda self, x2, P: False)
     f, s = layer(space)
@@ -184,9 +194,11 @@ def test_router_in_the_gemm_values_and_gradients(space, joined, absolute, monkey
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     for g, e in zip(grads, expected):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
-    with torch.inference_mode():
-        torch.testing.assert_close(f(x), ref, atol=1e-5, rtol=1e-5)
     assert len(calls) == (1 if joined else 0)
+    assert [k is not None for k in used] == ([kernel] if joined else [])
+    with torch.inference_mode():  # inference uses the kernels, joined or not
+        torch.testing.assert_close(f(x), ref, atol=1e-5, rtol=1e-5)
+    assert [k is not None for k in used[-1:]] == [kernel]
 
 
 def _counting(fn, calls):

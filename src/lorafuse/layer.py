@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorafuse.errors import LorafuseError
-from lorafuse.layer_grad import Mix, Project, Routed
+from lorafuse.layer_grad import Mix, Project, Routed, _kernel_forward, _kernels
 from lorafuse.library import StackedModule
 
 SPACES = ("factors", "deltas")
@@ -143,10 +143,15 @@ class FusedLoRALinear(nn.Module):
         if grad:
             y, u, p = Project.apply(x2, weight, bias, proj, widths)
         else:
-            y, u, p = F.linear(x2, weight, bias).split_with_sizes(widths, -1)
+            joint = F.linear(x2, weight, bias)  # (M, O or 0 + R*N + P)
+            y, u, p = joint.split_with_sizes(widths, -1)
         # y (M, O) (width 0 if the base runs apart), u (M, R*N), p (M, P)
         if not fuse_base:
             y = self.base(x).reshape(-1, O)  # (M, O)
+        if not torch.is_grad_enabled() and P == N:  # a softmax router, by the kernels?
+            z = self._kernel_mix(mixer, joint, widths)  # (M, R*N) or None
+            if z is not None:
+                return y.addmm_(z, self.B_cat).view(*lead, O)
         if c is None:
             l = mixer.from_projection(p.view(*lead, P)).reshape(-1, N)  # (M, N)
         else:
@@ -174,6 +179,15 @@ class FusedLoRALinear(nn.Module):
             return (u * lr).flatten(-2)  # (M, R*N): l_i A_i x
         h = torch.bmm(u, l.unsqueeze(-1)) if l.dim() == 2 else u @ l.unsqueeze(-1)  # (M, R, 1)
         return (h * lr).flatten(-2)  # (M, R*N): l_i (sum_j l_j A_j) x
+
+    def _kernel_mix(self, mixer: Mixer, joint: Tensor, widths) -> Tensor | None:
+        # z (M, R*N) for a softmax router by the compiled kernel (CPU, float32), else None;
+        # joint is the GEMM's output (M, O or 0 + R*N + N), the router's p its last N columns.
+        rbias = _softmax_bias(mixer, joint)
+        kern = None if rbias is None else _kernels(joint, rbias, self.B_cat)
+        if kern is None:
+            return None
+        return _kernel_forward(kern, joint, rbias, widths, self.space, bool(mixer.absolute))[2]
 
     def _projection(self, mixer: Mixer, x: Tensor) -> Tensor | None:
         # The mixer's linear map (P, D) once copied into the weight's room rows, else None.

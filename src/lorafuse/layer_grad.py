@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lorafuse import kernels
+
 
 def _mix_forward(u: Tensor, l: Tensor, space: str) -> tuple[Tensor, Tensor | None]:
     # z (M, R, N) from u (M, R, N) and l (M, N); h (M, R, 1) = (sum_j l_j A_j) x (factors).
@@ -94,38 +96,81 @@ class Routed(torch.autograd.Function):
     the router's `proj` (N, D); `rbias` (N,) the router's bias. Gradients go to x, proj
     and rbias (the experts and W are frozen). The backward writes the gradients of the
     GEMM's three outputs into one (M, O + R*N + N) buffer and multiplies it by the weight
-    once.
+    once. On CPU in float32 the elementwise work between the GEMMs runs in one compiled
+    pass per token (lorafuse.kernels) when it could be built, else as torch ops.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, proj, rbias, B, widths, space, absolute):
         O, NR, N = widths
-        y, u, p = F.linear(x, weight, bias).split(widths, -1)  # (M, O), (M, R*N), (M, N)
-        q = p.abs() if absolute else p  # (M, N)
-        l = torch.softmax(q + rbias, -1)  # (M, N)
-        u = u.unflatten(-1, (NR // N, N))  # (M, R, N)
-        z, h = _mix_forward(u, l, space)  # (M, R, N), (M, R, 1) or None
-        needs_x = ctx.needs_input_grad[3]
-        ctx.save_for_backward(x if needs_x else None, weight, u, l, h, p if absolute else None, B)
-        ctx.widths = widths
-        return torch.addmm(y, z.flatten(1), B)  # (M, O)
+        out = F.linear(x, weight, bias)  # (M, O + R*N + N): base output, u, p
+        kern = _kernels(out, rbias, B)
+        if kern is not None:
+            l, h, z = _kernel_forward(kern, out, rbias.contiguous(), widths, space, absolute)
+        else:
+            _, u, p = out.split(widths, -1)  # (M, R*N), (M, N)
+            l = torch.softmax((p.abs() if absolute else p) + rbias, -1)  # (M, N)
+            z, h = _mix_forward(u.unflatten(-1, (NR // N, N)), l, space)  # (M, R, N)
+        ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, weight, out, l, h, B)
+        ctx.widths, ctx.space, ctx.absolute, ctx.kern = widths, space, absolute, kern
+        return torch.addmm(out[:, :O], z.view(-1, NR), B)  # (M, O)
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, u, l, h, p, B = ctx.saved_tensors
+        x, weight, out, l, h, B = ctx.saved_tensors
         O, NR, N = ctx.widths
         M, R = g.shape[0], NR // N
         G = g.new_empty(M, O + NR + N)  # gradients of the GEMM's outputs, side by side
-        G[:, :O].copy_(g)
-        gz = (g @ B.T).view(M, R, N)  # (M, R, N)
-        _, gl = _mix_backward(gz, u, l, h, G[:, O : O + NR].unflatten(-1, (R, N)))
-        gq = l * (gl - (gl * l).sum(-1, keepdim=True))  # (M, N), through the softmax
-        gp = G[:, O + NR :]  # (M, N), through |p| if absolute
-        if p is None:
-            gp.copy_(gq)
+        if ctx.kern is not None:
+            g = g.contiguous()
+            gbias = _kernel_backward(ctx.kern, g, g @ B.T, out, l, h, G, ctx)  # (N,)
         else:
-            torch.mul(gq, p.sign(), out=gp)
+            G[:, :O].copy_(g)
+            gz = (g @ B.T).view(M, R, N)  # (M, R, N)
+            u = out[:, O : O + NR].unflatten(-1, (R, N))  # (M, R, N)
+            _, gl = _mix_backward(gz, u, l, h, G[:, O : O + NR].unflatten(-1, (R, N)))
+            gq = l * (gl - (gl * l).sum(-1, keepdim=True))  # (M, N), through the softmax
+            gp = G[:, O + NR :]  # (M, N), through |p| if absolute
+            if ctx.absolute:
+                torch.mul(gq, out[:, O + NR :].sign(), out=gp)
+            else:
+                gp.copy_(gq)
+            gbias = gq.sum(0)  # (N,), after |p|
         gx = G @ weight if ctx.needs_input_grad[0] else None  # (M, D)
-        gproj = gp.T @ x if ctx.needs_input_grad[3] else None  # (N, D)
-        gbias = gq.sum(0) if ctx.needs_input_grad[4] else None  # (N,), after |p|
+        gproj = G[:, O + NR :].T @ x if ctx.needs_input_grad[3] else None  # (N, D)
+        gbias = gbias if ctx.needs_input_grad[4] else None
         return gx, None, None, gproj, gbias, None, None, None, None
+
+
+BLOCK = 64  # tokens per partial sum of the bias gradient: the same sum on any thread count
+
+
+def _kernels(out: Tensor, rbias: Tensor, B: Tensor):
+    # The compiled kernels for float32 tensors on CPU, else None (torch ops instead).
+    f32 = out.dtype == rbias.dtype == B.dtype == torch.float32
+    return kernels.routed() if f32 and out.device.type == "cpu" else None
+
+
+def _kernel_forward(kern, out: Tensor, rbias: Tensor, widths, space: str, absolute: bool):
+    # (l (M, N), h (M, R) or None, z (M, R*N)) from the joint GEMM's output (M, O + R*N + N).
+    O, NR, N = widths
+    M, R, at, f = out.shape[0], NR // N, out.data_ptr(), out.element_size()
+    factors = space == "factors"
+    l, z = out.new_empty(M, N), out.new_empty(M, NR)
+    h = out.new_empty(M, R) if factors else None
+    kern.forward(M, R, N, at + f * (O + NR), out.stride(0), rbias.data_ptr(), absolute,
+                 at + f * O, out.stride(0), factors, l.data_ptr(),
+                 h.data_ptr() if factors else None, z.data_ptr())  # fmt: skip
+    return l, h, z
+
+
+def _kernel_backward(kern, g: Tensor, gz: Tensor, out, l, h, G: Tensor, ctx) -> Tensor:
+    # Fills G (M, O + R*N + N) with [g ; gu ; gp]; returns the bias gradient (N,).
+    O, NR, N = ctx.widths
+    M, at, f = g.shape[0], out.data_ptr(), out.element_size()
+    gbias, part = g.new_empty(N), g.new_empty(-(-M // BLOCK), N)  # part: per block of tokens
+    kern.backward(M, NR // N, N, O, g.data_ptr(), gz.data_ptr(), at + f * O, out.stride(0),
+                  l.data_ptr(), None if h is None else h.data_ptr(), at + f * (O + NR),
+                  out.stride(0), ctx.absolute, ctx.space == "factors", G.data_ptr(),
+                  G.stride(0), gbias.data_ptr(), BLOCK, part.data_ptr())  # fmt: skip
+    return gbias

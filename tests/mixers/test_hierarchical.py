@@ -30,8 +30,8 @@ def test_one_expert_per_cluster_is_routing_over_the_experts(llama_dir, llama_exp
                 r.bias.copy_(b)
     fusion.set_mixers(hc)
     ours = model(tokens).logits
-    fusion.set_mixers(plain)
-    torch.testing.assert_close(ours, model(tokens).logits)
+    fusion.set_mixers(plain)  # a softmax router: on CPU, the compiled kernels' arithmetic
+    torch.testing.assert_close(ours, model(tokens).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_within_cluster_weights_and_coefficients_sum_to_one():
