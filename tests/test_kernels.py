@@ -41,7 +41,11 @@ def reference(out, b, gz, space, absolute, M=M):
 @pytest.mark.parametrize("scale", [1.0, 60.0])  # 60: scores far apart, exp underflows to 0
 @pytest.mark.parametrize("M", [M, 1000])
 def test_kernels_equal_autograd(space, absolute, scale, M):
-    kern = built()
+    check(built(), space, absolute, scale, M)
+
+
+def check(kern, space, absolute, scale, M):
+    """The kernels' forward and backward against `reference` on random rows."""
     g = torch.Generator().manual_seed(0)
     out = torch.randn(M, O + R * N + N + 5, generator=g)[:, :-5]  # rows strided, as a view
     out[:, O + R * N :] *= scale
@@ -123,6 +127,16 @@ def test_a_failing_build_leaves_nothing(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="broken"):
         assert kernels.routed() is None
     assert list((tmp_path / "cache" / "kernels").iterdir()) == []
+
+
+def test_without_openmp_they_build_serial(tmp_path, monkeypatch):
+    built()
+    monkeypatch.setenv("LORAFUSE_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels, "_openmp_runtime", lambda: str(tmp_path / "libgomp.so.1"))
+    kern = kernels.routed()  # linking to the missing runtime fails: a serial build
+    assert kern is not None and kern.openmp is None
+    check(kern, "factors", True, 1.0, 1000)
 
 
 def test_switch_turns_them_off(monkeypatch):
