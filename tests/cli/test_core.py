@@ -20,7 +20,9 @@ from tests.conftest import load_base
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("argv, shown", [([], "merge"), (["study"], "--preset")])
+@pytest.mark.parametrize(
+    "argv, shown", [([], "merge"), (["study"], "--preset"), (["import-mttl"], "--ignore-meta")]
+)
 def test_help_does_not_import_torch(argv, shown):
     args = ["lorafuse", *argv, "--help"]
     code = f"import sys; from lorafuse.cli import main; sys.argv={args!r}\n"

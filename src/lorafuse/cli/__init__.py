@@ -17,9 +17,10 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from lorafuse.cli import core, evaluate, structure, study
+    from lorafuse.cli import convert, core, evaluate, structure, study
 
     core.register(app)
+    convert.register(app)
     evaluate.register(app)
     structure.register(app)
     study.register(app)

@@ -1,0 +1,264 @@
+"""Import an mttl expert library (the paper authors' format) as PEFT adapter folders.
+
+mttl (github.com/microsoft/mttl) keeps a library, in a hub repository or a local folder,
+as two files per expert:
+- `<name>.meta`: `torch.save` of a dict with `expert_name`, `expert_task_name` (tasks,
+  comma-separated for a cluster expert), `expert_model` (the base model),
+  `expert_config` ({lora_rank, lora_alpha, ..., "__model_modifier__": "lora"}),
+  `training_config` (a dict; older experts keep the LoRA settings only there) and
+  `expert_deleted`;
+- `<name>.ckpt`: `torch.save` of {"<module>.lora_a": (D, R), "<module>.lora_b": (R, O)},
+  module paths relative to the transformers model; delta (O, D) = (alpha / R) (a @ b)^T.
+PEFT keeps the same factors transposed, lora_A.weight (R, D) = a^T and lora_B.weight
+(O, R) = b^T, with scaling lora_alpha / r: the conversion is exact. Both files are read
+with `torch.load(weights_only=True)` only, never as arbitrary pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lorafuse.errors import ExpertError
+from lorafuse.io import atomic_dir
+from lorafuse.peft_format import KEY_PREFIX, METADATA_NAME, SAFETENSORS_NAME, adapter_config
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[ab])$")
+
+
+@dataclass
+class MttlExpert:
+    """One expert of an mttl library: its files and what its metadata says."""
+
+    name: str
+    ckpt: Path
+    tasks: list[str]
+    base_model: str | None = None
+    rank: int | None = None
+    alpha: float | None = None
+    meta_file: Path | None = None
+
+
+def resolve_library(source: str | Path) -> Path:
+    """The folder of an mttl library: `source` itself, or a hub repository fetched.
+
+    A hub id (`owner/name`, not an existing path) is downloaded with huggingface_hub
+    (only its .meta and .ckpt files; network needed). Raises ExpertError when `source` is
+    neither a folder nor a reachable repository.
+    """
+    path = Path(source)
+    if path.exists():
+        if not path.is_dir():
+            raise ExpertError(f"mttl library {path} is a file; pass the folder of .meta/.ckpt")
+        return path
+    if not HUB_ID.fullmatch(str(source)):
+        raise ExpertError(f"mttl library {source} does not exist (neither a folder nor a hub id)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(source), allow_patterns=["*.meta", "*.ckpt"]))
+    except Exception as e:  # offline, not found, no access: all mean the same to a user
+        raise ExpertError(
+            f"could not fetch the mttl library {source} from the hub ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else 'no detail'}); on a machine with "
+            f"network run `huggingface-cli download {source}` and pass the folder"
+        ) from None
+
+
+def read_library(
+    folder: str | Path, alpha: float | None = None, use_meta: bool = True
+) -> list[MttlExpert]:
+    """The experts of the mttl library in `folder`, sorted by name (deleted ones left out).
+
+    `alpha` overrides every expert's lora_alpha. With `use_meta=False` the .meta files
+    are not read: each `<name>.ckpt` is an expert whose one task is its name, and `alpha`
+    must be given. Raises ExpertError naming the file for a missing, unsafe or malformed
+    file, a non-LoRA expert or a duplicate name.
+    """
+    folder = Path(folder)
+    metas = sorted(folder.glob("*.meta")) if use_meta else []
+    if not metas:
+        ckpts = sorted(folder.glob("*.ckpt"))
+        if not ckpts:
+            raise ExpertError(
+                f"{folder} holds no .meta or .ckpt files: it is not an mttl expert library"
+            )
+        if alpha is None:
+            why = "has no .meta files" if use_meta else "is read without its .meta files"
+            raise ExpertError(
+                f"mttl library {folder} {why}, so the LoRA alpha is unknown; pass --alpha "
+                "(the paper's experts: 16)"
+            )
+        return [MttlExpert(c.stem, c, [c.stem], alpha=alpha) for c in ckpts]
+    experts: dict[str, MttlExpert] = {}
+    for path in metas:
+        expert = _from_meta(path, alpha)
+        if expert is None:
+            continue
+        if expert.name in experts:
+            raise ExpertError(
+                f"mttl library {folder}: two .meta files name expert {expert.name!r} "
+                f"({experts[expert.name].meta_file.name} and {path.name}); remove one"
+            )
+        experts[expert.name] = expert
+    return [experts[n] for n in sorted(experts)]
+
+
+def convert_library(
+    experts: list[MttlExpert],
+    out: str | Path,
+    select: list[str] | None = None,
+    force: bool = False,
+    source: str | None = None,
+) -> list[Path]:
+    """Write each expert (or the `select`ed ones) as a PEFT adapter folder `out/<name>/`.
+
+    Each folder holds adapter_config.json (r, lora_alpha, the module paths as
+    target_modules, the base model), adapter_model.safetensors and lorafuse_expert.json
+    (its tasks). All experts are written under a temporary name and renamed together:
+    on any error nothing is left at `out`. Raises ExpertError (bad weights, unknown
+    selection) or OutputExistsError (`out` exists and not `force`).
+    """
+    if select:
+        known = {e.name: e for e in experts}
+        missing = [n for n in select if n not in known]
+        if missing:
+            shown = ", ".join(sorted(known)[:10]) + (" ..." if len(known) > 10 else "")
+            raise ExpertError(f"no mttl expert named {', '.join(missing)}; the library has {shown}")
+        experts = [known[n] for n in select]
+    if not experts:
+        raise ExpertError("the mttl library holds no expert to convert (all deleted?)")
+    with atomic_dir(out, force) as tmp:
+        for e in experts:
+            tensors, rank = peft_tensors(e)
+            modules = sorted({k[len(KEY_PREFIX) :].rsplit(".lora_", 1)[0] for k in tensors})
+            folder = tmp / e.name
+            folder.mkdir()
+            _save_tensors(tensors, folder / SAFETENSORS_NAME)
+            cfg = adapter_config(rank, modules, e.base_model, lora_alpha=e.alpha)
+            cfg.save_pretrained(str(folder))
+            info = {"tasks": e.tasks, "kind": "mttl", "mttl_expert": e.name, "source": source}
+            (folder / METADATA_NAME).write_text(json.dumps(info, indent=2) + "\n")
+    return [Path(out) / e.name for e in experts]
+
+
+def peft_tensors(expert: MttlExpert) -> tuple[dict[str, Tensor], int]:
+    """({PEFT key: tensor}, rank) from the expert's .ckpt: each factor transposed.
+
+    lora_a (D, R) -> `base_model.model.<module>.lora_A.weight` (R, D); lora_b (R, O) ->
+    `.lora_B.weight` (O, R). Raises ExpertError for a tensor that is not a LoRA factor,
+    a module missing one factor, mismatched ranks or non-finite values.
+    """
+    weights = _load(expert.ckpt, expert.name)
+    if not isinstance(weights, dict) or not weights:
+        raise ExpertError(f"expert {expert.name}: {expert.ckpt} holds no tensors by name")
+    factors: dict[str, dict[str, Tensor]] = {}
+    for key, t in weights.items():
+        m = _FACTOR.match(str(key))
+        if m is None or not isinstance(t, Tensor) or t.dim() != 2:
+            raise ExpertError(
+                f"expert {expert.name}: {expert.ckpt.name} entry {key!r} is not a LoRA factor "
+                "(<module>.lora_a (in, r) or <module>.lora_b (r, out)); only LoRA experts convert"
+            )
+        if not torch.isfinite(t).all():
+            raise ExpertError(f"expert {expert.name}: tensor {key} holds NaN or Inf values")
+        factors.setdefault(m.group("module"), {})[m.group("factor")] = t
+    tensors: dict[str, Tensor] = {}
+    ranks = set()
+    for module, ab in sorted(factors.items()):
+        if set(ab) != {"a", "b"}:
+            gone = "lora_b" if "a" in ab else "lora_a"
+            raise ExpertError(
+                f"expert {expert.name}: module {module} has no {gone} (tied or missing "
+                "parameters are not supported)"
+            )
+        a, b = ab["a"], ab["b"]  # (D, R), (R, O)
+        if a.shape[1] != b.shape[0]:
+            raise ExpertError(
+                f"expert {expert.name}: module {module} has lora_a {tuple(a.shape)} and "
+                f"lora_b {tuple(b.shape)}; expected (in, r) and (r, out)"
+            )
+        ranks.add(a.shape[1])
+        tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = a.T.contiguous()  # (R, D)
+        tensors[f"{KEY_PREFIX}{module}.lora_B.weight"] = b.T.contiguous()  # (O, R)
+    if len(ranks) > 1 or (expert.rank is not None and ranks != {expert.rank}):
+        raise ExpertError(
+            f"expert {expert.name}: its factors have rank {sorted(ranks)} but its metadata "
+            f"says lora_rank={expert.rank}; the .meta and .ckpt do not belong together"
+        )
+    return tensors, ranks.pop()
+
+
+def _from_meta(path: Path, alpha: float | None) -> MttlExpert | None:
+    # The expert a .meta file describes, or None if it is marked deleted.
+    meta = _load(path, path.stem)
+    if not isinstance(meta, dict):
+        raise ExpertError(f"{path} is not an mttl expert's metadata (a dict); got {type(meta)}")
+    if meta.get("expert_deleted"):
+        return None
+    name = str(meta.get("expert_name") or path.stem)
+    training = meta.get("training_config") if isinstance(meta.get("training_config"), dict) else {}
+    config = meta.get("expert_config") if isinstance(meta.get("expert_config"), dict) else {}
+    config = config or training
+    modifier = config.get("__model_modifier__", config.get("model_modifier"))
+    if modifier not in (None, "lora"):
+        raise ExpertError(
+            f"expert {name} ({path.name}) is a {modifier!r} expert, not LoRA; only LoRA "
+            "experts convert to PEFT adapters"
+        )
+    if alpha is None and config.get("lora_alpha") is None:
+        raise ExpertError(f"expert {name}: {path.name} records no lora_alpha; pass --alpha")
+    ckpt = next((c for c in (path.with_name(f"{name}.ckpt"), path.with_suffix(".ckpt"))
+                 if c.is_file()), None)  # fmt: skip
+    if ckpt is None:
+        raise ExpertError(
+            f"expert {name}: {path.name} has no {name}.ckpt beside it (an incomplete "
+            "download?); fetch the library again"
+        )
+    tasks = meta.get("expert_task_name") or training.get("finetune_task_name") or name
+    return MttlExpert(
+        name=name,
+        ckpt=ckpt,
+        tasks=[t.strip() for t in str(tasks).split(",") if t.strip()],
+        base_model=meta.get("expert_model") or training.get("model"),
+        rank=int(config["lora_rank"]) if config.get("lora_rank") is not None else None,
+        alpha=float(alpha if alpha is not None else config["lora_alpha"]),
+        meta_file=path,
+    )
+
+
+def _load(path: Path, name: str) -> Any:
+    # torch.load with weights_only=True; a clear ExpertError for anything it refuses.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Unsupported global" in str(e) or "weights_only" in str(e):
+            try:
+                found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+                detail = f"it pickles Python objects ({', '.join(found[:5])})"
+            except Exception:
+                pass
+            fix = (
+                "convert from the weights alone with --ignore-meta --alpha A"
+                if path.suffix == ".meta"
+                else "re-save it as a plain dict of tensors"
+            )
+            raise ExpertError(
+                f"expert {name}: {path} cannot be read safely ({detail}); lorafuse loads "
+                f"only plain tensors and data (weights_only=True): {fix}"
+            ) from None
+        raise ExpertError(f"expert {name}: {path} is unreadable or truncated ({detail})") from None
+
+
+def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})

@@ -1,0 +1,197 @@
+"""mttl expert libraries -> PEFT adapters, checked against mttl's own LoRA formula."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from lorafuse.errors import ExpertError, OutputExistsError
+from lorafuse.library import ExpertLibrary
+from lorafuse.mttl_format import convert_library, read_library, resolve_library
+from tests.conftest import load_base
+
+# name -> (rank, alpha, expert_task_name, adapted layer names)
+EXPERTS = {
+    "task_a": (4, 16.0, "task_a", "q_proj|v_proj|down_proj"),
+    "cluster_0": (2, 8.0, "task_b,task_c", "q_proj|v_proj|down_proj"),
+}
+
+
+class NotData:  # a Python object in a pickle: weights_only loading must refuse it
+    pass
+
+
+def lora_modules(base_dir: Path, layers: str) -> dict[str, tuple[int, int]]:
+    """{module path: (in, out)} of the base model's Linear layers named by `layers`."""
+    model = load_base(base_dir)
+    return {
+        name: (m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and re.fullmatch(layers, name.rsplit(".", 1)[-1])
+    }
+
+
+def write_mttl_expert(folder: Path, base_dir: Path, name: str, seed: int, **meta_changes):
+    """An expert as mttl's ExpertLibrary stores it: <name>.ckpt (weights) + <name>.meta."""
+    rank, alpha, tasks, layers = EXPERTS.get(name, EXPERTS["task_a"])
+    g = torch.Generator().manual_seed(seed)
+    weights = {}
+    for module, (d, o) in lora_modules(base_dir, layers).items():
+        weights[f"{module}.lora_a"] = torch.randn(d, rank, generator=g) * 0.3  # (D, R)
+        weights[f"{module}.lora_b"] = torch.randn(rank, o, generator=g) * 0.3  # (R, O)
+    torch.save(weights, folder / f"{name}.ckpt")
+    meta = {
+        "expert_name": name,
+        "expert_task_name": tasks,
+        "parent_node": None,
+        "expert_config": {
+            "lora_rank": rank,
+            "lora_alpha": alpha,
+            "lora_dropout": 0.05,
+            "lora_init_b_random": False,
+            "modify_modules": ".*",
+            "modify_layers": layers,
+            "tie_params": None,
+            "__model_modifier__": "lora",
+        },
+        "training_config": {"model": str(base_dir), "finetune_task_name": tasks, "lr": 1e-4},
+        "expert_model": str(base_dir),
+        "expert_deleted": False,
+        **meta_changes,
+    }
+    torch.save(meta, folder / f"{name}.meta")
+    return weights
+
+
+@pytest.fixture
+def mttl_lib(llama_dir, tmp_path) -> Path:
+    folder = tmp_path / "mttl-library"
+    folder.mkdir()
+    for i, name in enumerate(EXPERTS):
+        write_mttl_expert(folder, llama_dir, name, seed=10 + i)
+    write_mttl_expert(folder, llama_dir, "gone", seed=99, expert_deleted=True)
+    return folder
+
+
+def mttl_forward(base_dir: Path, weights: dict, scaling: float, tokens) -> torch.Tensor:
+    """Logits of the base model with mttl's merge: W += scaling (lora_a @ lora_b)^T."""
+    model = load_base(base_dir)
+    with torch.no_grad():
+        for key, a in weights.items():
+            if key.endswith(".lora_a"):
+                module = key[: -len(".lora_a")]
+                b = weights[f"{module}.lora_b"]
+                model.get_submodule(module).weight += scaling * (a @ b).T  # (O, D)
+        return model(tokens).logits
+
+
+def test_converted_adapters_reproduce_mttl_experts(llama_dir, mttl_lib, tmp_path, tokens):
+    written = convert_library(read_library(mttl_lib), tmp_path / "peft")
+    assert [p.name for p in written] == ["cluster_0", "task_a"]  # the deleted one left out
+    for path in written:
+        rank, alpha, _, _ = EXPERTS[path.name]
+        weights = torch.load(mttl_lib / f"{path.name}.ckpt", weights_only=True)
+        want = mttl_forward(llama_dir, weights, alpha / rank, tokens)
+        peft = PeftModel.from_pretrained(load_base(llama_dir), path).eval()
+        with torch.no_grad():
+            got = peft(tokens).logits
+        assert not torch.allclose(want, load_base(llama_dir)(tokens).logits, atol=1e-3)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        assert cfg["r"] == rank and cfg["lora_alpha"] == alpha
+        assert cfg["base_model_name_or_path"] == str(llama_dir)
+
+
+def test_library_loads_with_tasks_and_scalings(mttl_lib, tmp_path):
+    convert_library(read_library(mttl_lib), tmp_path / "peft")
+    lib = ExpertLibrary.load([tmp_path / "peft"])
+    assert lib.names == ["cluster_0", "task_a"]
+    assert [e.tasks for e in lib.experts] == [["task_b", "task_c"], ["task_a"]]
+    mod = lib.modules["model.layers.1.mlp.down_proj"]
+    torch.testing.assert_close(mod.scale, torch.tensor([8.0 / 2, 16.0 / 4]))
+    assert "model.layers.0.self_attn.k_proj" not in lib.modules  # only what mttl adapted
+
+
+def test_selection_alpha_override_and_weights_alone(mttl_lib, tmp_path):
+    lib = read_library(mttl_lib, alpha=4.0)
+    convert_library(lib, tmp_path / "one", select=["task_a"])
+    assert [p.name for p in (tmp_path / "one").iterdir()] == ["task_a"]
+    assert json.loads((tmp_path / "one/task_a/adapter_config.json").read_text())["lora_alpha"] == 4
+    bare = read_library(mttl_lib, alpha=16.0, use_meta=False)
+    assert sorted(e.name for e in bare) == ["cluster_0", "gone", "task_a"]
+    assert all(e.tasks == [e.name] for e in bare)
+    with pytest.raises(ExpertError, match="--alpha"):
+        read_library(mttl_lib, use_meta=False)
+    with pytest.raises(ExpertError, match="no mttl expert named nope; the library has"):
+        convert_library(lib, tmp_path / "x", select=["nope"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_unsafe_meta_is_refused_by_name(llama_dir, mttl_lib, tmp_path):
+    write_mttl_expert(mttl_lib, llama_dir, "evil", seed=5, training_config=NotData())
+    with pytest.raises(ExpertError, match=r"evil\.meta cannot be read safely.*--ignore-meta"):
+        read_library(mttl_lib)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("no_ckpt", "has no task_a.ckpt beside it"),
+        ("truncated", "unreadable or truncated"),
+        ("not_lora", "is not a LoRA factor"),
+        ("half", "has no lora_b"),
+        ("nan", "NaN or Inf"),
+        ("rank", "the .meta and .ckpt do not belong together"),
+        ("modifier", "is a 'kv_adapter' expert, not LoRA"),
+    ],
+)
+def test_bad_library_writes_nothing(llama_dir, mttl_lib, tmp_path, damage, message):
+    ckpt = mttl_lib / "task_a.ckpt"
+    weights = torch.load(ckpt, weights_only=True)
+    key = next(iter(weights))
+    if damage == "no_ckpt":
+        ckpt.unlink()
+    elif damage == "truncated":
+        ckpt.write_bytes(ckpt.read_bytes()[:100])
+    elif damage == "not_lora":
+        torch.save({**weights, "model.norm.weight": torch.ones(32)}, ckpt)
+    elif damage == "half":
+        torch.save({k: v for k, v in weights.items() if not k.endswith("lora_b")}, ckpt)
+    elif damage == "nan":
+        torch.save({**weights, key: weights[key] * float("nan")}, ckpt)
+    elif damage == "rank":
+        write_mttl_expert(mttl_lib, llama_dir, "task_a", seed=1)
+        meta = torch.load(mttl_lib / "task_a.meta", weights_only=True)
+        meta["expert_config"]["lora_rank"] = 8
+        torch.save(meta, mttl_lib / "task_a.meta")
+    elif damage == "modifier":
+        meta = torch.load(mttl_lib / "task_a.meta", weights_only=True)
+        meta["expert_config"]["__model_modifier__"] = "kv_adapter"
+        torch.save(meta, mttl_lib / "task_a.meta")
+    out = tmp_path / "peft"
+    with pytest.raises(ExpertError, match=re.escape(message)):
+        convert_library(read_library(mttl_lib), out)
+    assert not out.exists() and not list(tmp_path.glob(".peft*"))
+
+
+def test_existing_output_and_missing_sources(mttl_lib, tmp_path):
+    (tmp_path / "peft").mkdir()
+    with pytest.raises(OutputExistsError):
+        convert_library(read_library(mttl_lib), tmp_path / "peft")
+    convert_library(read_library(mttl_lib), tmp_path / "peft", force=True)
+    assert (tmp_path / "peft/task_a/adapter_model.safetensors").is_file()
+    with pytest.raises(ExpertError, match="not an mttl expert library"):
+        read_library(tmp_path / "peft")
+    with pytest.raises(ExpertError, match="does not exist"):
+        resolve_library(tmp_path / "nowhere")
+
+
+def test_hub_id_offline_says_how_to_fetch_it():
+    # conftest sets HF_HUB_OFFLINE=1: the real huggingface_hub call fails without network.
+    with pytest.raises(ExpertError, match="huggingface-cli download lorafuse-tests/no-such"):
+        resolve_library("lorafuse-tests/no-such-library")
