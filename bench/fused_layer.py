@@ -8,6 +8,11 @@ prototypes) and the same output; the script checks they agree before timing. The
 layers route with lorafuse's ArrowRouter, whose projection rides in the layer's GEMM.
 
     python bench/fused_layer.py [--tokens 2048] [--dim 2560] [--experts 10] [--rank 4]
+
+Every variant multiplies with torch's own products (MKL on CPU): the script sets
+LORAFUSE_ONEDNN=0 unless it is set, so the ratios measure the layers' structure, not a
+GEMM library (`LORAFUSE_ONEDNN=auto` runs the fused layers on lorafuse.gemm's oneDNN
+products, against the bare Linear on torch's).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -23,6 +29,7 @@ import time
 import torch
 from torch import nn
 
+os.environ.setdefault("LORAFUSE_ONEDNN", "0")  # like for like: torch's products everywhere
 VARIANTS = ["linear", "fused-factors", "fused-deltas", "peft-arrow", "per-token-matrices"]
 
 

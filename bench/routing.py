@@ -8,12 +8,15 @@
   PeftModel.from_pretrained (goal >= 0.8x). Greedy, every sequence forced to the same
   number of new tokens.
 On CPU the routed model also runs with its compiled kernels off (torch ops only,
-lorafuse.kernels), as a third variant. Variants alternate round by round; the ratios are
-medians of the per-round ratios.
+lorafuse.kernels) and, where lorafuse.gemm uses oneDNN's products, with torch's own
+(MKL) products instead: the like-for-like comparison with PEFT, which always runs
+torch's. Variants alternate round by round; the ratios are medians of the per-round
+ratios.
 
     python bench/routing.py [--library runs/small] [--experts private]
     python bench/routing.py --pico          # a built-in pico setup (Llama, hidden 128)
     LORAFUSE_CPU_KERNELS=0 python bench/routing.py   # the routed layer with torch ops only
+    LORAFUSE_ONEDNN=0 python bench/routing.py        # and with torch's (MKL) products only
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ def main() -> None:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lorafuse import kernels
+    from lorafuse import gemm, kernels
     from lorafuse.fit.sgd import epoch_order
     from lorafuse.methods.ensemble_sgd import TrainingSet
     from lorafuse.methods.fused_sgd import fused_loss
@@ -142,22 +145,35 @@ def main() -> None:
     train_round(route_loss, route_opt)  # warm-up
     train_round(plain_loss, plain_opt)
     kern = kernels.routed() if ws.device.type == "cpu" else None
+    dnn = gemm.enabled() and ws.device.type == "cpu"
 
-    def torch_ops(fn):  # fn with the routed layer's compiled kernels switched off
+    def switched_off(switch, fn):  # fn with one of lorafuse's CPU speed-ups turned off
         def run():
-            os.environ[kernels.SWITCH] = "0"
+            before = os.environ.get(switch)
+            os.environ[switch] = "0"
             try:
                 fn()
             finally:
-                os.environ[kernels.SWITCH] = "1"
+                if before is None:
+                    del os.environ[switch]
+                else:
+                    os.environ[switch] = before
 
         return run
 
-    t_route, t_plain, t_ops = [], [], []
+    if dnn:  # warm-up of the MKL variant too
+        switched_off(gemm.SWITCH, lambda: train_round(route_loss, route_opt))()
+    t_route, t_plain, t_ops, t_mkl = [], [], [], []
     for _ in range(args.rounds):
         t_route.append(timed(lambda: train_round(route_loss, route_opt)))
         if kern:
-            t_ops.append(timed(torch_ops(lambda: train_round(route_loss, route_opt))))
+            t_ops.append(
+                timed(switched_off(kernels.SWITCH, lambda: train_round(route_loss, route_opt)))
+            )
+        if dnn:
+            t_mkl.append(
+                timed(switched_off(gemm.SWITCH, lambda: train_round(route_loss, route_opt)))
+            )
         t_plain.append(timed(lambda: train_round(plain_loss, plain_opt)))
 
     # Generation: routed (dense, routers perturbed so the routing is input-dependent)
@@ -183,11 +199,15 @@ def main() -> None:
         assert out.shape[1] == ids.shape[1] + args.new_tokens
 
     gen(ws.model), gen(one)  # warm-up
-    g_route, g_one, g_ops = [], [], []
+    if dnn:
+        switched_off(gemm.SWITCH, lambda: gen(ws.model))()
+    g_route, g_one, g_ops, g_mkl = [], [], [], []
     for _ in range(args.rounds):
         g_route.append(timed(lambda: gen(ws.model)))
         if kern:
-            g_ops.append(timed(torch_ops(lambda: gen(ws.model))))
+            g_ops.append(timed(switched_off(kernels.SWITCH, lambda: gen(ws.model))))
+        if dnn:
+            g_mkl.append(timed(switched_off(gemm.SWITCH, lambda: gen(ws.model))))
         g_one.append(timed(lambda: gen(one)))
     fusion.detach()
 
@@ -197,6 +217,10 @@ def main() -> None:
         f"setup {folder}{' (pico)' if args.pico else ''}: {len(lib)} {args.experts} experts, "
         f"{len(lib.modules)} fused modules (first: D={D}, O={O}, R={R}), {ws.dtype}, "
         f"{ws.device}, {args.threads} threads, torch {torch.__version__}"
+    )
+    print(
+        "routed layer's matrix products: "
+        + ("oneDNN (lorafuse.gemm)" if dnn else "torch's (MKL on CPU)")
     )
     print(
         "routed layer's elementwise work: "
@@ -230,6 +254,11 @@ def main() -> None:
         train = statistics.median(p / r for r, p in zip(t_ops, t_plain))
         generate = statistics.median(o / r for r, o in zip(g_ops, g_one))
         print(f"  with torch ops only (kernels off): training {train:.2f}x, "
+              f"generation {generate:.2f}x")  # fmt: skip
+    if dnn:
+        train = statistics.median(p / r for r, p in zip(t_mkl, t_plain))
+        generate = statistics.median(o / r for r, o in zip(g_mkl, g_one))
+        print(f"  with torch's products, as PEFT (LORAFUSE_ONEDNN=0): training {train:.2f}x, "
               f"generation {generate:.2f}x")  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from lorafuse.layer_grad import Routed
 from lorafuse.library import StackedModule
 from lorafuse.mixers import Fixed, Learned, Uniform
 from lorafuse.mixers.routers import ArrowRouter, LinearRouter
+from tests.test_gemm import onednn as onednn_calls
 from tests.test_kernels import built
 
 N, R, D, O = 5, 3, 12, 7
@@ -164,12 +165,17 @@ def _router_reference(f, s, x, router, space):
 @pytest.mark.parametrize("joined", [True, False])
 @pytest.mark.parametrize("absolute", [False, True])
 @pytest.mark.parametrize("kernel", [True, False])
-def test_router_in_the_gemm_values_and_gradients(space, joined, absolute, kernel, monkeypatch):
+@pytest.mark.parametrize("onednn", [False, True])
+def test_router_in_the_gemm_values_and_gradients(
+    space, joined, absolute, kernel, onednn, monkeypatch
+):
     # A router's projection rides in the layer's GEMM (with the base layer, or beside it):
     # the same output and the same gradients for x, the router's weight and its bias.
     # Joined, a softmax router trains through one Function (layer_grad.Routed), with the
-    # compiled kernels (lorafuse.kernels) or with torch ops.
+    # compiled kernels (lorafuse.kernels) or with torch ops, and its products by oneDNN
+    # (lorafuse.gemm; 74 tokens, padded to 80 rows) or by torch.
     monkeypatch.setenv(kernels.SWITCH, "1" if kernel else "0")
+    dnn = onednn_calls(monkeypatch, onednn)
     if kernel:
         built()
     used = []
@@ -185,10 +191,13 @@ def test_router_in_the_gemm_values_and_gradients(space, joined, absolute, kernel
     f.mixer = router
     calls = []
     monkeypatch.setattr(Routed, "apply", _counting(Routed.apply, calls))
-    x = torch.randn(2, 4, D, requires_grad=True)
-    w = torch.randn(2, 4, O)
+    T = 37 if onednn else 4
+    x = torch.randn(2, T, D, requires_grad=True)
+    w = torch.randn(2, T, O)
     got = f(x)
     grads = torch.autograd.grad((got * w).sum(), [x, router.weight, router.bias])
+    # forward: the joint product and the experts' B; backward: their two products
+    assert len(dnn) == (4 if onednn else 0)
     ref = _router_reference(f, s, x, router, space)
     expected = torch.autograd.grad((ref * w).sum(), [x, router.weight, router.bias])
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

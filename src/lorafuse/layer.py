@@ -24,9 +24,9 @@ import weakref
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorafuse import gemm
 from lorafuse.errors import LorafuseError
 from lorafuse.layer_grad import Mix, Project, Routed, _kernel_forward, _kernels
 from lorafuse.library import StackedModule
@@ -143,7 +143,7 @@ class FusedLoRALinear(nn.Module):
         if grad:
             y, u, p = Project.apply(x2, weight, bias, proj, widths)
         else:
-            joint = F.linear(x2, weight, bias)  # (M, O or 0 + R*N + P)
+            joint = gemm.linear(x2, weight, bias)  # (M, O or 0 + R*N + P)
             y, u, p = joint.split_with_sizes(widths, -1)
         # y (M, O) (width 0 if the base runs apart), u (M, R*N), p (M, P)
         if not fuse_base:
@@ -151,7 +151,7 @@ class FusedLoRALinear(nn.Module):
         if not torch.is_grad_enabled() and P == N:  # a softmax router, by the kernels?
             z = self._kernel_mix(mixer, joint, widths)  # (M, R*N) or None
             if z is not None:
-                return y.addmm_(z, self.B_cat).view(*lead, O)
+                return gemm.addmm_(y, z, self.B_cat).view(*lead, O)
         if c is None:
             l = mixer.from_projection(p.view(*lead, P)).reshape(-1, N)  # (M, N)
         else:
@@ -160,7 +160,7 @@ class FusedLoRALinear(nn.Module):
             l = l.expand(y.shape[0], N)  # (M, N)
             return Mix.apply(y, u.unflatten(-1, (R, N)), l, self.B_cat, self.space).view(*lead, O)
         # No autograd here: the second GEMM accumulates straight into the base output.
-        return y.addmm_(self._mix(u, l), self.B_cat).view(*lead, O)
+        return gemm.addmm_(y, self._mix(u, l), self.B_cat).view(*lead, O)
 
     def delta(self, x: Tensor, coefficients: Tensor) -> Tensor:
         """The mixed experts' contribution for input x (..., D) -> (..., O)."""

@@ -13,10 +13,9 @@ Functions, M tokens, the joint GEMM's output split as (base O, experts' u R*N, r
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from lorafuse import kernels
+from lorafuse import gemm, kernels
 
 
 def _mix_forward(u: Tensor, l: Tensor, space: str) -> tuple[Tensor, Tensor | None]:
@@ -49,14 +48,14 @@ class Project(torch.autograd.Function):
     def forward(ctx, x, weight, bias, proj, widths):
         ctx.save_for_backward(x if proj is not None and proj.requires_grad else None, weight)
         ctx.widths = widths
-        return F.linear(x, weight, bias).split(widths, -1)  # (M, O), (M, N*R), (M, P)
+        return gemm.linear(x, weight, bias).split(widths, -1)  # (M, O), (M, N*R), (M, P)
 
     @staticmethod
     def backward(ctx, gy, gu, gp):
         x, weight = ctx.saved_tensors
         gx = None
         if ctx.needs_input_grad[0]:
-            gx = torch.cat([gy, gu, gp], -1) @ weight  # (M, O + N*R + P) @ (., D)
+            gx = gemm.linear(torch.cat([gy, gu, gp], -1), weight.T)  # (M, O + N*R + P) @ (., D)
         gproj = gp.T @ x if ctx.needs_input_grad[3] else None  # (P, D)
         return gx, None, None, gproj, None
 
@@ -73,12 +72,12 @@ class Mix(torch.autograd.Function):
     def forward(ctx, y, u, l, B, space):
         z, h = _mix_forward(u, l, space)  # (M, R, N), (M, R, 1) or None
         ctx.save_for_backward(u, l, h, B)
-        return torch.addmm(y, z.flatten(1), B)  # (M, O)
+        return gemm.addmm(y, z.flatten(1), B)  # (M, O)
 
     @staticmethod
     def backward(ctx, g):
         u, l, h, B = ctx.saved_tensors
-        gz = (g @ B.T).view_as(u)  # (M, R, N)
+        gz = gemm.linear(g, B).view_as(u)  # (M, R, N)
         gu, gl = _mix_backward(gz, u, l, h)
         return (
             g,
@@ -103,7 +102,7 @@ class Routed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, proj, rbias, B, widths, space, absolute):
         O, NR, N = widths
-        out = F.linear(x, weight, bias)  # (M, O + R*N + N): base output, u, p
+        out = gemm.linear(x, weight, bias)  # (M, O + R*N + N): base output, u, p
         kern = _kernels(out, rbias, B)
         if kern is not None:
             l, h, z = _kernel_forward(kern, out, rbias.contiguous(), widths, space, absolute)
@@ -113,7 +112,7 @@ class Routed(torch.autograd.Function):
             z, h = _mix_forward(u.unflatten(-1, (NR // N, N)), l, space)  # (M, R, N)
         ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, weight, out, l, h, B)
         ctx.widths, ctx.space, ctx.absolute, ctx.kern = widths, space, absolute, kern
-        return torch.addmm(out[:, :O], z.view(-1, NR), B)  # (M, O)
+        return gemm.addmm(out[:, :O], z.view(-1, NR), B)  # (M, O)
 
     @staticmethod
     def backward(ctx, g):
@@ -123,10 +122,10 @@ class Routed(torch.autograd.Function):
         G = g.new_empty(M, O + NR + N)  # gradients of the GEMM's outputs, side by side
         if ctx.kern is not None:
             g = g.contiguous()
-            gbias = _kernel_backward(ctx.kern, g, g @ B.T, out, l, h, G, ctx)  # (N,)
+            gbias = _kernel_backward(ctx.kern, g, gemm.linear(g, B), out, l, h, G, ctx)  # (N,)
         else:
             G[:, :O].copy_(g)
-            gz = (g @ B.T).view(M, R, N)  # (M, R, N)
+            gz = gemm.linear(g, B).view(M, R, N)  # (M, R, N)
             u = out[:, O : O + NR].unflatten(-1, (R, N))  # (M, R, N)
             _, gl = _mix_backward(gz, u, l, h, G[:, O : O + NR].unflatten(-1, (R, N)))
             gq = l * (gl - (gl * l).sum(-1, keepdim=True))  # (M, N), through the softmax
@@ -136,7 +135,7 @@ class Routed(torch.autograd.Function):
             else:
                 gp.copy_(gq)
             gbias = gq.sum(0)  # (N,), after |p|
-        gx = G @ weight if ctx.needs_input_grad[0] else None  # (M, D)
+        gx = gemm.linear(G, weight.T) if ctx.needs_input_grad[0] else None  # (M, D)
         gproj = G[:, O + NR :].T @ x if ctx.needs_input_grad[3] else None  # (N, D)
         gbias = gbias if ctx.needs_input_grad[4] else None
         return gx, None, None, gproj, gbias, None, None, None, None

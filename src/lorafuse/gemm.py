@@ -1,0 +1,132 @@
+"""The fused layer's matrix products on CPU: oneDNN where torch's default is slow.
+
+torch multiplies float32 matrices on CPU with MKL, and MKL runs its AVX2 code on AMD
+CPUs even where they have AVX-512 (Zen 4, Zen 5). oneDNN, which ships inside the same
+torch, uses the widest vectors the CPU has. On a Zen 5 EPYC with 2 threads an
+(576, 128) x (128, 288) product takes about 200 us through MKL and 100 us through
+oneDNN. The routed layer's training step is mostly such products, so this is where its
+time goes.
+
+`linear`, `addmm` and `addmm_` compute what F.linear, torch.addmm and Tensor.addmm_
+compute (the same numbers up to float rounding) and use oneDNN for float32 CPU tensors
+with at least MIN_ROWS rows when LORAFUSE_ONEDNN says so:
+- "auto" (the default): on AMD CPUs with AVX-512 (where MKL takes its AVX2 path);
+- "1": on every CPU; "0": never (torch's own products everywhere).
+oneDNN builds (JIT-compiles) a kernel per shape, about 0.5 ms each, and caches it, so
+the row count is padded up to a bucket (8 per power of two, at most 1/8 more rows):
+batches of varying length then reuse a few hundred kernels instead of building one per
+batch. The padding rows are zeros and their results are dropped (only output rows are
+padded, never a summed dimension). On first use a small product is checked against
+F.linear; if oneDNN is missing or disagrees, torch's products are used (with a warning
+when LORAFUSE_ONEDNN=1 asked for oneDNN).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SWITCH = "LORAFUSE_ONEDNN"
+MIN_ROWS = 64  # below this (decoding, tiny batches) MKL's small-matrix code is faster
+_state: dict[str, bool] = {}
+
+
+def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (M, K) @ w^T (K, N) (+ bias (N,)) -> (M, N), as F.linear (w may be a view)."""
+    if not _use(x, w):
+        return F.linear(x, w, bias)
+    M = x.shape[0]
+    Mp = bucket(M)
+    if Mp != M:  # zero rows up to the bucket: a kernel already built for Mp serves
+        xp = x.new_empty(Mp, x.shape[1])
+        xp[:M].copy_(x)
+        xp[M:].zero_()
+        x = xp
+    y = onednn_linear(x, w, bias)  # (Mp, N)
+    return y[:M] if Mp != M else y
+
+
+def onednn_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """oneDNN's x (M, K) @ w^T (+ bias), exactly as given (no padding, no checks)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+
+
+def addmm(y: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """y (M, N) + a (M, K) @ b (K, N), a new tensor, as torch.addmm."""
+    if not _use(a, b):
+        return torch.addmm(y, a, b)
+    return linear(a, b.T).add_(y)
+
+
+def addmm_(y: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """y += a (M, K) @ b (K, N) in place, as Tensor.addmm_; returns y."""
+    if not _use(a, b):
+        return y.addmm_(a, b)
+    return y.add_(linear(a, b.T))
+
+
+def bucket(M: int) -> int:
+    """M rounded up to a multiple of 1/8 of the power of two below it (M for M < 64)."""
+    if M < MIN_ROWS:
+        return M
+    step = (1 << (M.bit_length() - 1)) // 8  # (2^floor(log2 M)) / 8
+    return -(-M // step) * step
+
+
+def enabled() -> bool:
+    """Whether oneDNN computes the products here (LORAFUSE_ONEDNN, the CPU, a check)."""
+    mode = os.environ.get(SWITCH, "auto").strip().lower()
+    if mode not in _state:
+        if mode in ("0", "false", "off", "no"):
+            _state[mode] = False
+        elif mode in ("1", "true", "on", "yes"):
+            _state[mode] = _works(warn=True)
+        else:
+            _state[mode] = _amd_avx512() and _works(warn=False)
+    return _state[mode]
+
+
+def _use(x: Tensor, w: Tensor) -> bool:
+    return (
+        x.dim() == 2
+        and x.shape[0] >= MIN_ROWS
+        and x.device.type == "cpu"
+        and x.dtype == w.dtype == torch.float32
+        and not torch.is_grad_enabled()  # no autograd through oneDNN's op: lorafuse's
+        and enabled()  # own Functions (and inference) call these
+    )
+
+
+def _works(warn: bool) -> bool:
+    # oneDNN's linear is there and agrees with F.linear on a small product.
+    try:
+        g = torch.Generator().manual_seed(0)
+        x, w = torch.randn(MIN_ROWS, 24, generator=g), torch.randn(40, 24, generator=g)
+        b = torch.randn(40, generator=g)
+        y = onednn_linear(x, w.T.contiguous().T, b)
+        ok = torch.allclose(y, F.linear(x, w, b), rtol=1e-4, atol=1e-5)
+        why = "its results differ from torch's"
+    except Exception as e:  # no oneDNN in this torch, or another signature
+        ok, why = False, f"{type(e).__name__}: {e}"
+    if not ok and warn:
+        warnings.warn(
+            f"lorafuse: oneDNN's matrix products are not usable here ({why}); torch's own "
+            f"are used instead (same results). Unset {SWITCH} to silence this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return ok
+
+
+def _amd_avx512() -> bool:
+    # An AMD CPU with AVX-512: MKL's dispatch takes its AVX2 path there.
+    try:
+        with open("/proc/cpuinfo") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    return "AuthenticAMD" in head and " avx512f" in head and torch.backends.mkldnn.is_available()

@@ -1,0 +1,60 @@
+"""lorafuse.gemm's products against torch's own (F.linear, addmm), oneDNN on and off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorafuse import gemm
+
+
+def onednn(monkeypatch, on: bool) -> list[tuple[int, ...]]:
+    """Set LORAFUSE_ONEDNN; return a list that records the shape of each oneDNN call."""
+    monkeypatch.setenv(gemm.SWITCH, "1" if on else "0")
+    if on and not gemm.enabled():
+        pytest.skip("oneDNN's linear is not usable in this torch build")
+    calls: list[tuple[int, ...]] = []
+    real = gemm.onednn_linear
+    monkeypatch.setattr(
+        gemm, "onednn_linear", lambda x, w, b=None: calls.append(x.shape) or real(x, w, b)
+    )
+    return calls
+
+
+@pytest.mark.parametrize("on", [True, False])
+@pytest.mark.parametrize("M", [5, 64, 74, 300])
+def test_products_equal_torch(monkeypatch, on, M):
+    calls = onednn(monkeypatch, on)
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, 40, generator=g)[:, 3:33]  # (M, 30), rows strided: a column slice
+    w = torch.randn(30, 17, generator=g).T  # (17, 30), a transposed view
+    b = torch.randn(17, generator=g)
+    y = torch.randn(M, 17, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(gemm.linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            gemm.addmm(y, x, w.T), torch.addmm(y, x, w.T), atol=1e-5, rtol=1e-5
+        )
+        acc = y.clone()
+        assert gemm.addmm_(acc, x, w.T) is acc
+        torch.testing.assert_close(acc, torch.addmm(y, x, w.T), atol=1e-5, rtol=1e-5)
+    used = on and M >= gemm.MIN_ROWS
+    assert calls == ([(gemm.bucket(M), 30)] * 3 if used else [])
+
+
+def test_autograd_keeps_torch_products(monkeypatch):
+    calls = onednn(monkeypatch, True)
+    x = torch.randn(100, 8, requires_grad=True)
+    w = torch.randn(6, 8)
+    gemm.linear(x, w).sum().backward()  # grad mode: torch's op, which autograd knows
+    torch.testing.assert_close(x.grad, w.sum(0).expand(100, 8))
+    assert calls == []
+
+
+def test_buckets_are_few_and_tight():
+    sizes = range(gemm.MIN_ROWS, 8192)
+    buckets = {gemm.bucket(M) for M in sizes}
+    assert all(M <= gemm.bucket(M) <= M * 9 / 8 for M in sizes)
+    assert len(buckets) <= 8 * 7 + 1  # 8 per power of two from 64 to 8192
+    assert gemm.bucket(5) == 5 and gemm.bucket(64) == 64 and gemm.bucket(435) == 448
