@@ -58,3 +58,17 @@ def test_buckets_are_few_and_tight():
     assert all(M <= gemm.bucket(M) <= M * 9 / 8 for M in sizes)
     assert len(buckets) <= 8 * 7 + 1  # 8 per power of two from 64 to 8192
     assert gemm.bucket(5) == 5 and gemm.bucket(64) == 64 and gemm.bucket(435) == 448
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_any_strides(monkeypatch, on):
+    onednn(monkeypatch, on)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(17, 60, generator=g)[:, ::2]  # (17, 30), every other column
+    for x in (
+        torch.randn(1, 30, generator=g).expand(100, 30),  # stride 0: a broadcast gradient
+        torch.randn(30, 100, generator=g).T,  # column-major
+        torch.randn(96, 60, generator=g)[:, ::2],  # every other column
+    ):
+        with torch.no_grad():
+            torch.testing.assert_close(gemm.linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
