@@ -138,18 +138,22 @@ def test_bad_coefficients_and_space():
 
 
 @pytest.mark.parametrize("space", ["factors", "deltas"])
-def test_row_sparse_coefficients_equal_the_loop(space):
-    # One-hot and 2-sparse rows take the gather path (<= N/2 experts per row).
+@pytest.mark.parametrize("onednn", [False, True])
+def test_row_sparse_coefficients_equal_the_loop(space, onednn, monkeypatch):
+    # One-hot and 2-sparse rows take the gather path (<= N/2 experts per row); without
+    # autograd the base layer's product is lorafuse.gemm's (oneDNN from 64 rows).
+    dnn = onednn_calls(monkeypatch, onednn)
     f, s = layer(space)
     f.base.requires_grad_(False)
-    x = torch.randn(3, 4, D)
+    x = torch.randn(3, 30 if onednn else 4, D)
     c = torch.zeros(3, N)
     c[0, 1], c[1, 4], c[2, 0], c[2, 3] = 1.0, 0.7, 0.4, -0.6
     assert f._row_sparse(c, x)
-    expected = loop_reference(f.base, s, x, c[:, None].expand(3, 4, N), space)
+    expected = loop_reference(f.base, s, x, c[:, None].expand(*x.shape[:2], N), space)
     f.mixer = Fixed(c)
     with torch.inference_mode():
         torch.testing.assert_close(f(x), expected, atol=1e-5, rtol=1e-5)
+    assert len(dnn) == (1 if onednn else 0)
     theta = torch.zeros(3, N, requires_grad=True)
     f.mixer = lambda inp: c + theta  # differentiable, still sparse
     f(x).sum().backward()

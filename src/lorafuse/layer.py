@@ -129,7 +129,7 @@ class FusedLoRALinear(nn.Module):
             c = mixer(x)
             if self._row_sparse(c, x):
                 d = self._row_sparse_delta(x, c.to(x.dtype))  # (B, T, O)
-                y = self.base(x)
+                y = self._base(x)
                 return y + d if y.requires_grad or c.requires_grad else y.add_(d)
         x2 = x.reshape(-1, x.shape[-1])  # (M, D)
         P = 0 if proj is None else proj.shape[0]
@@ -161,6 +161,17 @@ class FusedLoRALinear(nn.Module):
             return Mix.apply(y, u.unflatten(-1, (R, N)), l, self.B_cat, self.space).view(*lead, O)
         # No autograd here: the second GEMM accumulates straight into the base output.
         return gemm.addmm_(y, self._mix(u, l), self.B_cat).view(*lead, O)
+
+    def _base(self, x: Tensor) -> Tensor:
+        # base(x); without autograd a plain nn.Linear's product is lorafuse.gemm's (oneDNN
+        # where MKL is slow), as the fused GEMM's is.
+        base = self.base
+        if torch.is_grad_enabled() or type(base) is not nn.Linear or x.dtype != base.weight.dtype:
+            return base(x)
+        if torch.is_autocast_enabled(x.device.type):
+            return base(x)
+        y = gemm.linear(x.reshape(-1, x.shape[-1]), base.weight, base.bias)  # (M, O)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def delta(self, x: Tensor, coefficients: Tensor) -> Tensor:
         """The mixed experts' contribution for input x (..., D) -> (..., O)."""
