@@ -166,9 +166,8 @@ class FusedLoRALinear(nn.Module):
         # base(x); without autograd a plain nn.Linear's product is lorafuse.gemm's (oneDNN
         # where MKL is slow), as the fused GEMM's is.
         base = self.base
-        if torch.is_grad_enabled() or type(base) is not nn.Linear or x.dtype != base.weight.dtype:
-            return base(x)
-        if torch.is_autocast_enabled(x.device.type):
+        plain = type(base) is nn.Linear and x.dtype == base.weight.dtype
+        if not plain or torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
             return base(x)
         y = gemm.linear(x.reshape(-1, x.shape[-1]), base.weight, base.bias)  # (M, O)
         return y.view(*x.shape[:-1], self.out_features)

@@ -8,6 +8,7 @@ Functions, M tokens, the joint GEMM's output split as (base O, experts' u R*N, r
 - `Routed`: both and, between them, a softmax router l = softmax(p + b) (or |p| + b):
   one Function, so the router costs no autograd nodes and the gradient of x is one GEMM
   over a buffer that the backward fills in place (no concatenation).
+Their matrix products go through lorafuse.gemm (oneDNN on CPUs where MKL is slow).
 """
 
 from __future__ import annotations
