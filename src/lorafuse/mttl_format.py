@@ -137,8 +137,7 @@ def convert_library(
         raise ExpertError("the mttl library holds no expert to convert (all deleted?)")
     with atomic_dir(out, force) as tmp:
         for e in experts:
-            tensors, rank = peft_tensors(e)
-            modules = sorted({k[len(KEY_PREFIX) :].rsplit(".lora_", 1)[0] for k in tensors})
+            tensors, modules, rank = peft_tensors(e)
             folder = tmp / e.name
             folder.mkdir()
             _save_tensors(tensors, folder / SAFETENSORS_NAME)
@@ -149,8 +148,8 @@ def convert_library(
     return [Path(out) / e.name for e in experts]
 
 
-def peft_tensors(expert: MttlExpert) -> tuple[dict[str, Tensor], int]:
-    """({PEFT key: tensor}, rank) from the expert's .ckpt: each factor transposed.
+def peft_tensors(expert: MttlExpert) -> tuple[dict[str, Tensor], list[str], int]:
+    """({PEFT key: tensor}, module paths, rank) from the expert's .ckpt, factors transposed.
 
     lora_a (D, R) -> `base_model.model.<module>.lora_A.weight` (R, D); lora_b (R, O) ->
     `.lora_B.weight` (O, R). Raises ExpertError for a tensor that is not a LoRA factor,
@@ -193,7 +192,7 @@ def peft_tensors(expert: MttlExpert) -> tuple[dict[str, Tensor], int]:
             f"expert {expert.name}: its factors have rank {sorted(ranks)} but its metadata "
             f"says lora_rank={expert.rank}; the .meta and .ckpt do not belong together"
         )
-    return tensors, ranks.pop()
+    return tensors, sorted(factors), ranks.pop()
 
 
 def _from_meta(path: Path, alpha: float | None) -> MttlExpert | None:
