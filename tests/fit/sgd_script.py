@@ -18,6 +18,8 @@ def problem():
 
 
 def run(settings: SGDSettings, checkpoint=None, progress=None, validate=True):
+    """(SGDResult, final weights); `validate` True: the full-data mean squared error,
+    False: none, or a callable validate() of its own."""
     X, y = problem()
     w = nn.Parameter(torch.zeros(3))
 
@@ -28,6 +30,8 @@ def run(settings: SGDSettings, checkpoint=None, progress=None, validate=True):
         with torch.no_grad():
             return float(((X @ w - y) ** 2).mean())
 
+    if callable(validate):
+        val = validate
     res = train(
         {"w": w}, loss_fn, len(y), settings, val if validate else None, checkpoint, progress
     )
@@ -35,9 +39,21 @@ def run(settings: SGDSettings, checkpoint=None, progress=None, validate=True):
 
 
 if __name__ == "__main__":
-    s = SGDSettings(lr=0.05, epochs=3, batch_size=8, grad_accum=int(sys.argv[2]), warmup=0.1)
-    _, w = run(s, validate=False)
+    # argv: out.pt, grad_accum. Early stopping on the full-data validation loss, so the
+    # processes must agree on the stop as on the weights.
+    s = SGDSettings(
+        lr=0.2,
+        epochs=None,
+        batch_size=8,
+        grad_accum=int(sys.argv[2]),
+        warmup=0.05,
+        eval_every=2,
+        patience=2,
+        min_delta=0.01,
+        max_steps=200,
+    )
+    res, w = run(s)
     from accelerate import Accelerator
 
     if Accelerator().is_main_process:
-        torch.save(w, sys.argv[1])
+        torch.save({"w": w, "steps": torch.tensor(res.steps), "stop": res.stop}, sys.argv[1])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lorafuse.errors import LorafuseError
-from lorafuse.fit.sgd import SGDSettings, epoch_order, schedule
+from lorafuse.fit.sgd import SGDSettings, epoch_order, lr_grid, schedule, settings_from
 from tests.fit.sgd_script import run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,4 +64,122 @@ def test_accelerate_two_processes_equal_one(tmp_path):
     cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(two), "1"]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    torch.testing.assert_close(torch.load(two), torch.load(one), atol=1e-5, rtol=0)
+    one, two = torch.load(one), torch.load(two)
+    assert one["stop"] == two["stop"] == "plateau" and int(one["steps"]) < 200
+    assert int(two["steps"]) == int(one["steps"])
+    torch.testing.assert_close(two["w"], one["w"], atol=1e-5, rtol=0)
+
+
+def _counter(values):
+    """validate() returning `values` one after another (the last one forever)."""
+    calls = []
+
+    def validate():
+        calls.append(1)
+        return values[min(len(calls), len(values)) - 1]
+
+    return validate
+
+
+def _plateau_by_hand(vals, patience, min_delta):
+    """Index of the validation where the plateau rule stops (None: never), by hand."""
+    ref, bad = None, 0
+    for i, v in enumerate(vals):
+        if ref is None or v < ref * (1 - min_delta):
+            ref, bad = v, 0
+        else:
+            bad += 1
+        if bad >= patience:
+            return i
+    return None
+
+
+def test_stops_when_the_validation_loss_plateaus():
+    # The least-squares loss flattens at the noise floor (~0.01): a plateau, long before
+    # the cap.
+    s = SGDSettings(lr=0.3, epochs=None, batch_size=8, eval_every=4, patience=3,
+                    min_delta=0.01, max_steps=2000)  # fmt: skip
+    res, _ = run(s)
+    vals = [h["validation"] for h in res.history]
+    assert res.stop == "plateau" and res.converged
+    assert res.steps < 2000 and res.steps == 4 * len(vals)
+    assert _plateau_by_hand(vals, 3, 0.01) == len(vals) - 1  # stopped at the first plateau
+    assert res.best_val == min(vals) and res.final_val == vals[-1]
+    assert res.best_step == 4 * (vals.index(min(vals)) + 1)
+    summary = res.summary()
+    assert summary["converged"] is True and summary["steps"] == res.steps
+    assert summary["validation_loss"] == res.best_val
+    assert summary["final_validation_loss"] == vals[-1]
+
+
+def test_improvements_below_min_delta_count_as_a_plateau_but_keep_the_best():
+    vals = [1.0, 0.9995, 0.999, 0.5]  # two tiny improvements (< 0.1%), then a big one
+    s = SGDSettings(lr=0.05, epochs=None, batch_size=8, eval_every=2, patience=2,
+                    min_delta=1e-3, max_steps=100)  # fmt: skip
+    res, _ = run(s, validate=_counter(vals))
+    assert res.stop == "plateau" and res.steps == 6  # the third validation stops it
+    assert res.best_val == 0.999 and res.best_step == 6  # the lowest loss seen is kept
+    loose = SGDSettings(**{**vars(s), "min_delta": 0.0})
+    res, _ = run(loose, validate=_counter(vals))
+    # Every improvement counts: the plateau is the two validations after the 0.5.
+    assert (res.best_val, res.best_step, res.steps, res.stop) == (0.5, 8, 12, "plateau")
+
+
+@pytest.mark.parametrize(
+    ("epochs", "max_steps", "stop", "steps"),
+    [(None, 40, "step cap", 40), (3, None, "epochs", 24), (3, 20, "step cap", 20),
+     (2, 1000, "epochs", 16)],
+)  # fmt: skip
+def test_a_run_still_improving_at_its_budget_is_not_converged(epochs, max_steps, stop, steps):
+    strictly_down = [1.0 / (1 + i) for i in range(1000)]  # 64 examples / 8 = 8 steps/epoch
+    s = SGDSettings(lr=0.05, epochs=epochs, batch_size=8, eval_every=2, patience=2,
+                    max_steps=max_steps)  # fmt: skip
+    res, _ = run(s, validate=_counter(strictly_down))
+    assert (res.stop, res.steps, res.converged) == (stop, steps, False)
+    assert res.final_val == res.best_val == strictly_down[len(res.history) - 1]
+    assert res.best_step == steps
+
+
+def test_without_validation_the_stop_says_so():
+    res, _ = run(SGDSettings(lr=0.05, epochs=1, batch_size=8, patience=2), validate=False)
+    assert (res.stop, res.converged, res.steps, res.best_val) == ("no validation", False, 8, None)
+
+
+def test_resume_keeps_the_early_stop(tmp_path):
+    s = SGDSettings(lr=0.3, epochs=None, batch_size=8, eval_every=4, patience=3,
+                    min_delta=0.01, max_steps=2000)  # fmt: skip
+    whole, uninterrupted = run(s)
+    assert whole.stop == "plateau" and whole.steps > 12
+
+    def stop_at_10(step, loss):
+        if step == 10:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "ckpt.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run(s, checkpoint=ckpt, progress=stop_at_10)
+    res, resumed = run(s, checkpoint=ckpt)
+    assert res.summary() == whole.summary() and res.history == whole.history
+    torch.testing.assert_close(resumed, uninterrupted, atol=1e-6, rtol=0)
+    # The stopped run's checkpoint resumes to the same stop without another step.
+    steps = []
+    again, weights = run(s, checkpoint=ckpt, progress=lambda step, loss: steps.append(step))
+    assert steps == [] and again.summary() == whole.summary()
+    torch.testing.assert_close(weights, uninterrupted, atol=1e-6, rtol=0)
+
+
+def test_settings_validation_and_options():
+    with pytest.raises(LorafuseError, match="needs max_steps"):
+        SGDSettings(epochs=None)
+    for bad in ({"patience": 0}, {"eval_every": 0}, {"min_delta": -0.1}, {"epochs": "5"},
+                {"max_steps": 0}, {"lr": 0.0}, {"warmup": 1.5}):  # fmt: skip
+        with pytest.raises(LorafuseError, match=next(iter(bad))):
+            SGDSettings(**bad)
+    opts = {"epochs": None, "max_steps": 50, "patience": 2, "eval_every": 5, "min_delta": 0.01,
+            "warmup": 0.1, "batch_size": 4, "seed": 3, "clusters": 2}  # fmt: skip
+    s = settings_from(opts, 0.1)
+    assert (s.epochs, s.max_steps, s.patience, s.eval_every) == (None, 50, 2, 5)
+    assert (s.min_delta, s.warmup, s.batch_size, s.seed, s.lr) == (0.01, 0.1, 4, 3, 0.1)
+    assert settings_from({}, 0.1).epochs == 5 and settings_from({}, 0.1, epochs=2).epochs == 2
+    assert lr_grid({"lr": 0.5}) == [0.5] and lr_grid({"lr_grid": [1, 2]}) == [1.0, 2.0]
+    assert lr_grid({}) == [1e-3, 1e-4, 1e-5]
