@@ -38,7 +38,9 @@ def test_manifest_lists_tasks_experts_and_stages(built):
     assert json.loads((root / "manifest.json").read_text()) == manifest
     names = [t["name"] for t in manifest["tasks"]]
     assert len(names) == 4 and len(manifest["families"]) == 2
-    assert set(manifest["stages"]) == {"data", "base", "private", "shared", "mbc", "evaluate"}
+    assert set(manifest["stages"]) == {
+        "data", "base", "private", "structure", "shared", "mbc", "evaluate"
+    }  # fmt: skip
     private = [e for e in manifest["experts"] if e["kind"] == "private"]
     assert [e["tasks"] for e in private] == [[n] for n in names]
     for e in manifest["experts"]:
@@ -63,6 +65,57 @@ def test_evaluation_matches_plain_peft(built):
     assert base == pytest.approx(report["per_task"]["base"][task], abs=1e-5)
     own = reference_task_losses(root, "test", root / "experts" / "private" / task, [task])[task]
     assert own == pytest.approx(report["per_task"]["oracle"][task], abs=1e-5)
+
+
+def _greedy_k(L, target):
+    # Greedy task-level selection written out: add the expert that lowers the mean of the
+    # per-task minimum most, until it reaches the target.
+    chosen, best = [], [float("inf")] * len(L[0])
+    for k in range(1, len(L) + 1):
+        rows = {
+            j: [min(a, b) for a, b in zip(best, L[j])] for j in range(len(L)) if j not in chosen
+        }
+        j = min(rows, key=lambda j: (sum(rows[j]), j))
+        chosen.append(j)
+        best = rows[j]
+        if sum(best) / len(best) <= target + 1e-9:
+            return k
+    return None
+
+
+def test_structure_statistics_match_plain_peft(built):
+    from tests.evalref import reference_task_losses
+
+    root, manifest = built
+    saved = json.loads((root / "structure.json").read_text())
+    names = [t["name"] for t in manifest["tasks"]]
+    L = [  # L[i][t]: private expert i on task t, validation, by plain PEFT
+        [reference_task_losses(root, "validation", root / "experts" / "private" / e, [t])[t]
+         for t in names]
+        for e in names
+    ]  # fmt: skip
+    assert saved["matrix"]["tasks"] == sorted(names)
+    got = {(e, t): saved["matrix"]["losses"][i][saved["matrix"]["tasks"].index(t)]
+           for i, e in enumerate(saved["matrix"]["experts"]) for t in names}  # fmt: skip
+    for i, e in enumerate(names):
+        for j, t in enumerate(names):
+            assert got[e, t] == pytest.approx(L[i][j], abs=1e-5)
+    not_best = [e for i, e in enumerate(names) if min(r[i] for r in L) < L[i][i]]
+    assert sorted(saved["not_best_experts"]) == sorted(not_best)
+    assert saved["not_best_share"] == pytest.approx(len(not_best) / len(names), abs=1e-4)
+    oracle = sum(L[i][i] for i in range(len(names))) / len(names)
+    k = _greedy_k(L, oracle)
+    assert saved["greedy_experts"] == k
+    assert saved["greedy_share"] == pytest.approx(k / len(names), abs=1e-4)
+    assert manifest["stages"]["structure"]["not_best_share"] == saved["not_best_share"]
+
+
+def test_cli_build_prints_the_structure(built):
+    root, _ = built
+    result = runner.invoke(app, ["benchmark", "build", "--preset", "micro", "--out", str(root)])
+    assert result.exit_code == 0, result.output
+    assert "not the best expert on their own task" in result.output
+    assert "greedy selection recovers the private oracle" in result.output
 
 
 def test_interrupted_build_resumes_to_the_same_result(built, tmp_path):
@@ -171,7 +224,7 @@ def test_build_made_before_the_mbc_stage_resumes_with_it_alone(built, tmp_path):
         old, "micro", seed=0, on_progress=lambda *a: bars.append(a), on_expert=saved.append
     )
     assert saved == ["cluster_0", "cluster_1"]  # only the missing expert was written again
-    for stage in ("data", "base", "private", "shared", "evaluate"):
+    for stage in ("data", "base", "private", "structure", "shared", "evaluate"):
         assert again["stages"][stage] == m["stages"][stage]  # kept, not redone
         assert [b for b in bars if b[0] == stage] == [(stage, 1, 1)]
     assert again["stages"]["mbc"]["clusters"] == manifest_a["stages"]["mbc"]["clusters"]

@@ -27,7 +27,7 @@ from lorafuse.pretrain import BaseSettings
 from lorafuse.train import ExpertSettings
 
 MANIFEST = "manifest.json"
-STAGES = ("data", "base", "private", "shared", "mbc", "evaluate")
+STAGES = ("data", "base", "private", "structure", "shared", "mbc", "evaluate")
 CLUSTERS = "clusters.json"
 Progress = Callable[[str, int, int], None]
 
@@ -64,19 +64,21 @@ class BuildSettings:
 
 
 def preset_settings(preset: str) -> BuildSettings:
-    """The build settings of a preset (micro, tiny, small, full); DataError if unknown."""
+    """The build settings of a preset (micro, tiny, small, full; `<size>-interference`
+    trains like `<size>`); DataError if unknown."""
     get_preset(preset)
-    if preset == "micro":  # for tests: a few seconds end to end
+    size = preset.removesuffix("-interference")
+    if size == "micro":  # for tests: a few seconds end to end
         base = BaseSettings(hidden=32, layers=2, heads=2, intermediate=64, steps=20, batch_size=8)
         expert = ExpertSettings(steps=6, batch_size=4, warmup=2)
         return BuildSettings(
             preset, base, expert, 6, group_size=2, threads=1, eval_batch_size=16, clusters=2
         )
-    if preset == "tiny":
+    if size == "tiny":
         base = BaseSettings(steps=180)
         expert = ExpertSettings(steps=30, warmup=8)
         return BuildSettings(preset, base, expert, shared_steps=60, clusters=4)
-    if preset == "small":
+    if size == "small":
         return BuildSettings(preset, BaseSettings(steps=800), ExpertSettings(), 300, clusters=8)
     return BuildSettings(preset, BaseSettings(steps=4000), ExpertSettings(), 2000, clusters=10)
 
@@ -256,6 +258,10 @@ def _run_stage(stage, root, settings, seed, tasks, report, on_expert) -> dict:
             es = ExpertSettings(**{**asdict(es), "steps": settings.shared_steps})
         _train(stage, root, jobs, es, settings, seed, report, on_expert)
         return {"experts": len(jobs)}
+    if stage == "structure":
+        from lorafuse.benchmark_structure import measure_structure
+
+        return measure_structure(root, names, settings, report)
     if stage == "mbc":
         saved = saved_clusters(root) or _cluster(root, settings, seed, tasks)
         jobs = expert_plan(root, names, [c["tasks"] for c in saved["clusters"]])

@@ -20,8 +20,8 @@ from lorafuse.data.synthetic import (
 
 
 def _input(source: str) -> str:
-    # Every layout puts the input last, after ": " or "\nInput: ".
-    return re.split(r"\nInput: |: ", source)[-1]
+    # Every layout puts the input last, after ": ", "\nInput: " or "\nText: ".
+    return re.split(r"\nInput: |\nText: |: ", source)[-1]
 
 
 def test_same_seed_same_rows_other_seed_other_rows():
@@ -41,11 +41,16 @@ def test_presets_sizes_and_unique_names():
 
 
 def test_splits_are_disjoint_and_80_10_10():
-    rows = generate(make_tasks("tiny"), 100, seed=0)
+    tasks = make_tasks("tiny")
+    rows = generate(tasks, 100, seed=0)
+    share = {t.name: t.share for t in tasks}
+    assert sorted(set(share.values())) == [0.15, 1.0]  # tiny has low-resource tasks
     for task in {r["task_name"] for r in rows}:
         mine = [r for r in rows if r["task_name"] == task]
         counts = Counter(r["split"] for r in mine)
-        assert counts == {"train": 80, "validation": 10, "test": 10}
+        n = max(10, round(100 * share[task]))
+        assert counts == {"train": round(0.8 * n), "validation": round(0.1 * n),
+                          "test": n - round(0.8 * n) - round(0.1 * n)}  # fmt: skip
         by_split = {s: {r["source"] for r in mine if r["split"] == s} for s in counts}
         assert not by_split["train"] & by_split["test"]
         assert not by_split["train"] & by_split["validation"]
@@ -109,3 +114,46 @@ def test_bad_preset_and_task_names():
         select_tasks(make_tasks("tiny"), ["nope"])
     with pytest.raises(DataError, match="at least 10"):
         generate(make_tasks("tiny"), 3, seed=0)
+
+
+def _payloads(family, n=30):
+    import random
+
+    rng = random.Random(1)
+    return [family.draw(rng) for _ in range(n)]
+
+
+def test_transfer_design_pairs_near_duplicates_and_conflicts_on_tiny():
+    # tiny (transfer): families 0 and 2 hold two template sets of one skill (same answers
+    # on every input, different prompts), families 1 and 3 two skills (other answers).
+    tasks = make_tasks("tiny")
+    by_family = {}
+    for t in tasks:
+        by_family.setdefault(t.family.name, []).append(t)
+    dup, conflict = 0, 0
+    for mine in by_family.values():
+        a, b = mine
+        draws = _payloads(a.family)
+        same = sum(a.target(p) == b.target(p) for _, p in draws)
+        if a.skill == b.skill:  # near-duplicates: one skill, two template sets
+            dup += 1
+            assert same == len(draws)
+            assert {a.variant, b.variant} == {0, 1}
+            assert all(a.source(x, 0) != b.source(x, 0) for x, _ in draws)
+            assert (a.op.fn, a.format) == (b.op.fn, b.format)
+        else:  # conflicting: the same inputs, other answers
+            conflict += 1
+            assert same <= len(draws) // 2, (a.name, b.name)
+    assert (dup, conflict) == (2, 2)
+
+
+def test_transfer_design_on_small():
+    tasks = make_tasks("small")
+    skills = Counter(t.skill for t in tasks)
+    assert set(skills.values()) == {2} and len(skills) == 16  # 16 skills, two sets each
+    low = [t for t in tasks if t.share < 1]
+    assert len(low) == 8 and all(t.variant == 1 for t in low)  # one per family
+    assert len({t.family.name for t in low}) == 8
+    interference = make_tasks("small-interference")
+    assert len({t.skill for t in interference}) == 32  # today's design: one task per skill
+    assert all(t.variant == 0 and t.share == 1 for t in interference)

@@ -93,6 +93,9 @@ def _summary(out: Path, manifest: dict) -> None:
         for method, s in summary.items():
             rows.add_row(method, f"{s['mean']:.4f} +- {s['se']:.4f}")
         console.print(rows)
+    structure = manifest["stages"].get("structure")
+    if structure:
+        _structure(structure)
     mbc = manifest["stages"].get("mbc")
     if mbc:
         console.print(
@@ -105,6 +108,31 @@ def _summary(out: Path, manifest: dict) -> None:
             console.print(f"  {c['name']}: {', '.join(c['tasks'])}", highlight=False)
     n = len(manifest["tasks"])
     console.print(f"{n} tasks, {len(manifest['experts'])} experts -> {out}/manifest.json")
+
+
+def _structure(s: dict) -> None:
+    # How much the private experts transfer, against the target ranges and the paper.
+    from rich.markup import escape
+
+    def share(key: str, count: str) -> str:
+        lo, hi = s["target_ranges"][key]
+        mark = "in" if s["in_range"][key] else "OUTSIDE"
+        value = "-" if s[key] is None else f"{s[key]:.0%}"
+        return (
+            f"{s[count] if s[count] is not None else 'not reached'} of {s['experts']} "
+            f"({value}; {mark} the target {lo:.0%}-{hi:.0%}, paper {s['paper'][key]:.0%})"
+        )
+
+    not_best = share("not_best_share", "not_best_on_own_task")
+    greedy = share("greedy_share", "greedy_experts")
+    console.print(
+        "structure of the private experts (validation, structure.json):\n"
+        f"  not the best expert on their own task: {not_best}\n"
+        f"  greedy selection recovers the private oracle with: {greedy}",
+        highlight=False,
+    )
+    if s.get("not_best_experts"):
+        console.print("  not best on their own task: " + escape(", ".join(s["not_best_experts"])))
 
 
 def train_expert(

@@ -1,10 +1,21 @@
 """A Flan-like synthetic task suite, deterministic from a seed.
 
-Each task is (family, operation, format) and has several prompt templates, the way a
-Flan dataset has many templates; rows follow the flan-flat schema (see `data.flan`).
-The instruction names the operation in words the base model never saw: its pretraining
-examples (`pretraining_examples`) name the same operations by opaque codes instead, so
-the base model knows every skill but not which one a task's instruction asks for.
+Each task is (family, operation, format, template set) and has several prompt templates,
+the way a Flan dataset has many templates; rows follow the flan-flat schema (see
+`data.flan`). The instruction names the operation in words the base model never saw: its
+pretraining examples (`pretraining_examples`) name the same operations by opaque codes
+instead, so the base model knows every skill but not which one a task's instruction asks
+for.
+
+Two designs lay out a preset's tasks (`Preset.design`):
+- "interference": the tasks of a family are different operations or formats on the same
+  inputs, so they conflict (only the instruction tells them apart);
+- "transfer" (Flan-like): a family's tasks come in pairs that are two template sets of one
+  skill (operation and format: the same answers, like Flan's several tasks made from one
+  dataset), and the pairs conflict with each other. The second template set of the first
+  pair of every family is a low-resource task (`Preset.low_resource` of the examples), as
+  Flan's task sizes vary: its own expert sees little data, so its sibling's expert can do
+  better on it. See `family_tasks` for the exact order.
 """
 
 from __future__ import annotations
@@ -20,6 +31,14 @@ LAYOUTS = (
     "{instr}{fmt}.\nInput: {input}",
     "{instr} ({opts}){fmt}: {input}",
 )
+# The second template set of a skill (a near-duplicate task): other wording around the
+# same instruction and input, the input still last.
+LAYOUTS_V1 = (
+    "Question: {instr}{fmt}?\nText: {input}",
+    "Task - {instr}{fmt}. Data: {input}",
+    "Question: {instr}{fmt}? Options: {opts}.\nText: {input}",
+)
+DESIGNS = ("interference", "transfer")
 SPLITS = ("train", "validation", "test")
 
 
@@ -31,12 +50,22 @@ class Preset:
     families: int
     tasks_per_family: int
     examples_per_task: int
+    design: str = "transfer"  # one of DESIGNS
+    low_resource: float = 0.15  # share of the examples a low-resource task has (transfer)
+
+    def __post_init__(self) -> None:
+        if self.design not in DESIGNS:
+            raise DataError(f"preset {self.name}: design {self.design!r} is not one of {DESIGNS}")
+        if not 0 < self.low_resource <= 1:
+            raise DataError(f"preset {self.name}: low_resource must lie in (0, 1]")
 
 
 PRESETS = {
-    "micro": Preset("micro", 2, 2, 60),
+    "micro": Preset("micro", 2, 2, 60, design="interference"),
     "tiny": Preset("tiny", 4, 2, 300),
+    "tiny-interference": Preset("tiny-interference", 4, 2, 300, design="interference"),
     "small": Preset("small", 8, 4, 1000),
+    "small-interference": Preset("small-interference", 8, 4, 1000, design="interference"),
     "full": Preset("full", 8, 32, 1000),
 }
 
@@ -55,11 +84,22 @@ class Task:
     family: Family
     op: Op
     format: Format
+    variant: int = 0  # which template set: 0 (LAYOUTS) or 1 (LAYOUTS_V1)
+    share: float = 1.0  # share of the preset's examples per task this task has
+
+    @property
+    def skill(self) -> str:
+        """'<family>_<operation>_<format>': tasks of one skill want the same answers."""
+        return f"{self.family.name}_{self.op.name}_{self.format.name}"
 
     @property
     def name(self) -> str:
-        """The task_name column: '<family>_<operation>_<format>'."""
-        return f"{self.family.name}_{self.op.name}_{self.format.name}"
+        """The task_name column: the skill, with '_v1' for the second template set."""
+        return self.skill + (f"_v{self.variant}" if self.variant else "")
+
+    def examples(self, per_task: int) -> int:
+        """How many examples this task has when a preset gives `per_task` (at least 10)."""
+        return max(10, round(per_task * self.share))
 
     @property
     def templates(self) -> int:
@@ -70,7 +110,8 @@ class Task:
         """The prompt for input `text` written with template `template_idx`."""
         instr = self.op.phrases[template_idx % len(self.op.phrases)]
         opts = "/".join(self.op.options or ())
-        return LAYOUTS[template_idx].format(
+        layouts = LAYOUTS_V1 if self.variant else LAYOUTS
+        return layouts[template_idx].format(
             instr=instr, fmt=self.format.phrase, input=text, opts=opts
         )
 
@@ -86,24 +127,51 @@ class Task:
             "kind": self.family.kind,
             "operation": self.op.name,
             "format": self.format.name,
+            "skill": self.skill,
+            "variant": self.variant,
+            "examples_share": self.share,
             "templates": self.templates,
         }
 
 
-def family_tasks(index: int, count: int) -> list[Task]:
-    """The first `count` tasks of family `index`, in a fixed order.
-
-    The order puts two operations in one format first (they conflict), then the first
-    operation in a second format (close to the first task), then the rest.
-    """
+def _skills(index: int) -> list[tuple[Op, Format]]:
+    # A family's (operation, format) pairs in a fixed order: two operations in one format
+    # first (they conflict), then the first operation in a second format (close to the
+    # first), then the rest.
     family = FAMILIES[index]
     formats = FORMATS[index % len(FORMATS) :] + FORMATS[: index % len(FORMATS)]
     combos = [(o, f) for f in range(len(formats)) for o in range(len(family.ops))]
     head = [(0, 0), (1, 0), (0, 1), (2, 0)]
     order = head + [c for c in combos if c not in head]
+    return [(family.ops[o], formats[f]) for o, f in order]
+
+
+def family_tasks(
+    index: int, count: int, design: str = "interference", low_resource: float = 1.0
+) -> list[Task]:
+    """The first `count` tasks of family `index`, in a fixed order.
+
+    "interference": one task per skill, in the order of `_skills`. "transfer": skills
+    are taken two at a time (a, b), each in both template sets, as a0 a1 b0 b1 in even
+    families and a0 b0 a1 b1 in odd ones (so a preset with two tasks per family has
+    near-duplicate pairs in half its families and conflicting pairs in the other half);
+    a1 of the first pair has `low_resource` of the examples. Raises DataError when the
+    family has too few skills.
+    """
+    family, skills = FAMILIES[index], _skills(index)
+    if design == "interference":
+        order = [Task(family, op, fmt) for op, fmt in skills]
+    else:
+        order = []
+        for j in range(0, len(skills) - 1, 2):
+            (oa, fa), (ob, fb) = skills[j], skills[j + 1]
+            share = low_resource if j == 0 else 1.0
+            a0, a1 = Task(family, oa, fa), Task(family, oa, fa, 1, share)
+            b0, b1 = Task(family, ob, fb), Task(family, ob, fb, 1)
+            order += [a0, a1, b0, b1] if index % 2 == 0 else [a0, b0, a1, b1]
     if count > len(order):
         raise DataError(f"family {family.name} has only {len(order)} tasks; asked for {count}")
-    return [Task(family, family.ops[o], formats[f]) for o, f in order[:count]]
+    return order[:count]
 
 
 def make_tasks(preset: str | Preset) -> list[Task]:
@@ -111,7 +179,11 @@ def make_tasks(preset: str | Preset) -> list[Task]:
     p = get_preset(preset) if isinstance(preset, str) else preset
     if p.families > len(FAMILIES):
         raise DataError(f"preset {p.name} wants {p.families} families; there are {len(FAMILIES)}")
-    return [t for i in range(p.families) for t in family_tasks(i, p.tasks_per_family)]
+    return [
+        t
+        for i in range(p.families)
+        for t in family_tasks(i, p.tasks_per_family, p.design, p.low_resource)
+    ]
 
 
 def select_tasks(tasks: list[Task], names: list[str] | None) -> list[Task]:
@@ -130,7 +202,8 @@ def select_tasks(tasks: list[Task], names: list[str] | None) -> list[Task]:
 
 
 def task_rows(task: Task, n: int, seed: int) -> list[dict]:
-    """`n` distinct examples of `task` as flan-flat rows, split 80/10/10.
+    """`n` distinct examples of `task` as flan-flat rows, split 80/10/10 (`generate`
+    gives a task `task.examples(per_task)` examples).
 
     Deterministic in (task, n, seed). Raises DataError when the task's inputs cannot
     give `n` distinct prompts.
@@ -163,12 +236,15 @@ def task_rows(task: Task, n: int, seed: int) -> list[dict]:
 
 
 def generate(tasks: list[Task], examples_per_task: int, seed: int) -> list[dict]:
-    """Flan-flat rows for every task (see `task_rows`), task by task."""
+    """Flan-flat rows for every task (see `task_rows`), task by task; a task has
+    `task.examples(examples_per_task)` examples (fewer for a low-resource task)."""
     if examples_per_task < 10:
         raise DataError(
             f"examples_per_task must be at least 10 (one per split); got {examples_per_task}"
         )
-    return [row for task in tasks for row in task_rows(task, examples_per_task, seed)]
+    return [
+        row for task in tasks for row in task_rows(task, task.examples(examples_per_task), seed)
+    ]
 
 
 def pretraining_examples(
