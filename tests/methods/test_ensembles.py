@@ -45,13 +45,25 @@ def test_sparse_sgd_minimax_and_distill(ws):
     sparse = fit_method(ws, "ensemble-sparse:1", "private")
     assert sum(x > 0 for x in sparse["weights"]) == 1
     assert sparse["curve"]["objective"] == sorted(sparse["curve"]["objective"], reverse=True)
-    sgd = fit_method(ws, "ensemble-sgd", "private", {"epochs": 1, "lr_grid": [0.5, 1e-3]})
+    sgd_opts = {"epochs": None, "max_steps": 30, "eval_every": 1, "patience": 2,
+                "lr_grid": [0.5, 1e-3], "batch_size": 4}  # fmt: skip
+    sgd = fit_method(ws, "ensemble-sgd", "private", sgd_opts)
     assert [r["lr"] for r in sgd["runs"]] == [0.5, 1e-3]
     assert sgd["lr"] in (0.5, 1e-3) and abs(sum(sgd["weights"]) - 1) < 1e-6
+    (won,) = [r for r in sgd["runs"] if r["lr"] == sgd["lr"]]
+    assert won["validation_loss"] == min(r["validation_loss"] for r in sgd["runs"])
+    for key in ("steps", "validation_loss", "final_validation_loss", "stop", "converged"):
+        assert sgd[key] == won[key]  # the winning run's ending is the fit's
+    slow = [r for r in sgd["runs"] if r["lr"] == 1e-3][0]  # tiny steps: flat at once
+    # the first validation is the reference, then `patience` ones without improvement
+    assert slow["stop"] == "plateau" and slow["converged"] and slow["steps"] == 1 + 2
     mm = fit_method(ws, "ensemble-minimax", "private")
     assert 0 < mm["nonzero_fraction"] <= 1
-    distill = fit_method(ws, "ensemble-distill", "private", {"epochs": 1, "max_steps": 2})
+    distill = fit_method(ws, "ensemble-distill", "private", {"epochs": None, "max_steps": 2})
     assert distill["teacher"] == "ensemble-exact"
+    assert (distill["steps"], distill["stop"], distill["converged"]) == (2, "step cap", False)
+    kept = evaluate_method(ws, "ensemble-distill", "validation")  # the best student is kept
+    assert kept.mean == pytest.approx(distill["validation_loss"], abs=1e-5)
     base = AutoModelForCausalLM.from_pretrained(ws.base_id)
     PeftModel.from_pretrained(base, distill["adapter"])  # a standard PEFT adapter
     for name in ("ensemble-sparse:1", "ensemble-sgd", "ensemble-minimax", "ensemble-distill"):

@@ -49,12 +49,34 @@ def test_global_merge(ws):
 def test_layer_merge_with_a_grid(ws):
     fit = fit_method(ws, "merge-sgd-layer", "private", {**OPTIONS, "lr_grid": [0.1, 1e-3]})
     assert [r["lr"] for r in fit["runs"]] == [0.1, 1e-3]
-    best = min(fit["runs"], key=lambda r: r["validation"])
-    assert fit["lr"] == best["lr"] and fit["validation_loss"] == best["validation"]
+    best = min(fit["runs"], key=lambda r: r["validation_loss"])
+    assert fit["lr"] == best["lr"] and fit["validation_loss"] == best["validation_loss"]
+    # The fit's convergence is that of the winning rate's run.
+    assert (fit["converged"], fit["stop"], fit["steps"]) == (
+        best["converged"], best["stop"], best["steps"],
+    )  # fmt: skip
     weights = [torch.tensor(w) for w in fit["weights"].values()]
     assert len(weights) == 4 and not all(torch.allclose(weights[0], w) for w in weights[1:])
     res = evaluate_method(ws, "merge-sgd-layer", "validation")
     _same_as_peft(ws, res, fit["adapter"])
+
+
+def test_fit_until_a_plateau_records_how_it_ended(ws):
+    opts = {"epochs": None, "max_steps": 40, "eval_every": 1, "patience": 2, "lr": 0.1,
+            "batch_size": 5, "min_delta": 0.01}  # fmt: skip
+    fit = fit_method(ws, "merge-sgd-global", "private", opts)
+    (run,) = fit["runs"]
+    vals = [h["validation"] for h in run["history"]]
+    assert fit["steps"] == len(vals) <= 40  # one validation per step
+    assert fit["stop"] in ("plateau", "step cap")
+    assert fit["converged"] is (fit["stop"] == "plateau") is (fit["steps"] < 40)
+    assert fit["validation_loss"] == min(vals) and fit["final_validation_loss"] == vals[-1]
+    assert fit["best_step"] == vals.index(min(vals)) + 1
+    # The weights kept are those of the best step: evaluating them gives its loss.
+    res = evaluate_method(ws, "merge-sgd-global", "validation")
+    assert res.mean == pytest.approx(fit["validation_loss"], abs=1e-5)
+    with pytest.raises(LorafuseError, match="needs max_steps"):
+        fit_method(ws, "merge-sgd-global", "private", {**opts, "max_steps": None})
 
 
 def test_stale_fit(ws):

@@ -2,8 +2,11 @@
 
 The teacher is the best available fitted ensemble of the experts (ensemble-exact, else
 ensemble-sgd, else uniform). The student is a fresh PEFT LoRA on the base model trained
-with the shared loop to minimise KL(teacher || student) on the target positions. It is
-saved as a standard PEFT adapter; at inference it is one expert, one forward pass.
+with the shared loop to minimise KL(teacher || student) on the target positions, with
+the options of every SGD fit (early stopping included). Its validation loss is the
+student's own: the evaluation's metric on the capped validation subset (one pass of
+the student, no teacher), so the best student by that metric is kept. It is saved as a
+standard PEFT adapter; at inference it is one expert, one forward pass.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ import torch
 from lorafuse.ensemble import ensemble_logprobs
 from lorafuse.errors import LorafuseError
 from lorafuse.evaluate import IGNORE
-from lorafuse.fit.sgd import SGDSettings, train
+from lorafuse.fit.sgd import settings_from, train
 from lorafuse.fits import fit_path, load_fit
 from lorafuse.io import atomic_dir
 from lorafuse.methods.ensemble_sgd import TrainingSet
 from lorafuse.methods.ensembles import ROWS_PER_PASS
+from lorafuse.methods.fused_sgd import VALIDATION_PER_TASK, validation_loss
 from lorafuse.methods.registry import Method, Prepared, register
 from lorafuse.model import attach
 from lorafuse.peft_format import METADATA_NAME
@@ -44,7 +48,12 @@ def adapter_dir(ws, kind: str) -> Path:
 
 
 def fit_distill(ws, kind, arg, options) -> dict[str, Any]:
-    """Train the student LoRA against the teacher ensemble; save it as a PEFT adapter."""
+    """Train the student LoRA against the teacher ensemble; save it as a PEFT adapter.
+
+    Options: lr (1e-3), epochs (2; null: until a plateau), rank, alpha, validation
+    (False: none, last weights kept), validation_max_per_task and those of
+    `fit.sgd.settings_from` (max_steps, patience, min_delta, eval_every, warmup, ...).
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -77,15 +86,13 @@ def fit_distill(ws, kind, arg, options) -> dict[str, Any]:
         return (data.weights[list(idx)].to(kl.device) * per_example).mean()
 
     params = {n: p for n, p in student.named_parameters() if p.requires_grad}
-    settings = SGDSettings(
-        lr=options.get("lr", 1e-3),
-        epochs=options.get("epochs", 2),
-        batch_size=options.get("batch_size", 16),
-        seed=options.get("seed", 0),
-        max_steps=options.get("max_steps"),
-    )
+    settings = settings_from(options, float(options.get("lr", 1e-3)), epochs=2)
+    validate = None
+    if options.get("validation", True):
+        cap = options.get("validation_max_per_task", VALIDATION_PER_TASK)
+        validate = validation_loss(ws, cap, lambda t: _logits(student, ws, t))
     try:
-        res = train(params, loss_fn, len(data), settings)
+        res = train(params, loss_fn, len(data), settings, validate, None, options.get("progress"))
     finally:
         fusion.detach()
     with torch.no_grad():
@@ -101,9 +108,16 @@ def fit_distill(ws, kind, arg, options) -> dict[str, Any]:
         "teacher": teacher_name,
         "teacher_weights": weights.tolist(),
         "experts_order": lib.names,
-        "steps": res.steps,
+        **res.summary(),
         "settings": {k: v for k, v in vars(settings).items()},
     }
+
+
+def _logits(student, ws, tensors) -> torch.Tensor:
+    return student(
+        input_ids=tensors["input_ids"].to(ws.device),
+        attention_mask=tensors["attention_mask"].to(ws.device),
+    ).logits  # (B, T, V)
 
 
 def prepare_distill(ws, kind, arg) -> Prepared:

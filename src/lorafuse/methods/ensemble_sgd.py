@@ -15,12 +15,10 @@ from torch import nn
 
 from lorafuse.ensemble import ensemble_logprobs
 from lorafuse.evaluate import target_nll
-from lorafuse.fit.sgd import SGDSettings, train
+from lorafuse.fit.sgd import lr_grid, settings_from, train
 from lorafuse.methods.ensembles import ROWS_PER_PASS, _fitted, fitted_weights, train_cache
 from lorafuse.methods.registry import Method, register
 from lorafuse.model import attach
-
-LR_GRID = (1e-3, 1e-4, 1e-5)
 
 
 class TrainingSet:
@@ -49,7 +47,12 @@ class TrainingSet:
 
 
 def fit_sgd(ws, kind, arg, options) -> dict[str, Any]:
-    """Learn l = softmax(theta) by SGD for each lr of the grid; keep the best on validation."""
+    """Learn l = softmax(theta) by SGD for each lr of the grid; keep the best on validation.
+
+    The options are those of every SGD fit (`fit.sgd.settings_from`: epochs, max_steps,
+    patience, min_delta, eval_every, warmup, ...); the winning rate's run says whether
+    the fit converged.
+    """
     from lorafuse.fit.exact import ensemble_objective
 
     data = TrainingSet(ws, "train", options.get("max_examples_per_task"))
@@ -62,7 +65,7 @@ def fit_sgd(ws, kind, arg, options) -> dict[str, Any]:
     runs, best = [], None
     start = time.perf_counter()
     try:
-        for lr in options.get("lr_grid") or LR_GRID:
+        for lr in lr_grid(options):
             theta = nn.Parameter(torch.zeros(len(lib)))
 
             def loss_fn(idx, theta=theta):
@@ -76,15 +79,9 @@ def fit_sgd(ws, kind, arg, options) -> dict[str, Any]:
             def validate(theta=theta):
                 return ensemble_objective(P_val, torch.softmax(theta.detach(), 0), w_val)
 
-            settings = SGDSettings(
-                lr=lr,
-                epochs=options.get("epochs", 5),
-                batch_size=options.get("batch_size", 16),
-                seed=options.get("seed", 0),
-                max_steps=options.get("max_steps"),
-            )
+            settings = settings_from(options, lr)
             res = train({"theta": theta}, loss_fn, len(data), settings, validate)
-            runs.append({"lr": lr, "validation": res.best_val, "steps": res.steps})
+            runs.append({"lr": lr, **res.summary(), "history": res.history})
             if best is None or res.best_val < best[1].best_val:
                 best = (lr, res)
     finally:
@@ -95,6 +92,7 @@ def fit_sgd(ws, kind, arg, options) -> dict[str, Any]:
         "experts_order": lib.names,
         "lr": lr,
         "validation_objective": res.best_val,
+        **res.summary(),
         "runs": runs,
         "seconds": round(time.perf_counter() - start, 3),
     }

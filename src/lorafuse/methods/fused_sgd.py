@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from lorafuse.evaluate import batch_nll, summarize, target_nll
-from lorafuse.fit.sgd import SGDResult, SGDSettings, train
-from lorafuse.methods.ensemble_sgd import LR_GRID, TrainingSet
+from lorafuse.fit.sgd import SGDResult, SGDSettings, lr_grid, settings_from, train
+from lorafuse.methods.ensemble_sgd import TrainingSet
 from lorafuse.model import Fusion, attach
 
 VALIDATION_PER_TASK = 32  # default cap of validation examples per task
@@ -43,24 +43,16 @@ class FusedFit:
     runs: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
-
-def settings_from(options: dict[str, Any], lr: float) -> SGDSettings:
-    """SGDSettings from fit options (epochs 5 and batch 16 unless given, as in the paper)."""
-    keys = ("grad_accum", "warmup", "weight_decay", "eval_every", "patience", "max_steps")
-    return SGDSettings(
-        lr=lr,
-        epochs=options.get("epochs", 5),
-        batch_size=options.get("batch_size", 16),
-        seed=options.get("seed", 0),
-        **{k: options[k] for k in keys if options.get(k) is not None},
-    )
-
-
-def lr_grid(options: dict[str, Any]) -> list[float]:
-    """`lr_grid`, else [`lr`], else the paper's grid {1e-3, 1e-4, 1e-5}."""
-    if options.get("lr_grid"):
-        return [float(x) for x in options["lr_grid"]]
-    return [float(options["lr"])] if options.get("lr") is not None else list(LR_GRID)
+    def payload(self) -> dict[str, Any]:
+        """The fit's record shared by every fused method: lr, the winning run's ending
+        (steps, best and final validation loss, stop, converged), every run, seconds."""
+        return {
+            "lr": self.lr,
+            **self.result.summary(),
+            "initial_validation_loss": self.initial_validation,
+            "runs": self.runs,
+            "seconds": self.seconds,
+        }
 
 
 def fused_loss(ws, data: TrainingSet) -> Callable:
@@ -74,13 +66,20 @@ def fused_loss(ws, data: TrainingSet) -> Callable:
     return loss_fn
 
 
-def validation_loss(ws, max_per_task: int | None) -> Callable[[], float]:
-    """validate() -> mean over tasks of the validation loss of the model as it is now."""
+def validation_loss(
+    ws, max_per_task: int | None, logits: Callable | None = None
+) -> Callable[[], float]:
+    """validate() -> mean over tasks of the validation loss of the model as it is now.
+
+    `logits(tensors) -> (B, T, V)` is the model to score (default: the workspace's, with
+    whatever is attached to it).
+    """
     batches = ws.batches("validation", max_per_task)
     tasks = [t for b in batches for t in b.tasks]
+    forward = logits or ws.logits
 
     def validate() -> float:
-        sums, counts = batch_nll(lambda b: ws.logits(b.tensors), batches)
+        sums, counts = batch_nll(lambda b: forward(b.tensors), batches)
         return summarize(sums, counts, tasks, "fit", "validation").mean
 
     return validate
@@ -97,9 +96,11 @@ def fit_fused(
     """Learn mixers by SGD through the model with the `kind` experts attached.
 
     `make_mixers(fusion)` sets fresh mixers on the fusion and returns (mixers, params).
-    Options: lr / lr_grid, epochs, batch_size, seed, max_steps, grad_accum, warmup,
-    patience, eval_every, max_examples_per_task, validation (False: no validation, last
-    weights kept), validation_max_per_task, progress(step, loss), checkpoint_dir. The
+    Options: lr / lr_grid, epochs (null: until a plateau), batch_size, seed, max_steps,
+    grad_accum, warmup, patience, min_delta, eval_every (`fit.sgd.settings_from`),
+    max_examples_per_task, validation (False: no validation, last weights kept),
+    validation_max_per_task, progress(step, loss), checkpoint_dir. The winning rate is
+    the one with the lowest validation loss; its run's convergence is the fit's. The
     fusion stays attached with the winning mixers; the caller detaches it.
     """
     start = time.perf_counter()
@@ -126,10 +127,7 @@ def fit_fused(
             with torch.no_grad():
                 for n, p in params.items():
                     p.copy_(res.state[n])
-            runs.append(
-                {"lr": lr, "validation": res.best_val, "steps": res.steps,
-                 "history": res.history}
-            )  # fmt: skip
+            runs.append({"lr": lr, **res.summary(), "history": res.history})
             score = res.best_val if res.best_val is not None else float("inf")
             if best is None or score < best[0]:
                 best = (score, FusedFit(fusion, mixers, lr, res, initial))

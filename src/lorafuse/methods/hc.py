@@ -63,12 +63,7 @@ def fit_hc(ws, kind: str, name: str, arrow_init: bool, options: dict[str, Any]) 
         "clusters": k,
         "experts_order": lib.names,
         "arrow_init": arrow_init,
-        "lr": fit.lr,
-        "validation_loss": fit.result.best_val,
-        "initial_validation_loss": fit.initial_validation,
-        "steps": fit.result.steps,
-        "runs": fit.runs,
-        "seconds": fit.seconds,
+        **fit.payload(),
     }
 
 

@@ -68,12 +68,7 @@ def fit_merge(ws, kind: str, name: str, layerwise: bool, options: dict[str, Any]
         "experts_order": lib.names,
         "space": SPACE,
         "adapter": str(out),
-        "lr": fit.lr,
-        "validation_loss": fit.result.best_val,
-        "initial_validation_loss": fit.initial_validation,
-        "steps": fit.result.steps,
-        "runs": fit.runs,
-        "seconds": fit.seconds,
+        **fit.payload(),
     }
     if not layerwise:
         payload["global_weights"] = next(iter(weights.values())).tolist()

@@ -66,12 +66,7 @@ def fit_route_sgd(ws, kind: str, name: str, init: str, options: dict[str, Any]) 
         "space": space,
         "init": init,
         "router_parameters": int(n_params),
-        "lr": fit.lr,
-        "validation_loss": fit.result.best_val,
-        "initial_validation_loss": fit.initial_validation,
-        "steps": fit.result.steps,
-        "runs": fit.runs,
-        "seconds": fit.seconds,
+        **fit.payload(),
     }
 
 
