@@ -359,6 +359,7 @@ def _fit_summary(fit: dict | None) -> dict | None:
         "weights", "experts_order", "curve", "order", "k", "nonzero_fraction", "value", "lr",
         "validation_loss", "steps", "gap", "converged", "iterations", "clusters", "plot",
         "routed", "adapter", "fit_seconds", "cache_seconds", "solve_seconds", "runs",
+        "final_validation_loss", "best_step", "stop",
     )  # fmt: skip
     return {k: v for k, v in fit.items() if k in keep}
 
