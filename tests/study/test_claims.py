@@ -10,7 +10,13 @@ import pytest
 from lorafuse.study.claims import about_as_good, beats, claims, paired, stats
 from tests.study.test_figures import realistic_results
 
-VERDICTS = {"holds", "does not hold", "inconclusive", "not measured"}
+VERDICTS = {
+    "holds",
+    "does not hold",
+    "inconclusive",
+    "inconclusive (not converged)",
+    "not measured",
+}
 
 
 def method(name, losses, kind="private", status="ok", fit=None):
@@ -263,3 +269,77 @@ def test_kinds_come_from_the_config():
     assert row(rows, "Global SGD merging")["verdict"] == "holds"
     assert row(rows, "Top-4 Arrow")["verdict"] == "holds"
     assert claims(res, kind="private")[7]["verdict"] == "not measured"
+
+
+def fit_ended(converged, stop=None, steps=64):
+    """A fit payload's ending, as an SGD fit records it."""
+    return {"steps": steps, "converged": converged,
+            "stop": stop or ("plateau" if converged else "step cap")}  # fmt: skip
+
+
+@pytest.mark.parametrize("late", ["merge-sgd-global", "merge-sgd-layer"])
+@pytest.mark.parametrize(("first", "second"), [(A, B), (B, A)])  # holds / does not hold
+def test_a_fit_that_did_not_converge_makes_the_comparison_inconclusive(late, first, second):
+    fits = {"merge-sgd-global": fit_ended(True), "merge-sgd-layer": fit_ended(True)}
+    fits[late] = fit_ended(False, "step cap", 40)
+    glob = "Global SGD merging"
+    res = results(
+        method("merge-sgd-global", first, fit=fits["merge-sgd-global"]),
+        method("merge-sgd-layer", second, fit=fits["merge-sgd-layer"]),
+    )
+    r = row(claims(res), glob)
+    assert r["verdict"] == "inconclusive (not converged)"
+    (c,) = r["numbers"]["comparisons"]
+    diff, se = hand(first, second)  # the numbers are still those of the comparison
+    assert c["diff"] == pytest.approx(diff) and c["se"] == pytest.approx(se)
+    assert f"{diff:+.3f}" in r["evidence"]
+    assert f"not converged: {late} (step cap after 40 steps)" in r["evidence"]
+    assert (
+        c["not_converged"] == r["numbers"]["not_converged"] == [f"{late} (step cap after 40 steps)"]
+    )
+    # Both converged (or no fit at all): the numbers decide again.
+    fits[late] = fit_ended(True) if late == "merge-sgd-global" else None
+    res["methods"][0]["fit"], res["methods"][1]["fit"] = fits.values()
+    expected = "holds" if first is A else "does not hold"
+    assert row(claims(res), glob)["verdict"] == expected
+
+
+def test_a_converged_refutation_beats_an_unconverged_comparison():
+    claim = "Every ensembling method of Figure 2"
+    late = method("ensemble-sgd", A, fit=fit_ended(False, "epochs", 32))
+    # ensemble-uniform (no fit) loses to merge-uniform: the claim fails on that alone.
+    r = row(claims(results(method("ensemble-uniform", B), late, method("merge-uniform", C))), claim)
+    assert r["verdict"] == "does not hold"
+    verdicts = {c["a"]: c["verdict"] for c in r["numbers"]["comparisons"]}
+    assert verdicts == {"ensemble-uniform": "does not hold",
+                        "ensemble-sgd": "inconclusive (not converged)"}  # fmt: skip
+    assert "ensemble-sgd (epochs after 32 steps)" in r["evidence"]
+    # ensemble-uniform wins: what is left rests on the unconverged fit.
+    r = row(claims(results(method("ensemble-uniform", A), late, method("merge-uniform", B))), claim)
+    assert r["verdict"] == "inconclusive (not converged)"
+
+
+def test_an_exact_solve_short_of_its_tolerance_is_not_converged():
+    exact = method("ensemble-exact", A, fit={"converged": False, "iterations": 500, "gap": 0.1})
+    r = row(claims(results(exact, method("ensemble-uniform", B))), "Learned ensemble weights")
+    assert r["verdict"] == "inconclusive (not converged)"
+    assert "ensemble-exact (not converged after 500 iterations)" in r["evidence"]
+
+
+def test_top1_top4_gap_rests_on_the_route_sgd_fit():
+    arrow1 = [x + 0.3 + 0.01 * i for i, x in enumerate(A)]
+    sgd1 = [x + 0.01 * (i % 2) for i, x in enumerate(A)]
+    parent = fit_ended(False)  # the top-k variants carry their parent's fit
+    res = results(
+        method("arrow-top1", arrow1),
+        method("arrow-top4", A),
+        method("route-sgd-top1", sgd1, fit=parent),
+        method("route-sgd-top4", A, fit=parent),
+    )
+    r = row(claims(res), "top-1 vs top-4")
+    assert r["verdict"] == "inconclusive (not converged)"
+    assert "route-sgd-top1 (step cap after 64 steps)" in r["evidence"]
+    assert r["numbers"]["difference"]["n_tasks"] == 4
+    for m in res["methods"][2:]:
+        m["fit"] = fit_ended(True)
+    assert row(claims(res), "top-1 vs top-4")["verdict"] == "holds"

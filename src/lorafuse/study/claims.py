@@ -5,9 +5,14 @@ d_t = loss_A(t) - loss_B(t), diff = mean_t d_t, se = std(d, ddof=1) / sqrt(n_tas
 - "A beats B" holds if diff + 2 se < 0, does not hold if diff - 2 se > 0, else it is
   inconclusive (fewer than two common tasks is inconclusive too).
 - "A is about as good as B" holds if |diff| <= 2 se, else it does not hold.
+- A comparison that rests on a method whose fit did not converge (its fit records
+  `converged: false`: an SGD run stopped by its step cap or epochs while still
+  improving, an exact solve short of its tolerance) is "inconclusive (not converged)"
+  whatever its numbers say; they are still shown and the method is named.
 - A claim over several comparisons holds if all of them hold; it does not hold if any
   does not hold; otherwise it is "not measured" when a named method is missing, failed,
-  skipped or has a non-finite loss, else inconclusive.
+  skipped or has a non-finite loss, else "inconclusive (not converged)" when a
+  comparison rests on such a fit, else inconclusive.
 Methods are identified by (name, experts kind); claims use the study's experts kind
 (config "experts", "private" by default) unless the claim names the cluster kind (config
 "cluster_experts", "mbc" by default): routing over MBC experts and Figure 4.
@@ -25,12 +30,15 @@ RULE = (
     "Paired over common tasks: diff = mean_t(loss_A - loss_B), se = std(diff, ddof=1)/sqrt(n). "
     "'A beats B' holds if diff + 2 se < 0, does not hold if diff - 2 se > 0, else inconclusive; "
     "'about as good' holds if |diff| <= 2 se. A claim over several comparisons holds if all "
-    "hold and does not hold if any does not hold."
+    "hold and does not hold if any does not hold. A comparison resting on a fit that did not "
+    "converge (stopped by its step cap or epochs while still improving) is 'inconclusive "
+    "(not converged)'."
 )
 BASELINES = ("base", "shared", "arrow-top4")
 # Appendix variants that are not among Figure 2's ensembling methods (B.3, B.5).
 APPENDIX_ENSEMBLES = ("ensemble-uniform-logits", "ensemble-minimax", "ensemble-sparse")
 HOLDS, FAILS, UNSURE, MISSING = "holds", "does not hold", "inconclusive", "not measured"
+NOT_CONVERGED = "inconclusive (not converged)"
 
 Key = tuple[str, str]  # (method name, experts kind)
 
@@ -55,6 +63,20 @@ def usable(m: dict | None) -> bool:
     if m is None or m.get("status") != "ok" or not m.get("per_task"):
         return False
     return all(v is not None and math.isfinite(v) for v in m["per_task"].values())
+
+
+def not_converged(m: dict | None) -> str | None:
+    """Why the fit of method result `m` did not converge ("step cap after 64 steps"), or
+    None when it converged or has no fit that can converge (fit.converged not false)."""
+    fit = (m or {}).get("fit") or {}
+    if fit.get("converged") is not False:
+        return None
+    stop = fit.get("stop") or "not converged"
+    if fit.get("steps") is not None:
+        return f"{stop} after {fit['steps']} steps"
+    if fit.get("iterations") is not None:
+        return f"{stop} after {fit['iterations']} iterations"
+    return stop
 
 
 def stats(values: dict[str, float]) -> dict[str, Any]:
@@ -108,7 +130,7 @@ def _fmt(x: float | None, sign: bool = False) -> str:
 
 
 def _compare(idx, pairs: Iterable[tuple[Key, Key]], kind: str, rule=beats) -> dict[str, Any]:
-    comps, missing = [], []
+    comps, missing, unfit = [], [], []
     for a, b in pairs:
         bad = [_why(idx, k) for k in (a, b) if not usable(idx.get(k))]
         if bad:
@@ -119,14 +141,20 @@ def _compare(idx, pairs: Iterable[tuple[Key, Key]], kind: str, rule=beats) -> di
         comps[-1]["verdict"] = rule(s["diff"], s["se"]) if s["n_tasks"] else MISSING
         if not s["n_tasks"]:
             missing.append(f"{comps[-1]['a']} vs {comps[-1]['b']} (no common tasks)")
+        late = [f"{_label(k, kind)} ({why})" for k in (a, b) if (why := not_converged(idx[k]))]
+        if late and s["n_tasks"]:
+            comps[-1].update(verdict=NOT_CONVERGED, not_converged=late)
+            unfit.extend(x for x in late if x not in unfit)
     verdicts = [c["verdict"] for c in comps]
     if FAILS in verdicts:
         verdict = FAILS
     elif missing or not comps:
         verdict = MISSING
+    elif NOT_CONVERGED in verdicts:
+        verdict = NOT_CONVERGED
     else:
         verdict = UNSURE if UNSURE in verdicts else HOLDS
-    return {"verdict": verdict, "comparisons": comps, "missing": missing}
+    return {"verdict": verdict, "comparisons": comps, "missing": missing, "not_converged": unfit}
 
 
 def _evidence(res: dict[str, Any], op: str = "-") -> str:
@@ -156,6 +184,8 @@ def _evidence(res: dict[str, Any], op: str = "-") -> str:
             parts.append(
                 f"closest: {c['a']} {op} {c['b']} = {_fmt(c['diff'], True)} +- {_fmt(c['se'])}"
             )
+    if res.get("not_converged"):
+        parts.append("not converged: " + ", ".join(res["not_converged"]))
     if res["missing"]:
         parts.append("missing: " + ", ".join(res["missing"]))
     return "; ".join(parts)
@@ -167,7 +197,12 @@ def _row(claim: str, paper: str, res: dict[str, Any], op: str = "-", **numbers) 
         "paper": paper,
         "verdict": res["verdict"],
         "evidence": _evidence(res, op),
-        "numbers": {"comparisons": res["comparisons"], "missing": res["missing"], **numbers},
+        "numbers": {
+            "comparisons": res["comparisons"],
+            "missing": res["missing"],
+            "not_converged": res["not_converged"],
+            **numbers,
+        },
     }
 
 
@@ -182,9 +217,10 @@ def _mean_se(m: dict | None) -> dict[str, Any]:
 def claims(results: dict, kind: str | None = None, cluster: str | None = None) -> list[dict]:
     """One row per claim of the paper and per measurable printed number, decided on `results`.
 
-    Each row: {"claim", "paper", "verdict" (holds | does not hold | inconclusive | not
-    measured), "evidence" (short text with the numbers), "numbers" (the comparisons, each
-    {"a", "b", "diff", "se", "n_tasks", "verdict"}, and what was missing)}. `kind` and
+    Each row: {"claim", "paper", "verdict" (holds | does not hold | inconclusive |
+    inconclusive (not converged) | not measured), "evidence" (short text with the
+    numbers), "numbers" (the comparisons, each {"a", "b", "diff", "se", "n_tasks",
+    "verdict"}, what was missing and the fits that did not converge)}. `kind` and
     `cluster` override the study's experts kinds (`study_kinds`). Never raises on missing
     methods or failed analyses.
     """
@@ -403,12 +439,18 @@ def _gap_row(idx: dict[Key, dict], kind: str) -> dict:
     sgd = stats({t: s1[t] - s4[t] for t in tasks})
     both = stats({t: (s1[t] - s4[t]) - (a1[t] - a4[t]) for t in tasks})
     verdict = beats(both["diff"], both["se"]) if tasks else MISSING
+    late = [f"{k[0]} ({why})" for k in keys if (why := not_converged(idx[k]))]
+    evidence = (
+        f"gap Arrow {_fmt(arrow['diff'], True)} +- {_fmt(arrow['se'])}, "
+        f"SGD routing {_fmt(sgd['diff'], True)} +- {_fmt(sgd['se'])}; difference "
+        f"{_fmt(both['diff'], True)} +- {_fmt(both['se'])} over {len(tasks)} tasks"
+    )
+    if late and tasks:
+        verdict, evidence = NOT_CONVERGED, evidence + "; not converged: " + ", ".join(late)
     return {
         "claim": claim,
         "paper": paper,
         "verdict": verdict,
-        "evidence": f"gap Arrow {_fmt(arrow['diff'], True)} +- {_fmt(arrow['se'])}, "
-        f"SGD routing {_fmt(sgd['diff'], True)} +- {_fmt(sgd['se'])}; difference "
-        f"{_fmt(both['diff'], True)} +- {_fmt(both['se'])} over {len(tasks)} tasks",
-        "numbers": {"arrow_gap": arrow, "sgd_gap": sgd, "difference": both},
+        "evidence": evidence,
+        "numbers": {"arrow_gap": arrow, "sgd_gap": sgd, "difference": both, "not_converged": late},
     }
