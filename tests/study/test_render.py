@@ -121,3 +121,50 @@ def test_summary_table_lists_every_method():
         assert m["name"] in text
     assert "failed" in text and "did not complete" in text
     assert f"{res['methods'][0]['mean']:.4f} ± {res['methods'][0]['se']:.4f}" in text
+
+
+def _with_fits(res):
+    """realistic_results with three kinds of fit: converged, stopped by its cap, none."""
+    for m in res["methods"]:
+        if (m["name"], m["experts"]) == ("route-sgd", "private"):
+            m["fit"] = {"steps": 40, "validation_loss": 0.912345, "converged": False,
+                        "stop": "step cap", "final_validation_loss": 0.912345}  # fmt: skip
+        if m["name"] == "merge-sgd-global":
+            m["fit"] = {"steps": 17, "validation_loss": 1.5, "converged": True,
+                        "stop": "plateau", "final_validation_loss": 1.51}  # fmt: skip
+    return res
+
+
+def _md_row(md: str, *first_cells: str) -> list[str]:
+    prefix = "| " + " | ".join(first_cells) + " |"
+    (line,) = [x for x in md.splitlines() if x.startswith(prefix)]
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_figure2_table_shows_how_each_fit_ended(tmp_path):
+    md = render(_with_fits(realistic_results()), tmp_path)["report.md"].read_text()
+    head = _md_row(md, "method", "family", "experts")
+    col = {h: i for i, h in enumerate(head)}
+    assert {"steps", "val loss", "converged"} <= set(col)
+    cells = _md_row(md, "route-sgd", "routing", "private")
+    assert [cells[col[k]] for k in ("steps", "val loss", "converged")] == ["40", "0.9123", "no"]
+    cells = _md_row(md, "merge-sgd-global", "merging", "private")
+    assert [cells[col[k]] for k in ("steps", "val loss", "converged")] == ["17", "1.5000", "yes"]
+    cells = _md_row(md, "base", "baseline", "private")  # no fit at all
+    assert [cells[col[k]] for k in ("steps", "val loss", "converged")] == ["-", "-", "-"]
+    cells = _md_row(md, "ensemble-minimax", "ensembling", "private")  # a fit, no convergence
+    assert cells[col["converged"]] == "-"
+
+
+def test_unconverged_fit_shows_in_claims_and_console(tmp_path):
+    res = _with_fits(realistic_results())
+    md = render(res, tmp_path)["report.md"].read_text()
+    assert "inconclusive (not converged)" in md
+    assert "route-sgd (step cap after 40 steps)" in md
+    console = Console(record=True, width=220)
+    console.print(summary_table(res))
+    lines = console.export_text().splitlines()
+    assert "converged" in next(x for x in lines if "method" in x and "status" in x)
+    route = next(x for x in lines if "route-sgd " in x and "private" in x and "0.9" in x)
+    merge = next(x for x in lines if "merge-sgd-global" in x)
+    assert " no " in route and " yes " in merge

@@ -7,12 +7,14 @@ from rich.table import Table
 from rich.text import Text
 
 from lorafuse.study.figures import ordered
+from lorafuse.study.render import fit_cells
 
 STATUS_STYLE = {"ok": "green", "failed": "bold red", "skipped": "yellow"}
 
 
 def summary_table(results: dict) -> Table:
-    """A rich Table: method, family, kind, loss +- se, passes, status; grouped by family.
+    """A rich Table: method, family, kind, loss +- se, passes, converged (yes / no, "-"
+    without a fit that can converge), status; grouped by family.
 
     A failed or skipped method shows "-" as its loss and its status in colour; the caption
     names the study and counts the methods that did not complete.
@@ -24,6 +26,7 @@ def summary_table(results: dict) -> Table:
     table.add_column("kind")
     table.add_column("test loss ± se", justify="right")
     table.add_column("passes", justify="right")
+    table.add_column("converged")
     table.add_column("status")
     previous, broken = None, 0
     for m in ordered(results):
@@ -44,6 +47,7 @@ def summary_table(results: dict) -> Table:
             escape(str(m.get("experts") or "private")),
             loss,
             "-" if passes is None else str(passes),
+            fit_cells(m.get("fit"))[2],
             Text(status, style=STATUS_STYLE.get(status, "")),
         )
     if broken:

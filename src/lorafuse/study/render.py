@@ -145,7 +145,7 @@ def _summary(results: dict) -> list[Block]:
 
 def _figure2_table(results: dict) -> Block:
     head = ["method", "family", "experts", "test loss ± se", "passes", "relative FLOPs",
-            "fit s", "eval s", "status"]  # fmt: skip
+            "steps", "val loss", "converged", "fit s", "eval s", "status"]  # fmt: skip
     rows = []
     for m in ordered(results):
         cost, secs = m.get("cost") or {}, m.get("seconds") or {}
@@ -153,10 +153,22 @@ def _figure2_table(results: dict) -> Block:
         rel = rel.replace(" FLOPs", "").replace("cost n/a", "-")
         rows.append([
             m["name"], str(m.get("family", "")), str(m.get("experts") or "private"),
-            _loss(m), str(cost.get("passes", "-")), rel,
+            _loss(m), str(cost.get("passes", "-")), rel, *fit_cells(m.get("fit")),
             _secs(secs.get("fit")), _secs(secs.get("eval")), str(m.get("status", "")),
         ])  # fmt: skip
     return ("table", head, rows)
+
+
+def fit_cells(fit: dict | None) -> list[str]:
+    """[steps, best validation loss, converged yes/no] of a method's fit; "-" for what
+    the fit does not record (no fit, or one without steps or a convergence test)."""
+    fit = fit or {}
+    val, converged = fit.get("validation_loss"), fit.get("converged")
+    return [
+        "-" if fit.get("steps") is None else str(fit["steps"]),
+        f"{val:.4f}" if isinstance(val, (int, float)) else "-",
+        "-" if converged is None else ("yes" if converged else "no"),
+    ]
 
 
 def _kinds_table(results: dict) -> Block:
@@ -267,6 +279,7 @@ figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #eee
 figcaption { font-style: italic; color: #555; }
 """
 CELL_CLASS = {"holds": "holds", "does not hold": "fails", "inconclusive": "unsure",
+              "inconclusive (not converged)": "unsure",
               "not measured": "missing", "failed": "failed", "skipped": "skipped"}  # fmt: skip
 
 
