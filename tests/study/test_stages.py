@@ -25,3 +25,15 @@ def test_run_reuses_and_recomputes(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # nothing half-written left
     (tmp_path / "fit_m@private.json").write_text("{broken")
     assert StageCache(tmp_path).get("fit:m@private", "k2") is None  # a torn file reruns
+
+
+def test_a_fallback_cache_serves_what_this_one_lacks(tmp_path):
+    first, other = StageCache(tmp_path / "a"), None
+    first.put("eval:base@private", "k", {"v": 1}, 2.0)
+    other = StageCache(tmp_path / "b", fallback=first)
+    assert other.get("eval:base@private", "k") == {"v": 1}  # an equal key: equal inputs
+    assert other.timings["eval:base@private"] == {"seconds": 2.0, "cached": True}
+    assert other.get("eval:base@private", "other key") is None
+    other.put("eval:base@private", "k", {"v": 2}, 1.0)  # its own entry comes first
+    assert other.get("eval:base@private", "k") == {"v": 2}
+    assert not (tmp_path / "a" / "eval_base@private.json").read_text().count('"v": 2')

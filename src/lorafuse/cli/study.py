@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import typer
@@ -17,22 +18,31 @@ def study_command(
     max_examples_per_task: int = typer.Option(None, help="Cap every stage's examples per task."),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: the config's)."),
     dtype: str = typer.Option(None, help="fp32 or bf16 (default: the config's)."),
-    seed: int = typer.Option(None, help="Random seed (default: the config's, 0)."),
+    seed: int = typer.Option(
+        None, help="Random seed: the build's, and the fits' without seeds (default: config's, 0)."
+    ),
+    seeds: str = typer.Option(
+        None, help="Comma-separated fit seeds, e.g. 0,1,2: fits and evaluations once per seed."
+    ),
 ) -> None:
     """Build (if asked), fit and evaluate every method, analyse, and write the report.
 
     Stages are cached in the output folder: an interrupted study resumes, and a finished
-    one re-renders its report in seconds.
+    one re-renders its report in seconds. With --seeds the benchmark is built once (from
+    --seed) and every method is fitted and evaluated with each seed; the claims table
+    then shows each seed's verdict and a robust one.
     """
     with user_errors():
         from lorafuse.errors import LorafuseError
-        from lorafuse.study.config import load_config, preset_config
+        from lorafuse.study.config import load_config, preset_config, with_seeds
 
         if (preset is None) == (config is None):
             raise LorafuseError("give either --preset (micro, tiny, small, full) or --config")
         cfg = preset_config(preset) if preset else load_config(config)
         updates = {"device": device, "dtype": dtype, "seed": seed}
         cfg = cfg.model_copy(update={k: v for k, v in updates.items() if v is not None})
+        if seeds is not None:
+            cfg = with_seeds(cfg, _seeds(seeds))
         seed_everything(cfg.seed)
         _quiet_transformers()
         from lorafuse.study.console import summary_table
@@ -43,10 +53,23 @@ def study_command(
             run = StudyRun(cfg, out, names, max_examples_per_task, bar)
             results = run_study(run)
         console.print(summary_table(results))
+        if robust := results.get("robust_claims"):
+            counts = Counter(r["verdict"] for r in robust)
+            line = ", ".join(f"{v}: {n}" for v, n in counts.items())
+            console.print(f"robust claims over {len(results['seeds'])} seeds: {line}")
         failed = [m["name"] for m in results["methods"] if m.get("status") == "failed"]
         if failed:
             err_console.print(f"[yellow]failed methods (see results.json):[/] {failed}")
         console.print(f"report: {out / 'report.md'} and {out / 'report.html'}")
+
+
+def _seeds(text: str) -> list[int]:
+    from lorafuse.errors import LorafuseError
+
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise LorafuseError(f"--seeds must be comma-separated integers; got {text!r}") from None
 
 
 class _Bars:

@@ -1,7 +1,9 @@
 """A study's configuration: one validated YAML file (the presets are such files).
 
     name: small
-    seed: 0
+    seed: 0                                   # the build's seed, and the fits' by default
+    seeds: [0, 1, 2]                          # optional: fits and evaluations per seed
+    build_per_seed: false                     # optional: one build per seed, <out>-seed<k>
     build: {preset: small, out: runs/small}   # or `library:` a built folder / a YAML spec
     experts: private                          # the kind every method mixes
     cluster_experts: mbc                      # Figure 4 and routing over cluster experts
@@ -23,11 +25,27 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from lorafuse.errors import LorafuseError
 
-PRESETS = ("micro", "tiny", "small", "full")
+
+def _shipped() -> tuple[str, ...]:
+    """The shipped presets: every YAML file in study/presets/, the four sizes first."""
+    folder = resources.files("lorafuse.study").joinpath("presets")
+    names = sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    sizes = [n for n in ("micro", "tiny", "small", "full") if n in names]
+    return (*sizes, *(n for n in names if n not in sizes))
+
+
+PRESETS = _shipped()
 
 
 class _Strict(BaseModel):
@@ -86,9 +104,11 @@ class StudyConfig(_Strict):
     """Everything a study depends on; the stages' cache keys are made from it."""
 
     name: str = "study"
-    seed: int = 0
+    seed: int = 0  # the build's seed; the fits' too unless `seeds` is given
+    seeds: list[int] | None = None  # fit and evaluate once per seed (null: [seed])
     library: str | None = None
     build: BuildConfig | None = None
+    build_per_seed: bool = False  # build one benchmark per seed into <build.out>-seed<k>
     experts: str = "private"
     cluster_experts: str | None = "mbc"
     device: str | None = None
@@ -107,8 +127,34 @@ class StudyConfig(_Strict):
             return [{"name": m} if isinstance(m, str) else m for m in v]
         return v
 
-    def library_path(self) -> Path:
-        """The benchmark folder or library spec to study."""
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v):
+        if v is not None and not v:
+            raise ValueError("seeds must list at least one seed (or be left out)")
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct; got {v}")
+        if v is not None and min(v) < 0:
+            raise ValueError(f"seeds must be >= 0; got {v}")
+        return v
+
+    @field_validator("build_per_seed")
+    @classmethod
+    def _per_seed(cls, v, info: ValidationInfo):
+        if v and info.data.get("build") is None:
+            raise ValueError("build_per_seed needs a `build:` entry (the benchmark to build)")
+        return v
+
+    def seed_list(self) -> list[int]:
+        """The seeds the fits and evaluations run with: `seeds`, else [seed]."""
+        return list(self.seeds) if self.seeds else [self.seed]
+
+    def library_path(self, seed: int | None = None) -> Path:
+        """The benchmark folder or library spec to study (with `build_per_seed`: the
+        one built for `seed`, `<build.out>-seed<seed>`; `seed` defaults to the first)."""
+        if self.build is not None and self.build_per_seed:
+            k = self.seed_list()[0] if seed is None else seed
+            return self.path(f"{self.build.out}-seed{k}")
         if self.build is not None:
             return self.path(self.build.out)
         if self.library is None:
@@ -171,3 +217,11 @@ def _check_methods(config: StudyConfig, src: Path, lines: dict[str, int]) -> Non
             line = lines.get(f"methods.{i}.name", lines.get(f"methods.{i}"))
             where = f" (line {line})" if line else ""
             raise LorafuseError(f"{src}: methods.{i}{where}: {e}") from None
+
+
+def with_seeds(config: StudyConfig, seeds: list[int]) -> StudyConfig:
+    """`config` with `seeds` replaced, validated (LorafuseError names the problem)."""
+    try:
+        return StudyConfig(**{**config.model_dump(), "seeds": seeds})
+    except ValidationError as e:
+        raise LorafuseError("--seeds: " + "; ".join(x["msg"] for x in e.errors())) from None

@@ -54,53 +54,104 @@ class StudyRun:
 
 
 def run_study(run: StudyRun) -> dict[str, Any]:
-    """Run (or resume) the study; write results.json and the report; return the results."""
+    """Run (or resume) the study; write results.json and the report; return the results.
+
+    With several seeds (config `seeds`) every method is fitted and evaluated once per
+    seed. The first seed's stages, fits and figures live in `out` as a single seed's do;
+    each other seed's under `out/seeds/<seed>/`, where a stage whose key the first seed
+    stored (an unfitted method's evaluation: its inputs hold no seed) is served from the
+    first seed's cache. The benchmark is built once, from the config's `seed` (with
+    `build_per_seed`: once per seed, into `<build.out>-seed<k>`), and the analyses run on
+    the first seed (with `build_per_seed`: on each seed's own library). results.json
+    keeps the single-seed layout for the first seed and adds "seeds" ({seed: "methods",
+    "claims", "stages", and with `build_per_seed` "library", "analyses", "figures"}) and
+    "robust_claims" (study/seeds.py's `combine`).
+    """
     import torch
 
+    from lorafuse.io import write_json
+    from lorafuse.study.claims import claims
     from lorafuse.study.render import render
 
     cfg, out, bar = run.config, Path(run.out), run.progress
     out.mkdir(parents=True, exist_ok=True)
-    cache = StageCache(out / "stages")
     methods = _selected(cfg, run.methods)
     caps = _caps(cfg, run.max_examples_per_task)
-    stages = (["build"] if cfg.build else []) + ["load"]
-    stages += [f"{m.name}@{m.experts}" for m in methods] + ["analyses", "report"]
-    bar.plan(stages)
+    seeds = cfg.seed_list()
+    bar.plan(_plan(cfg, methods, seeds))
     threads = torch.get_num_threads()
+    runs: dict[int, dict[str, Any]] = {}
+    first: _Context | None = None
     try:
-        if cfg.build:
-            _build(cfg, cache, bar)
-        bar.start("load", None)
-        ws = _workspace(cfg, out)
-        library = _library_key(ws)
-        bar.finish("load", False)
-        context = _Context(cfg, ws, out, caps, library, cache, bar)
-        records = [context.method(m) for m in methods]
-        bar.start("analyses", None)
-        analyses, figures = context.analyses()
-        bar.finish("analyses", False)
+        for seed in seeds:
+            ctx = _seed_context(cfg, seed, out, caps, first, bar)
+            own = first is None or cfg.build_per_seed  # a library of its own: analyse it
+            r = runs[seed] = {"methods": [ctx.method(m) for m in methods]}
+            r["stages"] = ctx.cache.timings
+            if own:
+                bar.start("analyses" + ctx.tag, None)
+                r["analyses"], r["figures"] = ctx.analyses()
+                r["library"] = _library_info(ctx.ws, ctx.cfg if cfg.build_per_seed else cfg)
+                bar.finish("analyses" + ctx.tag, False)
+            first = first or ctx
     finally:
         torch.set_num_threads(threads)
     bar.start("report", None)
+    top = runs[seeds[0]]
     results = {
         "format": FORMAT,
         "config": cfg.model_dump(mode="json"),
-        "library": _library_info(ws, cfg),
+        "library": top["library"],
         "examples": caps,
-        "methods": records,
-        "analyses": analyses,
-        "figures": figures,
-        "stages": cache.timings,
+        "methods": top["methods"],
+        "analyses": top["analyses"],
+        "figures": top["figures"],
+        "stages": top["stages"],
     }
-    from lorafuse.io import write_json
-    from lorafuse.study.claims import claims
-
     results["claims"] = claims(results)
+    if len(seeds) > 1:
+        from lorafuse.study.seeds import add_seeds
+
+        add_seeds(results, runs, cfg.build_per_seed)
     write_json(out / RESULTS, results)
     render(results, out)
     bar.finish("report", False)
     return results
+
+
+def _plan(cfg: StudyConfig, methods: list[MethodConfig], seeds: list[int]) -> list[str]:
+    stages = []
+    for i, seed in enumerate(seeds):
+        tag = "" if i == 0 else f" seed {seed}"
+        own = i == 0 or cfg.build_per_seed
+        stages += [s + tag for s in (["build"] if cfg.build else []) + ["load"]] if own else []
+        stages += [f"{m.name}@{m.experts}{tag}" for m in methods]
+        stages += ["analyses" + tag] if own else []
+    return stages + ["report"]
+
+
+def _seed_context(cfg, seed: int, out: Path, caps, first, bar: Progress) -> _Context:
+    """One seed's context: its folder, stage cache and workspace (built and loaded when it
+    has a library of its own, else the first seed's workspace with a fits folder of its own)."""
+    own = first is None or cfg.build_per_seed
+    folder = out if first is None else out / "seeds" / str(seed)
+    cache = StageCache(folder / "stages", fallback=None if own else first.cache)
+    tag = "" if first is None else f" seed {seed}"
+    root = cfg.library_path(seed)
+    if own:
+        if cfg.build:
+            _build(cfg, root, seed if cfg.build_per_seed else cfg.seed, cache, bar, tag)
+        bar.start("load" + tag, None)
+        ws = _workspace(cfg, root, folder)
+        library = _library_key(ws)
+        bar.finish("load" + tag, False)
+    else:
+        ws, library = _with_fits(first.ws, folder / "fits"), first.library
+    ctx = _Context(cfg.model_copy(update={"seed": seed}), ws, folder, caps, library, cache, bar)
+    ctx.tag = tag
+    if not own:  # the experts' cached passes do not depend on the seed: share them
+        ctx.cache_dir = first.cache_dir
+    return ctx
 
 
 def _selected(cfg: StudyConfig, names: list[str] | None) -> list[MethodConfig]:
@@ -125,19 +176,19 @@ def _caps(cfg: StudyConfig, cap: int | None) -> dict[str, int | None]:
     return {k: cap if v is None else min(v, cap) for k, v in caps.items()}
 
 
-def _build(cfg: StudyConfig, cache: StageCache, bar: Progress) -> None:
+def _build(cfg: StudyConfig, root: Path, seed: int, cache: StageCache, bar: Progress,
+           tag: str = "") -> None:  # fmt: skip
     """Build (or resume) the benchmark; its closing check is skipped (the study evaluates)."""
     import json
 
     from lorafuse.benchmark import MANIFEST, STAGES, build
 
     assert cfg.build is not None
-    root = cfg.library_path()
     start = time.perf_counter()
-    bar.start("build", None)
+    bar.start("build" + tag, None)
     file = root / MANIFEST
     before = json.loads(file.read_text()).get("stages", {}) if file.is_file() else {}
-    manifest = build(root, cfg.build.preset, cfg.seed, on_progress=_stage_bar(bar), evaluate=False)
+    manifest = build(root, cfg.build.preset, seed, on_progress=_stage_bar(bar), evaluate=False)
     done = all(s in before for s in STAGES if s != "evaluate")
     parts = {k: v.get("seconds") for k, v in manifest["stages"].items()}
     seconds = sum(v for k, v in parts.items() if k != "evaluate" and v is not None)
@@ -146,7 +197,7 @@ def _build(cfg: StudyConfig, cache: StageCache, bar: Progress) -> None:
         "cached": done,
         "parts": parts,
     }
-    bar.finish("build", done)
+    bar.finish("build" + tag, done)
 
 
 def _stage_bar(bar: Progress) -> Callable[[str, int, int], None]:
@@ -156,13 +207,22 @@ def _stage_bar(bar: Progress) -> Callable[[str, int, int], None]:
     return report
 
 
-def _workspace(cfg: StudyConfig, out: Path):
+def _workspace(cfg: StudyConfig, root: Path, out: Path):
     from lorafuse.spec import load_spec
     from lorafuse.workspace import Workspace
 
-    spec = load_spec(cfg.library_path())
+    spec = load_spec(root)
     spec.fits = str((out / "fits").resolve())  # the study's fits live in its folder
     return Workspace(spec, device=cfg.device, dtype=cfg.dtype)
+
+
+def _with_fits(ws, fits: Path):
+    """`ws` with another fits folder; the loaded model, data and experts are shared."""
+    import copy
+
+    other = copy.copy(ws)  # shallow: the cached model, tokenizer and dataset are the same
+    other.spec = ws.spec.model_copy(update={"fits": str(fits.resolve())})
+    return other
 
 
 def _library_key(ws) -> str:
@@ -208,6 +268,7 @@ class _Context:
         self.cfg, self.ws, self.out, self.caps = cfg, ws, Path(out), caps
         self.library, self.cache, self.bar = library, cache, bar
         self.cache_dir = str(Path(ws.fits_dir) / ".cache")
+        self.tag = ""  # " seed <k>" on the progress of every seed but the first
         self._test_cache: dict[str, Any] = {}
         self._shapes: dict[str, Any] = {}
 
@@ -226,7 +287,7 @@ class _Context:
         """Fit (when needed) and evaluate one method; a failure is recorded, not raised."""
         from lorafuse.methods import resolve
 
-        stage = f"{m.name}@{m.experts}"
+        stage = f"{m.name}@{m.experts}{self.tag}"
         record: dict[str, Any] = {"name": m.name, "experts": m.experts, "status": "ok"}
         try:
             method, _ = resolve(m.name)
@@ -300,7 +361,8 @@ class _Context:
         key = stage_key(fit_key, "eval", m.name, m.experts, self.caps["test"])
         stage = f"eval:{m.name}@{m.experts}"
         stored = self.cache.get(stage, key)
-        if stored is not None:
+        if stored is not None:  # perhaps another seed's, when nothing in it is seeded
+            stored["settings"]["seed"] = self.cfg.seed
             return stored, True
         start = time.perf_counter()
         if method.weights is not None:  # a probability ensemble: score the cached passes

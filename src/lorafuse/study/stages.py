@@ -28,16 +28,29 @@ def stage_key(*parts: Any) -> str:
 class StageCache:
     """Results of finished stages under `root/<stage>.json` ({"key", "seconds", "value"})."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, fallback: StageCache | None = None):
         self.root = Path(root)
         self.timings: dict[str, dict[str, Any]] = {}
+        # asked for a stage this cache lacks: an equal key means equal inputs (another
+        # seed's cache serves what does not depend on the seed)
+        self.fallback = fallback
 
     def file(self, stage: str) -> Path:
         """Where stage `stage` is stored (':' and '/' made file-safe)."""
         return self.root / (stage.replace(":", "_").replace("/", "_") + ".json")
 
     def get(self, stage: str, key: str) -> dict | None:
-        """The stored value of `stage` when it was made with `key`, else None."""
+        """The stored value of `stage` when it was made with `key` (here, else in the
+        fallback cache), else None."""
+        stored = self._stored(stage, key)
+        if stored is None and self.fallback is not None:
+            stored = self.fallback._stored(stage, key)
+        if stored is None:
+            return None
+        self.timings.setdefault(stage, {"seconds": stored.get("seconds", 0.0), "cached": True})
+        return stored["value"]
+
+    def _stored(self, stage: str, key: str) -> dict | None:
         f = self.file(stage)
         if not f.is_file():
             return None
@@ -45,10 +58,7 @@ class StageCache:
             stored = json.loads(f.read_text())
         except json.JSONDecodeError:
             return None
-        if stored.get("key") != key:
-            return None
-        self.timings.setdefault(stage, {"seconds": stored.get("seconds", 0.0), "cached": True})
-        return stored["value"]
+        return stored if stored.get("key") == key else None
 
     def put(self, stage: str, key: str, value: Any, seconds: float) -> None:
         """Store `value` for `stage` under `key`."""
