@@ -71,3 +71,20 @@ def test_every_preset_loads_and_names_known_methods():
             resolve(m.name)
     with pytest.raises(LorafuseError, match="unknown study preset"):
         preset_config("huge")
+
+
+def test_every_preset_fits_until_a_plateau_within_a_cap():
+    from lorafuse.fit.sgd import budget, settings_from
+    from lorafuse.methods import resolve
+
+    for preset in PRESETS:
+        cfg = preset_config(preset)
+        for m in cfg.method_list():
+            method, _ = resolve(m.name)
+            if method.fit is None or "lr_grid" not in m.options:
+                continue  # nothing learned by SGD here
+            s = settings_from(m.options, 0.01)  # valid settings (raises otherwise)
+            assert s.patience is not None, (preset, m.name)  # stops on a plateau
+            assert s.epochs is not None or s.max_steps is not None  # within a cap
+            total, _ = budget(s, steps_per_epoch=1000)
+            assert total > (s.eval_every or 1000) * s.patience, (preset, m.name)

@@ -50,6 +50,14 @@ def test_results_schema_and_finite_losses(study):
     assert by[("ensemble-exact", "private")]["fit"]["weights"]
     assert by[("ensemble-exact", "private")]["settings"]["from_cache"]
     assert by[("oracle", "mbc")]["status"] == "ok"
+    # every SGD fit says how it ended; a top-k variant carries its parent's fit
+    for name in ("ensemble-sgd", "ensemble-distill", "merge-sgd-layer", "route-sgd", "route-hc"):
+        fit = by[(name, "private")]["fit"]
+        assert 1 <= fit["steps"] <= 2 and fit["stop"] in ("plateau", "step cap"), name
+        assert fit["converged"] is (fit["stop"] == "plateau")
+        assert fit["validation_loss"] <= fit["final_validation_loss"]
+        assert 1 <= fit["best_step"] <= fit["steps"]
+    assert by[("route-sgd-top1", "private")]["fit"] == by[("route-sgd", "private")]["fit"]
     for name in ("report.md", "report.html"):
         assert (out / name).is_file()
     for fig in results["figures"].values():

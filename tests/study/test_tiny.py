@@ -23,9 +23,15 @@ def test_tiny_study_end_to_end(tmp_path, monkeypatch):
         assert math.isfinite(m["mean"]) and math.isfinite(m["se"])
         assert all(math.isfinite(v) for v in m["per_task"].values())
         assert {"passes", "added_flops_per_token", "relative_flops"} <= set(m["cost"])
+    learned = [m for m in results["methods"] if (m.get("fit") or {}).get("stop")]
+    assert {m["name"] for m in learned} >= {"ensemble-sgd", "ensemble-distill", "route-sgd"}
+    for m in learned:  # every SGD fit says how it ended
+        fit = m["fit"]
+        assert fit["converged"] is (fit["stop"] == "plateau"), m["name"]
+        assert fit["steps"] >= 1 and math.isfinite(fit["final_validation_loss"])
     assert {c["verdict"] for c in results.get("claims", [])} <= {
-        "holds", "does not hold", "inconclusive", "not measured",
+        "holds", "does not hold", "inconclusive", "inconclusive (not converged)", "not measured",
     }  # fmt: skip
     report = (tmp_path / "runs/study/report.md").read_text()
-    assert "ensemble-uniform" in report and "route-sgd" in report
+    assert "ensemble-uniform" in report and "route-sgd" in report and "converged" in report
     assert (tmp_path / "runs/study/report.html").is_file()
