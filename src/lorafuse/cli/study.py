@@ -46,6 +46,7 @@ def study_command(
         seed_everything(cfg.seed)
         _quiet_transformers()
         from lorafuse.study.console import summary_table
+        from lorafuse.study.headline import headline
         from lorafuse.study.runner import StudyRun, run_study
 
         names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
@@ -53,6 +54,8 @@ def study_command(
             run = StudyRun(cfg, out, names, max_examples_per_task, bar)
             results = run_study(run)
         console.print(summary_table(results))
+        for line in headline(results):
+            console.print(line, highlight=False)
         if robust := results.get("robust_claims"):
             counts = Counter(r["verdict"] for r in robust)
             line = ", ".join(f"{v}: {n}" for v, n in counts.items())

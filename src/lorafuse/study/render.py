@@ -27,6 +27,8 @@ from lorafuse.study.figures import (
     ordered,
     sparse_curve,
 )
+from lorafuse.study.headline import headline
+from lorafuse.study.render_seeds import seed_claims_blocks, seed_methods_table
 
 DRAWN = {
     "figure2": (figure2, "Figure 2: test loss ± se of every method with its inference cost."),
@@ -72,7 +74,7 @@ def render(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         caption = next((c for w, c in CAPTIONS.items() if w in key), f"{key}.")
         images.append((key, Path(src).as_posix(), caption))
     blocks = _blocks(results, claims(results), images, missing)
-    texts = {"report.md": _markdown(blocks), "report.html": _html(blocks, _title(results))}
+    texts = {"report.md": markdown(blocks), "report.html": _html(blocks, _title(results))}
     for name, text in texts.items():
         written[name] = write_text(out / name, text)
     return written
@@ -87,8 +89,10 @@ def _blocks(
     results: dict, rows: list[dict], images: list[tuple[str, str, str]], missing: list[str]
 ) -> list[Block]:
     img = {key: ("img", src, caption) for key, src, caption in images}
-    blocks: list[Block] = [("h1", _title(results)), *_summary(results)]
-    blocks += [("h2", "Figure 2: every method"), _figure2_table(results)]
+    blocks: list[Block] = [("h1", _title(results)), ("ul", headline(results))]
+    blocks += [*_summary(results), ("h2", "Figure 2: every method"), _figure2_table(results)]
+    if (per_seed := seed_methods_table(results)) is not None:
+        blocks += [("p", "Test loss ± se on each seed (the table above: the first):"), per_seed]
     broken = [m for m in ordered(results) if m.get("status") != "ok"]
     if broken:
         blocks.append(("p", "Methods that did not complete:"))
@@ -99,13 +103,16 @@ def _blocks(
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
-    blocks += [
-        ("h2", "Claims of the paper"),
-        ("p", "Decision rule: " + RULE),
+    verdicts = seed_claims_blocks(results) or [
         ("p", "Verdicts: " + ", ".join(f"{v}: {n}" for v, n in counts.items())),
         ("table", ["#", "claim", "paper", "verdict", "evidence"],
          [[str(i), r["claim"], r["paper"], r["verdict"], r["evidence"]]
           for i, r in enumerate(rows, 1)]),
+    ]  # fmt: skip
+    blocks += [
+        ("h2", "Claims of the paper"),
+        ("p", "Decision rule: " + RULE),
+        *verdicts,
         ("h2", "Private vs cluster (MBC) experts"),
         _kinds_table(results),
     ]  # fmt: skip
@@ -129,18 +136,26 @@ def _summary(results: dict) -> list[Block]:
     tasks = list(lib.get("tasks") or [])
     methods = results.get("methods") or []
     status = {s: sum(m.get("status") == s for m in methods) for s in ("ok", "failed", "skipped")}
-    hidden = ("name", "seed", "base_model", "methods", "root")
+    hidden = ("name", "seed", "seeds", "build_per_seed", "base_model", "methods", "root")
     settings = {k: v for k, v in cfg.items() if k not in hidden and v not in (None, {}, [])}
     rows = [
         ["base model", str(lib.get("base_model") or cfg.get("base_model") or "?")],
         ["experts", ", ".join(f"{k}: {_count(v)}" for k, v in experts.items()) or "none"],
         ["tasks", f"{len(tasks)}" + (f" ({_clip(', '.join(tasks), 160)})" if tasks else "")],
         ["task families", str(len(lib["families"])) if lib.get("families") else "none given"],
-        ["study", f"{cfg.get('name', '?')}, seed {cfg.get('seed', '?')}"],
+        ["study", f"{cfg.get('name', '?')}, seed {cfg.get('seed', '?')}" + _seeds(cfg)],
         ["methods", ", ".join(f"{n} {s}" for s, n in status.items())],
         ["settings", _clip(json.dumps(settings, default=str), 400) if settings else "defaults"],
     ]
     return [("table", ["library", ""], rows)]
+
+
+def _seeds(cfg: dict) -> str:
+    seeds = cfg.get("seeds") or []
+    if len(seeds) < 2:
+        return ""
+    per_build = ", one build per seed" if cfg.get("build_per_seed") else ""
+    return f"; fits on seeds {', '.join(map(str, seeds))}{per_build}"
 
 
 def _figure2_table(results: dict) -> Block:
@@ -248,7 +263,8 @@ def _md(text: Any) -> str:
     return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", text).replace("|", "\\|")
 
 
-def _markdown(blocks: list[Block]) -> str:
+def markdown(blocks: list[Block]) -> str:
+    """Markdown text of report blocks (headings, paragraphs, lists, images, tables)."""
     out = []
     for b in blocks:
         if b[0] in ("h1", "h2"):
@@ -280,7 +296,8 @@ figcaption { font-style: italic; color: #555; }
 """
 CELL_CLASS = {"holds": "holds", "does not hold": "fails", "inconclusive": "unsure",
               "inconclusive (not converged)": "unsure",
-              "not measured": "missing", "failed": "failed", "skipped": "skipped"}  # fmt: skip
+              "not measured": "missing", "failed": "failed", "skipped": "skipped",
+              "mixed": "unsure"}  # fmt: skip
 
 
 def _html(blocks: list[Block], title: str) -> str:
