@@ -59,3 +59,21 @@ def test_refactor_command(tmp_path):
     assert r["k_reached"] == 2 and (out / "greedy_selection.png").stat().st_size > 1000
     res = runner.invoke(app, ["refactor", str(tmp_path / "m.json"), "--out", str(out)])
     assert res.exit_code == 2 and "--force" in res.output
+
+
+def test_fit_until_a_plateau_prints_how_it_ended(mini_bench, tmp_path):
+    import shutil
+
+    bench = tmp_path / "bench"
+    shutil.copytree(mini_bench, bench)  # the fit is written under the bench's fits/
+    args = ["fit", "--library", str(bench), "--method", "merge-sgd-global", "--lr", "0.1"]
+    args += ["--batch-size", "5", "--max-steps", "30", "--patience", "2", "--eval-every", "1"]
+    res = runner.invoke(app, [*args, "--min-delta", "0.01"])
+    assert res.exit_code == 0, res.output
+    fit = json.loads((bench / "fits" / "merge-sgd-global__private.json").read_text())
+    assert fit["options"]["epochs"] is None and fit["options"]["patience"] == 2
+    assert len(fit["runs"][0]["history"]) == fit["steps"] <= 30  # one validation a step
+    printed = " ".join(res.output.split())  # the console wraps long lines
+    assert f"'stop': '{fit['stop']}'" in printed and "'converged'" in printed
+    res = runner.invoke(app, [*args[:7], "--patience", "0"])
+    assert res.exit_code == 2 and "patience must be an integer >= 1" in res.output

@@ -88,12 +88,25 @@ def fit_command(
     epochs: int = typer.Option(None, help="Epochs of SGD-trained methods (default per method)."),
     lr: list[float] = typer.Option(None, help="Learning rate(s); several form the grid."),
     batch_size: int = typer.Option(None, help="Examples per optimizer step."),
-    max_steps: int = typer.Option(None, help="Stop SGD after this many steps (quick runs)."),
+    max_steps: int = typer.Option(
+        None, help="Step cap of SGD; without --epochs, no epoch budget (until a plateau)."
+    ),
+    patience: int = typer.Option(
+        None, help="Stop SGD after this many validations without improvement (a plateau)."
+    ),
+    eval_every: int = typer.Option(None, help="Steps between validations (default: an epoch)."),
+    min_delta: float = typer.Option(
+        None, help="Relative improvement a validation must make to count (default 0.001)."
+    ),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: the spec's)."),
     dtype: str = typer.Option(None, help="fp32 or bf16 (default: the spec's)."),
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
-    """Fit methods' coefficients and save them under the setup's fits/ folder."""
+    """Fit methods' coefficients and save them under the setup's fits/ folder.
+
+    Each SGD fit prints how it ended: steps, stop (plateau, step cap, epochs) and
+    converged (true exactly when it stopped on a plateau).
+    """
     with user_errors():
         seed_everything(seed)
         from lorafuse.methods.run import fit_method
@@ -106,9 +119,14 @@ def fit_command(
             "lr": lr[0] if lr else None,
             "batch_size": batch_size,
             "max_steps": max_steps,
+            "patience": patience,
+            "eval_every": eval_every,
+            "min_delta": min_delta,
             "seed": seed,
         }
         options = {k: v for k, v in options.items() if v is not None}
+        if max_steps is not None and epochs is None:
+            options["epochs"] = None  # the step cap alone bounds the run
         for name in method:
             with console.status(f"fitting {name} over the {experts} experts"):
                 fit = fit_method(ws, name, experts, options)
