@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test demo regimes lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,13 @@ test: setup lint
 # The main job: build the small benchmark (resumable) and run the paper's study on it.
 demo: setup
 	$(VENV)/bin/lorafuse study --preset small --out runs/study --seed 0
+
+# Does the regime decide the winner? The small study on the small library and on one whose
+# experts interfere, then their claims side by side (runs/regimes/compare.md); not in demo.
+regimes: setup
+	$(VENV)/bin/lorafuse study --preset small --out runs/study
+	$(VENV)/bin/lorafuse study --preset small-interference --out runs/study-interference
+	$(VENV)/bin/lorafuse compare runs/study runs/study-interference --out runs/regimes
 
 bench: setup
 	$(PY) bench/fused_layer.py

@@ -21,7 +21,13 @@ runner = CliRunner()
 
 
 @pytest.mark.parametrize(
-    "argv, shown", [([], "merge"), (["study"], "--preset"), (["import-mttl"], "--ignore-meta")]
+    "argv, shown",
+    [
+        ([], "merge"),
+        (["study"], "--seeds"),
+        (["compare"], "--out"),
+        (["import-mttl"], "--ignore-meta"),
+    ],
 )
 def test_help_does_not_import_torch(argv, shown):
     args = ["lorafuse", *argv, "--help"]

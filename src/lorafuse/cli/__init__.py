@@ -17,13 +17,14 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from lorafuse.cli import convert, core, evaluate, structure, study
+    from lorafuse.cli import compare, convert, core, evaluate, structure, study
 
     core.register(app)
     convert.register(app)
     evaluate.register(app)
     structure.register(app)
     study.register(app)
+    compare.register(app)
     try:  # the benchmark commands (their module may be absent in a partial install)
         from lorafuse.cli import benchmark
     except ImportError:

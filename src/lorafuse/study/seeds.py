@@ -3,8 +3,8 @@
 A multi-seed study fits and evaluates every method once per seed; each seed's claims are
 decided on that seed's results (claims.py). The robust verdict of a claim combines them:
 - "holds" when it holds on every seed;
-- "does not hold" when it holds on no seed (an inconclusive seed counts as not holding:
-  the robust rule only credits a claim that each seed supports);
+- "does not hold" when it holds on no seed (an inconclusive seed, a not-converged one
+  included, counts as not holding: the robust rule only credits what each seed supports);
 - "mixed" when it holds on some seeds and not on others;
 - "not measured" when no seed could measure it (a seed that could not measure it, while
   others could, counts as not holding too).
