@@ -23,3 +23,12 @@ def test_preset_or_config_not_both(tmp_path):
     assert r.exit_code == 2 and "either --preset" in r.output
     r = runner.invoke(app, ["study", "--preset", "huge", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "unknown study preset" in r.output
+
+
+def test_bad_seeds_exit_2_before_anything_runs(tmp_path):
+    out = tmp_path / "o"
+    r = runner.invoke(app, ["study", "--preset", "micro", "--out", str(out), "--seeds", "0,x"])
+    assert r.exit_code == 2 and "--seeds must be comma-separated integers" in r.output
+    r = runner.invoke(app, ["study", "--preset", "micro", "--out", str(out), "--seeds", "1,1"])
+    assert r.exit_code == 2 and "seeds must be distinct" in r.output
+    assert not out.exists()
