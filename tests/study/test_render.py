@@ -168,3 +168,14 @@ def test_unconverged_fit_shows_in_claims_and_console(tmp_path):
     route = next(x for x in lines if "route-sgd " in x and "private" in x and "0.9" in x)
     merge = next(x for x in lines if "merge-sgd-global" in x)
     assert " no " in route and " yes " in merge
+
+
+def test_report_states_the_library_structure(tmp_path):
+    res = realistic_results()
+    res["library"]["structure"] = {"experts": 32, "not_best_on_own_task": 7, "greedy_experts": 19}
+    md = render(res, tmp_path)["report.md"].read_text()
+    assert "7 of 32 private experts (22%) are not the best on their own task" in md
+    assert "recovers the private oracle with 19 of 32 (59%)" in md
+    res["library"]["structure"] = None
+    md = render(res, tmp_path / "b")["report.md"].read_text()
+    assert "structure | not measured" in md

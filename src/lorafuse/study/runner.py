@@ -245,16 +245,20 @@ def _library_info(ws, cfg: StudyConfig) -> dict[str, Any]:
             kinds[kind] = ws.library(kind).names
         except LorafuseError as e:
             kinds[kind] = f"error: {e}"
-    families = None
+    families, structure, preset = None, None, None
     manifest = Path(ws.spec.root) / "manifest.json"
     if manifest.is_file():
         m = json.loads(manifest.read_text())
         families = {f["name"]: f["tasks"] for f in m.get("families", [])} or None
+        preset = m.get("preset")
+        structure = m.get("stages", {}).get("structure")  # benchmark_structure's statistics
     return {
         "base_model": ws.spec.base_model,
+        "preset": preset,
         "tasks": ws.tasks,
         "experts": kinds,
         "families": families,
+        "structure": structure,
         "device": str(ws.device),
         "dtype": str(ws.dtype).replace("torch.", ""),
         "seed": cfg.seed,
