@@ -18,7 +18,11 @@ def build(
     out: Path = typer.Option(
         ..., "--out", "-o", help="Folder of the build (resumed if it exists)."
     ),
-    preset: str = typer.Option("small", help="tiny (8 tasks), small (32) or full (256)."),
+    preset: str = typer.Option(
+        "small",
+        help="tiny (8 tasks), small (32) or full (256), Flan-like (experts transfer); "
+        "tiny-interference or small-interference: every task its own skill.",
+    ),
     seed: int = typer.Option(0, help="Random seed: same seed, same data, models and numbers."),
     threads: int = typer.Option(None, help="torch CPU threads (default: the preset's, 2)."),
     evaluate: bool = typer.Option(True, help="Finish with the test-loss check (evaluation.json)."),

@@ -11,7 +11,9 @@ from lorafuse.cli.common import console, err_console, seed_everything, user_erro
 
 
 def study_command(
-    preset: str = typer.Option(None, help="A shipped study: micro, tiny, small or full."),
+    preset: str = typer.Option(
+        None, help="A shipped study: micro, tiny, small, full or small-interference."
+    ),
     config: Path = typer.Option(None, help="A study config (YAML) instead of a preset."),
     out: Path = typer.Option(Path("runs/study"), "--out", "-o", help="The study's folder."),
     methods: str = typer.Option(None, help="Comma-separated subset of the config's methods."),
@@ -37,7 +39,7 @@ def study_command(
         from lorafuse.study.config import load_config, preset_config, with_seeds
 
         if (preset is None) == (config is None):
-            raise LorafuseError("give either --preset (micro, tiny, small, full) or --config")
+            raise LorafuseError("give either --preset (micro, tiny, small, ...) or --config")
         cfg = preset_config(preset) if preset else load_config(config)
         updates = {"device": device, "dtype": dtype, "seed": seed}
         cfg = cfg.model_copy(update={k: v for k, v in updates.items() if v is not None})

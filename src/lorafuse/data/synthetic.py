@@ -32,10 +32,11 @@ LAYOUTS = (
     "{instr} ({opts}){fmt}: {input}",
 )
 # The second template set of a skill (a near-duplicate task): other wording around the
-# same instruction and input, the input still last.
+# same instruction and input, the input still last; its second template is the first
+# set's second one (templates of one dataset overlap, as in Flan).
 LAYOUTS_V1 = (
     "Question: {instr}{fmt}?\nText: {input}",
-    "Task - {instr}{fmt}. Data: {input}",
+    LAYOUTS[1],
     "Question: {instr}{fmt}? Options: {opts}.\nText: {input}",
 )
 DESIGNS = ("interference", "transfer")
@@ -51,7 +52,7 @@ class Preset:
     tasks_per_family: int
     examples_per_task: int
     design: str = "transfer"  # one of DESIGNS
-    low_resource: float = 0.15  # share of the examples a low-resource task has (transfer)
+    low_resource: float = 0.08  # share of the examples a low-resource task has (transfer)
 
     def __post_init__(self) -> None:
         if self.design not in DESIGNS:

@@ -198,13 +198,19 @@ def load_config(source: str | Path) -> StudyConfig:
 
 def preset_config(preset: str) -> StudyConfig:
     """The shipped study config of a benchmark preset (builds into runs/<preset>)."""
-    from lorafuse.spec import parse_yaml
-
     if preset not in PRESETS:
         raise LorafuseError(f"unknown study preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return StudyConfig(**_preset_data(preset))
+
+
+def _preset_data(preset: str) -> dict[str, Any]:
+    # A shipped preset may start from another (`like: small`) and override its keys.
+    from lorafuse.spec import parse_yaml
+
     text = resources.files("lorafuse.study").joinpath(f"presets/{preset}.yaml").read_text()
     data, _ = parse_yaml(text, Path(f"{preset}.yaml"))
-    return StudyConfig(**data)
+    parent = data.pop("like", None)
+    return {**_preset_data(parent), **data} if parent else data
 
 
 def _check_methods(config: StudyConfig, src: Path, lines: dict[str, int]) -> None:
