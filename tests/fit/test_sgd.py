@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from lorafuse.errors import LorafuseError
-from lorafuse.fit.sgd import SGDSettings, epoch_order, lr_grid, schedule, settings_from
+from lorafuse.fit.sgd import SGDSettings, epoch_order, lr_grid, schedule, settings_from, train
 from tests.fit.sgd_script import run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,6 +31,27 @@ def test_schedule_and_order():
     f = [schedule(s, 100, 0.1) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[10:], f[11:]))  # cosine decays monotonically
+    assert f[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    flat = [schedule(s, 100, 0.1, decay=False) for s in range(100)]
+    assert flat[:10] == f[:10] and flat[10:] == [1.0] * 90  # until a plateau: constant
+
+
+def test_training_until_a_plateau_keeps_the_rate_constant():
+    # epochs None: after the warm-up every step uses the full rate (AdamW's first step
+    # moves each parameter by about lr, whatever the gradient's size).
+    rates = []
+    params = {"w": nn.Parameter(torch.zeros(1))}
+
+    def loss_fn(idx):
+        return ((params["w"] - 100.0) ** 2).sum()
+
+    settings = SGDSettings(lr=0.1, epochs=None, max_steps=20, batch_size=1, warmup=0.1)
+    train(
+        params, loss_fn, 4, settings, progress=lambda step, loss: rates.append(params["w"].item())
+    )
+    steps = [b - a for a, b in zip([0.0, *rates], rates)]
+    assert steps[1] == pytest.approx(0.1, rel=1e-3)  # warm-up over 2 steps: 0.05, then 0.1
+    assert all(d == pytest.approx(0.1, rel=1e-2) for d in steps[2:])
     assert epoch_order(10, 0, 1) == epoch_order(10, 0, 1) != epoch_order(10, 0, 2)
     with pytest.raises(LorafuseError, match="multiple of grad_accum"):
         SGDSettings(batch_size=10, grad_accum=3)

@@ -1,7 +1,10 @@
 """The one training loop for every learned set of coefficients.
 
-Only the given parameters are trained (AdamW, linear warm-up then cosine decay, gradient
-accumulation). The data order of each epoch is a pure function of (seed, epoch), so a run
+Only the given parameters are trained (AdamW, linear warm-up then cosine decay over the
+budget, gradient accumulation). A run that trains until a plateau (`epochs` None, at most
+`max_steps`) keeps its learning rate constant after the warm-up instead: a cosine over the
+cap would flatten the loss by annealing the rate to zero, and that flat end would pass
+for a plateau. The data order of each epoch is a pure function of (seed, epoch), so a run
 resumed from a checkpoint takes exactly the steps an uninterrupted run takes. Under
 `accelerate launch` each process computes the loss on its share of every global batch and
 gradients are averaged across processes, so N processes give the weights of one.
@@ -155,11 +158,14 @@ class SGDResult:
         }
 
 
-def schedule(step: int, total: int, warmup: float) -> float:
-    """Learning-rate factor at `step`: linear warm-up over warmup*total, then cosine to 0."""
+def schedule(step: int, total: int, warmup: float, decay: bool = True) -> float:
+    """Learning-rate factor at `step`: linear warm-up over warmup*total, then cosine to 0
+    at `total` (or, without `decay`, constant 1)."""
     w = max(1, int(round(warmup * total)))
     if step < w:
         return (step + 1) / w
+    if not decay:
+        return 1.0
     progress = (step - w) / max(1, total - w)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -214,8 +220,9 @@ def train(
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt is not None and ckpt.exists():
         state = _load(ckpt, named, opt)
+    decay = settings.epochs is not None  # until a plateau: constant after the warm-up
     for g in opt.param_groups:
-        g["lr"] = settings.lr * schedule(state["step"], total, settings.warmup)
+        g["lr"] = settings.lr * schedule(state["step"], total, settings.warmup, decay)
     while state["stop"] is None and state["step"] < total:
         step = state["step"]
         epoch, k = divmod(step, steps_per_epoch)
@@ -226,7 +233,7 @@ def train(
         opt.zero_grad(set_to_none=True)
         state["step"] = step + 1
         for g in opt.param_groups:
-            g["lr"] = settings.lr * schedule(state["step"], total, settings.warmup)
+            g["lr"] = settings.lr * schedule(state["step"], total, settings.warmup, decay)
         if progress is not None:
             progress(state["step"], loss)
         if validate is not None and (state["step"] % eval_every == 0 or state["step"] == total):
