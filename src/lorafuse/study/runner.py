@@ -17,7 +17,7 @@ from typing import Any
 
 from lorafuse.errors import LorafuseError
 from lorafuse.study.config import MethodConfig, StudyConfig
-from lorafuse.study.stages import StageCache, stage_key
+from lorafuse.study.stages import FIT_RULES, StageCache, stage_key
 
 RESULTS = "results.json"
 FORMAT = "lorafuse-study/1"
@@ -346,7 +346,9 @@ class _Context:
         if method.fit is None:
             return None, self.library, None
         options = self.options(m)
-        key = stage_key(self.library, "fit", m.name, m.experts, _plain(options), self.caps)
+        key = stage_key(
+            self.library, "fit", FIT_RULES, m.name, m.experts, _plain(options), self.caps
+        )
         stage = f"fit:{m.name}@{m.experts}"
         fit = self.cache.get(stage, key)
         if fit is not None and fit_path(self.ws, m.name, m.experts).is_file():

@@ -18,6 +18,11 @@ from typing import Any
 
 from lorafuse.io import write_json
 
+# Part of every fit's stage key: raised when lorafuse changes how a fit trains for the
+# same options (2: a run trained until a plateau keeps its rate constant), so that a
+# study made by an older lorafuse refits instead of reusing fits trained the old way.
+FIT_RULES = 2
+
 
 def stage_key(*parts: Any) -> str:
     """A short stable hash of JSON-able parts."""
