@@ -19,9 +19,9 @@ import torch
 
 def setup(root: Path, experts: int, seed: int):
     """A randomly initialised benchmark-size base model and the small suite's train data."""
+    from lorafuse.benchmark.pretrain import BaseSettings, build_model
     from lorafuse.data.synthetic import generate, make_tasks
     from lorafuse.data.tokenizer import build_char_tokenizer
-    from lorafuse.pretrain import BaseSettings, build_model
 
     tok = build_char_tokenizer()
     build_model(BaseSettings(), tok, seed).save_pretrained(root / "base")
@@ -39,9 +39,9 @@ def peft_one_at_a_time(base_dir, train, jobs, settings, seed) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lorafuse.benchmark.pretrain import warmup_cosine
+    from lorafuse.benchmark.train import Sampler, stable_seed
     from lorafuse.data.collate import collate, encode
-    from lorafuse.pretrain import warmup_cosine
-    from lorafuse.train import Sampler, stable_seed
 
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     for job in jobs:
@@ -81,7 +81,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import peft  # noqa: F401  (import cost paid before timing)
 
-    from lorafuse.train import ExpertJob, ExpertSettings, train_experts
+    from lorafuse.benchmark.train import ExpertJob, ExpertSettings, train_experts
 
     settings = ExpertSettings(steps=args.steps, batch_size=args.batch_size, warmup=2)
     with tempfile.TemporaryDirectory() as tmp:

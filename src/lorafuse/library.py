@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lorafuse.errors import ExpertError, LibraryMismatchError
-from lorafuse.peft_format import (
+from lorafuse.formats.peft import (
     BIN_NAME,
     SAFETENSORS_NAME,
     ExpertConfig,

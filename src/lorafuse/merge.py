@@ -18,11 +18,11 @@ import torch
 from torch import Tensor, nn
 
 from lorafuse.errors import LorafuseError
+from lorafuse.formats.peft import KEY_PREFIX, METADATA_NAME, SAFETENSORS_NAME, adapter_config
 from lorafuse.io import atomic_dir
 from lorafuse.layer import base_shape, check_space
 from lorafuse.library import ExpertLibrary, StackedModule
 from lorafuse.linalg import truncate_product
-from lorafuse.peft_format import KEY_PREFIX, METADATA_NAME, SAFETENSORS_NAME, adapter_config
 
 Weights = Tensor | Sequence[float] | Mapping[str, Tensor | Sequence[float]] | None
 

@@ -33,7 +33,7 @@ def build(
 
     with user_errors():
         seed_everything(seed)
-        from lorafuse.benchmark import STAGES, build, preset_settings
+        from lorafuse.benchmark.build import STAGES, build, preset_settings
 
         _quiet_transformers()
         settings = preset_settings(preset)
@@ -80,7 +80,7 @@ def _quiet_transformers() -> None:
 def _summary(out: Path, manifest: dict) -> None:
     from rich.table import Table
 
-    from lorafuse.benchmark import STAGES
+    from lorafuse.benchmark.build import STAGES
 
     table = Table(title=f"benchmark {manifest['preset']} (seed {manifest['seed']}) in {out}")
     table.add_column("stage")
@@ -166,10 +166,10 @@ def train_expert(
         seed_everything(seed)
         import torch
 
+        from lorafuse.benchmark.train import ExpertSettings
+        from lorafuse.benchmark.train import train_expert as run
         from lorafuse.data.flan import examples, load_flan
         from lorafuse.io import check_output
-        from lorafuse.train import ExpertSettings
-        from lorafuse.train import train_expert as run
 
         check_output(out, force)
         names = [t.strip() for t in tasks.split(",") if t.strip()]

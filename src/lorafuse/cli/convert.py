@@ -27,8 +27,8 @@ def import_mttl(
         seed_everything(seed)
         from rich.table import Table
 
+        from lorafuse.formats.mttl import convert_library, read_library, resolve_library
         from lorafuse.io import check_output
-        from lorafuse.mttl_format import convert_library, read_library, resolve_library
 
         check_output(out, force)
         folder = resolve_library(source)

@@ -21,14 +21,14 @@ from lorafuse.ensemble import ensemble_logprobs
 from lorafuse.errors import LorafuseError
 from lorafuse.evaluate import IGNORE
 from lorafuse.fit.sgd import settings_from, train
-from lorafuse.fits import fit_path, load_fit
+from lorafuse.formats.fits import fit_path, load_fit
+from lorafuse.formats.peft import METADATA_NAME
 from lorafuse.io import atomic_dir
 from lorafuse.methods.ensemble_sgd import TrainingSet
 from lorafuse.methods.ensembles import ROWS_PER_PASS
 from lorafuse.methods.fused_sgd import VALIDATION_PER_TASK, validation_loss
 from lorafuse.methods.registry import Method, Prepared, register
 from lorafuse.model import attach
-from lorafuse.peft_format import METADATA_NAME
 
 TEACHERS = ("ensemble-exact", "ensemble-sgd")
 

@@ -19,7 +19,7 @@ import torch
 from lorafuse.cache import expert_target_logprobs
 from lorafuse.ensemble import ensemble_logprobs
 from lorafuse.errors import LorafuseError
-from lorafuse.fits import load_fit
+from lorafuse.formats.fits import load_fit
 from lorafuse.methods.registry import Method, Prepared, register
 from lorafuse.model import attach
 

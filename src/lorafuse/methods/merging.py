@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from lorafuse.errors import LorafuseError
-from lorafuse.fits import load_fit
+from lorafuse.formats.fits import load_fit
 from lorafuse.merge import merge, save_adapter
 from lorafuse.methods.fused_sgd import fit_fused, is_main_process
 from lorafuse.methods.registry import Method, Prepared, register

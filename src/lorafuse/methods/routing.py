@@ -19,13 +19,13 @@ from typing import Any
 
 from lorafuse.errors import LorafuseError
 from lorafuse.evaluate import Result, standard_error
-from lorafuse.fits import load_fit
+from lorafuse.formats.fits import load_fit
+from lorafuse.formats.routed import load_routed, save_routed
 from lorafuse.layer import check_space
 from lorafuse.methods.fused_sgd import fit_fused, is_main_process
 from lorafuse.methods.registry import Method, Prepared, register
 from lorafuse.mixers.routers import build_routers, router_parameters
 from lorafuse.model import attach
-from lorafuse.routed import load_routed, save_routed
 
 SPACE = "factors"
 TOP_KS = (1, 2, 4)

@@ -54,7 +54,7 @@ def fit_method(ws, name: str, kind: str = "private", options: dict | None = None
 
     Raises LorafuseError for an unknown method or one that has nothing to fit.
     """
-    from lorafuse.fits import save_fit
+    from lorafuse.formats.fits import save_fit
 
     method, arg = resolve(name)
     if method.fitted_by is not None:

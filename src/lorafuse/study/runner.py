@@ -181,7 +181,7 @@ def _build(cfg: StudyConfig, root: Path, seed: int, cache: StageCache, bar: Prog
     """Build (or resume) the benchmark; its closing check is skipped (the study evaluates)."""
     import json
 
-    from lorafuse.benchmark import MANIFEST, STAGES, build
+    from lorafuse.benchmark.build import MANIFEST, STAGES, build
 
     assert cfg.build is not None
     start = time.perf_counter()
@@ -332,7 +332,7 @@ class _Context:
 
     def fit(self, m: MethodConfig, method) -> tuple[dict | None, str, float | None]:
         """The method's fit (cached by its settings); for top-k variants, their parent's."""
-        from lorafuse.fits import fit_path
+        from lorafuse.formats.fits import fit_path
         from lorafuse.methods import resolve
         from lorafuse.methods.run import fit_method
 

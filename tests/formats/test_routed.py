@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from lorafuse.errors import LorafuseError, OutputExistsError
+from lorafuse.formats.routed import CONFIG_NAME, load_routed, save_routed
 from lorafuse.library import ExpertLibrary
 from lorafuse.mixers.routers import build_routers
 from lorafuse.model import attach
-from lorafuse.routed import CONFIG_NAME, load_routed, save_routed
 from tests.conftest import load_base
 
 

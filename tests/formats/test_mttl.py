@@ -11,8 +11,8 @@ import torch
 from peft import PeftModel
 
 from lorafuse.errors import ExpertError, OutputExistsError
+from lorafuse.formats.mttl import convert_library, read_library, resolve_library
 from lorafuse.library import ExpertLibrary
-from lorafuse.mttl_format import convert_library, read_library, resolve_library
 from tests.conftest import load_base
 
 # name -> (rank, alpha, expert_task_name, adapted layer names)

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from lorafuse.errors import ExpertError
+from lorafuse.formats.peft import KEY_PREFIX, METADATA_NAME, SAFETENSORS_NAME, adapter_config
 from lorafuse.io import atomic_dir
-from lorafuse.peft_format import KEY_PREFIX, METADATA_NAME, SAFETENSORS_NAME, adapter_config
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[ab])$")

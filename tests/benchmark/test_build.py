@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lorafuse.benchmark import BuildSettings, build, preset_settings
+from lorafuse.benchmark.build import BuildSettings, build, preset_settings
 from lorafuse.cli import app
 from lorafuse.data.errors import DataError
 

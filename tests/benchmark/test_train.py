@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
+from lorafuse.benchmark.train import ExpertJob, ExpertSettings, Sampler, stable_seed, train_experts
 from lorafuse.data.errors import DataError
 from lorafuse.data.synthetic import generate, make_tasks
-from lorafuse.train import ExpertJob, ExpertSettings, Sampler, stable_seed, train_experts
 
 SEED = 7
 
@@ -27,8 +27,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def pico(tmp_path_factory):
     """A pico Llama with the char tokenizer, and the micro suite's training data."""
+    from lorafuse.benchmark.pretrain import BaseSettings, build_model
     from lorafuse.data.tokenizer import build_char_tokenizer
-    from lorafuse.pretrain import BaseSettings, build_model
 
     root = tmp_path_factory.mktemp("train")
     tok = build_char_tokenizer()
@@ -61,9 +61,9 @@ def _peft_alone(base_dir, train, job, settings):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lorafuse.benchmark.pretrain import warmup_cosine
+    from lorafuse.benchmark.stacked import lora_init
     from lorafuse.data.collate import collate, encode
-    from lorafuse.pretrain import warmup_cosine
-    from lorafuse.stacked import lora_init
 
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     base = AutoModelForCausalLM.from_pretrained(str(base_dir))

@@ -70,7 +70,7 @@ def stable_seed(*parts) -> int:
 
 def is_done(out: Path) -> bool:
     """Whether `out` holds a finished expert (written last, by a rename)."""
-    from lorafuse.peft_format import CONFIG_NAME, METADATA_NAME
+    from lorafuse.formats.peft import CONFIG_NAME, METADATA_NAME
 
     return (out / CONFIG_NAME).is_file() and (out / METADATA_NAME).is_file()
 
@@ -126,8 +126,8 @@ def save_expert(peft_model, factors: dict, job: ExpertJob, settings: ExpertSetti
     """
     import json
 
+    from lorafuse.formats.peft import METADATA_NAME
     from lorafuse.io import atomic_dir
-    from lorafuse.peft_format import METADATA_NAME
 
     inner = peft_model.base_model.model
     with torch.no_grad():
@@ -226,9 +226,9 @@ def train_experts(
 def _train_group(base_dir, tokenizer, group, encoded, settings, seed, on_step, device):
     from transformers import AutoModelForCausalLM
 
+    from lorafuse.benchmark.pretrain import warmup_cosine
+    from lorafuse.benchmark.stacked import attach_stacked, expert_factors, lora_init
     from lorafuse.data.collate import collate
-    from lorafuse.pretrain import warmup_cosine
-    from lorafuse.stacked import attach_stacked, expert_factors, lora_init
 
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     K, b = len(group), settings.batch_size

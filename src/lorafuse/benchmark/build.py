@@ -21,10 +21,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lorafuse.benchmark.pretrain import BaseSettings
+from lorafuse.benchmark.train import ExpertSettings
 from lorafuse.data.errors import DataError
 from lorafuse.data.synthetic import get_preset, make_tasks
-from lorafuse.pretrain import BaseSettings
-from lorafuse.train import ExpertSettings
 
 MANIFEST = "manifest.json"
 STAGES = ("data", "base", "private", "structure", "shared", "mbc", "evaluate")
@@ -86,7 +86,7 @@ def preset_settings(preset: str) -> BuildSettings:
 def expert_plan(root: Path, tasks: list[str], clusters: list[list[str]] | None = None) -> list:
     """The jobs of a build: one private expert per task, the shared expert, and one
     expert per cluster of tasks (`cluster_<i>`, once the clusters are known)."""
-    from lorafuse.train import ExpertJob
+    from lorafuse.benchmark.train import ExpertJob
 
     jobs = [ExpertJob(t, [t], root / "experts" / "private" / t, "private") for t in tasks]
     jobs.append(ExpertJob("shared", list(tasks), root / "experts" / "shared", "shared"))
@@ -230,9 +230,9 @@ def build(
 
 
 def _run_stage(stage, root, settings, seed, tasks, report, on_expert) -> dict:
+    from lorafuse.benchmark.pretrain import pretrain
     from lorafuse.data.flan import write_flan
     from lorafuse.data.synthetic import generate
-    from lorafuse.pretrain import pretrain
 
     names = [t.name for t in tasks]
     if stage == "data":
@@ -259,7 +259,7 @@ def _run_stage(stage, root, settings, seed, tasks, report, on_expert) -> dict:
         _train(stage, root, jobs, es, settings, seed, report, on_expert)
         return {"experts": len(jobs)}
     if stage == "structure":
-        from lorafuse.benchmark_structure import measure_structure
+        from lorafuse.benchmark.structure import measure_structure
 
         return measure_structure(root, names, settings, report)
     if stage == "mbc":
@@ -269,14 +269,14 @@ def _run_stage(stage, root, settings, seed, tasks, report, on_expert) -> dict:
         _train(stage, root, jobs, settings.expert, settings, seed, report, on_expert)
         ari = saved["adjusted_rand_index"]
         return {"experts": len(jobs), "adjusted_rand_index": ari, "clusters": saved["clusters"]}
-    from lorafuse.benchmark_eval import evaluate_build
+    from lorafuse.benchmark.check import evaluate_build
 
     return evaluate_build(root, names, settings, report)
 
 
 def _train(stage, root, jobs, es, settings, seed, report, on_expert) -> None:
+    from lorafuse.benchmark.train import train_experts
     from lorafuse.data.flan import examples, load_flan
-    from lorafuse.train import train_experts
 
     names = sorted({t for j in jobs for t in j.tasks})
     train = examples(load_flan(root / "data", tasks=names, splits=("train",)), "train", names)
