@@ -148,3 +148,23 @@ def test_detach_gives_each_weight_its_own_storage(llama_dir, llama_experts):
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n])
         assert p.untyped_storage().nbytes() == p.nbytes, n  # not a view of a fused buffer
+
+
+def test_attached_detaches_on_every_exit_path(llama_dir, llama_experts, tokens):
+    from lorafuse.layer import FusedLoRALinear
+    from lorafuse.model import attached
+
+    model = load_base(llama_dir)
+    library = ExpertLibrary.load(llama_experts)
+    with torch.no_grad():
+        before = model(tokens).logits
+        with attached(model, library, "factors") as fusion:
+            fusion.set_expert(0)
+            fused = model(tokens).logits
+        with pytest.raises(RuntimeError, match="inside"), attached(model, library, "deltas"):
+            raise RuntimeError("an error inside the block")
+        with attach(model, library, "factors"):  # a Fusion is a context manager too
+            assert any(isinstance(m, FusedLoRALinear) for m in model.modules())
+        assert not any(isinstance(m, FusedLoRALinear) for m in model.modules())
+        assert torch.equal(model(tokens).logits, before)
+    assert not torch.equal(fused, before)

@@ -16,6 +16,7 @@ _LAZY = {
     "FusedLoRALinear": "lorafuse.layer",
     "Fusion": "lorafuse.model",
     "attach": "lorafuse.model",
+    "attached": "lorafuse.model",
     "merge": "lorafuse.merge",
     "save_adapter": "lorafuse.merge",
     "save_merged_model": "lorafuse.merge",

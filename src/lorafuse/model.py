@@ -1,12 +1,18 @@
 """Attach an ExpertLibrary to a transformers model as fused layers, and detach it.
 
 `attach` swaps each targeted nn.Linear / Conv1D for a FusedLoRALinear in place, so the
-model keeps its class: forward, `generate` and the KV cache work unchanged.
+model keeps its class: forward, `generate` and the KV cache work unchanged. A Fusion is a
+context manager, and `attached(...)` is the form to use: it detaches on every exit path.
+
+    with attached(model, library, "factors") as fusion:
+        fusion.set_coefficients(weights)
+        logits = model(input_ids).logits
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -91,11 +97,20 @@ class Fusion:
         return list(seen.values())
 
     def detach(self) -> nn.Module:
-        """Put the original layers back (with weights of their own) and return the model."""
+        """Put the original layers back (with weights of their own) and return the model.
+
+        Detaching twice is harmless: the second call has nothing left to put back.
+        """
         for name, layer in self.layers.items():
             _set_submodule(self.model, name, layer.release())
         self.layers = {}
         return self.model
+
+    def __enter__(self) -> Fusion:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
 
 
 def attach(
@@ -133,6 +148,24 @@ def attach(
         _set_submodule(model, name, layer)
     fusion.set_mixer(mixer if mixer is not None else Uniform(len(library)))
     return fusion
+
+
+@contextmanager
+def attached(
+    model: nn.Module,
+    library: ExpertLibrary,
+    space: str = "factors",
+    mixer: Mixer | None = None,
+) -> Iterator[Fusion]:
+    """`attach` for the length of a `with` block: the model is detached on every exit path.
+
+    Raises what `attach` raises (before the block runs).
+    """
+    fusion = attach(model, library, space, mixer)
+    try:
+        yield fusion
+    finally:
+        fusion.detach()
 
 
 def detach_all(model: nn.Module) -> int:
