@@ -81,7 +81,7 @@ def main() -> None:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lorafuse import gemm, kernels
+    from lorafuse.fast import gemm, kernels
     from lorafuse.fit.sgd import epoch_order
     from lorafuse.methods.ensemble_sgd import TrainingSet
     from lorafuse.methods.fused_sgd import fused_loss

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import pytest
 import torch
 
-from lorafuse import kernels
-from lorafuse.layer_grad import _kernel_backward, _kernel_forward
+from lorafuse.fast import kernels
+from tests.fast.helpers import built
 
 R, N, O = 3, 13, 7  # odd sizes: every vector loop also runs its remainder
 M = 37  # tokens; 1000 runs the loops in parallel (from 32768 = M R N elements)
-
-
-def built() -> kernels.RoutedKernels:
-    if shutil.which(kernels.compiler()[0]) is None:
-        pytest.skip(f"no C compiler ({kernels.compiler()[0]}): the torch ops run instead")
-    kern = kernels.routed()
-    assert kern is not None, "a C compiler is there but the kernels did not build"
-    return kern
 
 
 def reference(out, b, gz, space, absolute, M=M):
@@ -52,15 +43,14 @@ def check(kern, space, absolute, scale, M):
     b = torch.randn(N, generator=g)
     gz, gout = torch.randn(M, R * N, generator=g), torch.randn(M, O, generator=g)
     widths = (O, R * N, N)
-    l, h, z = _kernel_forward(kern, out, b, widths, space, absolute)
+    l, h, z = kernels.forward(kern, out, b, widths, space, absolute)
     el, eh, ez, egu, egp, egb = reference(out, b, gz, space, absolute, M)
     torch.testing.assert_close(l, el, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(z, ez, atol=1e-6, rtol=1e-5)
     if space == "factors":
         torch.testing.assert_close(h, eh, atol=1e-6, rtol=1e-5)
-    ctx = type("Ctx", (), {"widths": widths, "absolute": absolute, "space": space})
     G = torch.full((M, O + R * N + N), float("nan"))
-    gbias = _kernel_backward(kern, gout, gz, out, l, h, G, ctx)
+    gbias = kernels.backward(kern, gout, gz, out, l, h, G, widths, space, absolute)
     torch.testing.assert_close(G[:, :O], gout, atol=0, rtol=0)
     torch.testing.assert_close(G[:, O : O + R * N], egu, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(G[:, O + R * N :], egp, atol=1e-5, rtol=1e-5)
@@ -73,14 +63,15 @@ def test_results_do_not_depend_on_the_thread_count():
     M = 1000
     out = torch.randn(M, O + R * N + N, generator=g)
     b, gz, gout = torch.randn(N, generator=g), torch.randn(M, R * N), torch.randn(M, O)
-    ctx = type("Ctx", (), {"widths": (O, R * N, N), "absolute": False, "space": "factors"})
+    widths = (O, R * N, N)
     runs, threads = [], torch.get_num_threads()
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            l, h, z = _kernel_forward(kern, out, b, ctx.widths, "factors", False)
+            l, h, z = kernels.forward(kern, out, b, widths, "factors", False)
             G = torch.empty(M, O + R * N + N)
-            runs.append((l, z, G, _kernel_backward(kern, gout, gz, out, l, h, G, ctx)))
+            gbias = kernels.backward(kern, gout, gz, out, l, h, G, widths, "factors", False)
+            runs.append((l, z, G, gbias))
     finally:
         torch.set_num_threads(threads)
     for other in runs[1:]:

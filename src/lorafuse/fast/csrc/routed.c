@@ -1,4 +1,4 @@
-/* The routed layer's elementwise work on CPU, one pass over each token (lorafuse.kernels).
+/* The routed layer's elementwise work on CPU, one pass over each token (lorafuse.fast.kernels).
 
    Between its two GEMMs a routed layer computes, per token and in float32:
      l = softmax(q + b), q = p or |p|           the router's coefficients (N)

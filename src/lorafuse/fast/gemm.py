@@ -2,23 +2,23 @@
 
 torch multiplies float32 matrices on CPU with MKL, and MKL runs its AVX2 code on AMD
 CPUs even where they have AVX-512 (Zen 4, Zen 5). oneDNN, which ships inside the same
-torch, uses the widest vectors the CPU has. On a Zen 5 EPYC with 2 threads an
-(576, 128) x (128, 288) product takes about 200 us through MKL and 100 us through
-oneDNN. The routed layer's training step is mostly such products, so this is where its
-time goes.
+torch, uses the widest vectors the CPU has. A routed layer's training step is mostly
+small, skinny products, so this is where its time goes (bench/routing.py measures the
+difference; the README reports it).
 
 `linear`, `addmm` and `addmm_` compute what F.linear, torch.addmm and Tensor.addmm_
 compute (the same numbers up to float rounding) and use oneDNN for float32 CPU tensors
-with at least MIN_ROWS rows when LORAFUSE_ONEDNN says so:
+with at least MIN_ROWS rows, outside autograd, when LORAFUSE_ONEDNN says so (read at
+each call, so it can be switched at run time):
 - "auto" (the default): on AMD CPUs with AVX-512 (where MKL takes its AVX2 path);
 - "1": on every CPU; "0": never (torch's own products everywhere).
-oneDNN builds (JIT-compiles) a kernel per shape, about 0.5 ms each, and caches it, so
-the row count is padded up to a bucket (8 per power of two, at most 1/8 more rows):
-batches of varying length then reuse a few hundred kernels instead of building one per
-batch. The padding rows are zeros and their results are dropped (only output rows are
-padded, never a summed dimension). On first use a small product is checked against
-F.linear; if oneDNN is missing or disagrees, torch's products are used (with a warning
-when LORAFUSE_ONEDNN=1 asked for oneDNN).
+oneDNN builds (JIT-compiles) a kernel per shape and caches it, so the row count is
+padded up to a bucket (8 per power of two, at most 1/8 more rows): batches of varying
+length then reuse a few hundred kernels instead of building one per batch. The padding
+rows are zeros and their results are dropped (only output rows are padded, never a
+summed dimension). On first use a small product is checked against F.linear; if oneDNN
+is missing or disagrees, torch's products are used (with a warning when
+LORAFUSE_ONEDNN=1 asked for oneDNN).
 """
 
 from __future__ import annotations

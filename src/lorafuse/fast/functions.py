@@ -1,4 +1,4 @@
-"""The fused layer's hand-written backward passes (used by lorafuse.layer only).
+"""The fast path's autograd Functions: hand-written backward passes (fast.joint uses them).
 
 Autograd through the fused layer's slices and broadcast products would take about twice
 the ops, each a pass over (M, R, N) or a full-size zero gradient per slice. Three
@@ -8,7 +8,7 @@ Functions, M tokens, the joint GEMM's output split as (base O, experts' u R*N, r
 - `Routed`: both and, between them, a softmax router l = softmax(p + b) (or |p| + b):
   one Function, so the router costs no autograd nodes and the gradient of x is one GEMM
   over a buffer that the backward fills in place (no concatenation).
-Their matrix products go through lorafuse.gemm (oneDNN on CPUs where MKL is slow).
+Their matrix products go through fast.gemm (oneDNN on CPUs where MKL is slow).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lorafuse import gemm, kernels
+from lorafuse.fast import gemm, kernels
 
 
 def _mix_forward(u: Tensor, l: Tensor, space: str) -> tuple[Tensor, Tensor | None]:
@@ -64,9 +64,9 @@ class Project(torch.autograd.Function):
 class Mix(torch.autograd.Function):
     """y + z @ B with z the experts' projections u (M, R, N) mixed by l (M, N).
 
-    Elementwise products and sums along N (batched (R, N) x (N, 1) matmuls measured slower
-    here with their backward; they win in the layer's inference path, for the few tokens
-    of decoding).
+    Elementwise products and sums along N (batched (R, N) x (N, 1) matmuls are slower
+    here with their backward; they win in the inference path, for the few tokens of
+    decoding).
     """
 
     @staticmethod
@@ -97,16 +97,16 @@ class Routed(torch.autograd.Function):
     and rbias (the experts and W are frozen). The backward writes the gradients of the
     GEMM's three outputs into one (M, O + R*N + N) buffer and multiplies it by the weight
     once. On CPU in float32 the elementwise work between the GEMMs runs in one compiled
-    pass per token (lorafuse.kernels) when it could be built, else as torch ops.
+    pass per token (fast.kernels) when it could be built, else as torch ops.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, proj, rbias, B, widths, space, absolute):
         O, NR, N = widths
         out = gemm.linear(x, weight, bias)  # (M, O + R*N + N): base output, u, p
-        kern = _kernels(out, rbias, B)
+        kern = kernels.for_tensors(out, rbias, B)
         if kern is not None:
-            l, h, z = _kernel_forward(kern, out, rbias.contiguous(), widths, space, absolute)
+            l, h, z = kernels.forward(kern, out, rbias.contiguous(), widths, space, absolute)
         else:
             _, u, p = out.split(widths, -1)  # (M, R*N), (M, N)
             l = torch.softmax((p.abs() if absolute else p) + rbias, -1)  # (M, N)
@@ -123,7 +123,9 @@ class Routed(torch.autograd.Function):
         G = g.new_empty(M, O + NR + N)  # gradients of the GEMM's outputs, side by side
         if ctx.kern is not None:
             g = g.contiguous()
-            gbias = _kernel_backward(ctx.kern, g, gemm.linear(g, B), out, l, h, G, ctx)  # (N,)
+            gz = gemm.linear(g, B)  # (M, R*N)
+            args = (ctx.widths, ctx.space, ctx.absolute)
+            gbias = kernels.backward(ctx.kern, g, gz, out, l, h, G, *args)  # (N,)
         else:
             G[:, :O].copy_(g)
             gz = gemm.linear(g, B).view(M, R, N)  # (M, R, N)
@@ -140,37 +142,3 @@ class Routed(torch.autograd.Function):
         gproj = G[:, O + NR :].T @ x if ctx.needs_input_grad[3] else None  # (N, D)
         gbias = gbias if ctx.needs_input_grad[4] else None
         return gx, None, None, gproj, gbias, None, None, None, None
-
-
-BLOCK = 64  # tokens per partial sum of the bias gradient: the same sum on any thread count
-
-
-def _kernels(out: Tensor, rbias: Tensor, B: Tensor):
-    # The compiled kernels for float32 tensors on CPU, else None (torch ops instead).
-    f32 = out.dtype == rbias.dtype == B.dtype == torch.float32
-    return kernels.routed() if f32 and out.device.type == "cpu" else None
-
-
-def _kernel_forward(kern, out: Tensor, rbias: Tensor, widths, space: str, absolute: bool):
-    # (l (M, N), h (M, R) or None, z (M, R*N)) from the joint GEMM's output (M, O + R*N + N).
-    O, NR, N = widths
-    M, R, at, f = out.shape[0], NR // N, out.data_ptr(), out.element_size()
-    factors = space == "factors"
-    l, z = out.new_empty(M, N), out.new_empty(M, NR)
-    h = out.new_empty(M, R) if factors else None
-    kern.forward(M, R, N, at + f * (O + NR), out.stride(0), rbias.data_ptr(), absolute,
-                 at + f * O, out.stride(0), factors, l.data_ptr(),
-                 h.data_ptr() if factors else None, z.data_ptr())  # fmt: skip
-    return l, h, z
-
-
-def _kernel_backward(kern, g: Tensor, gz: Tensor, out, l, h, G: Tensor, ctx) -> Tensor:
-    # Fills G (M, O + R*N + N) with [g ; gu ; gp]; returns the bias gradient (N,).
-    O, NR, N = ctx.widths
-    M, at, f = g.shape[0], out.data_ptr(), out.element_size()
-    gbias, part = g.new_empty(N), g.new_empty(-(-M // BLOCK), N)  # part: per block of tokens
-    kern.backward(M, NR // N, N, O, g.data_ptr(), gz.data_ptr(), at + f * O, out.stride(0),
-                  l.data_ptr(), None if h is None else h.data_ptr(), at + f * (O + NR),
-                  out.stride(0), ctx.absolute, ctx.space == "factors", G.data_ptr(),
-                  G.stride(0), gbias.data_ptr(), BLOCK, part.data_ptr())  # fmt: skip
-    return gbias

@@ -1,10 +1,10 @@
-"""Compiled CPU kernels for the routed layer (lorafuse/csrc/routed.c), built on first use.
+"""Compiled CPU kernels for the routed layer (fast/csrc/routed.c), built on first use.
 
 A softmax router's training step does, between the layer's two GEMMs, about ten
 elementwise passes over a (tokens, R, N) tensor when written with torch ops; on CPU
 those passes cost as much as the GEMMs. `routed.c` does the same arithmetic in one pass
 over each token. It has no Python or torch headers: the system's C compiler builds it
-in about a second into a per-user cache, keyed by the source, the compiler, its flags,
+once into a per-user cache, keyed by the source, the compiler, its flags,
 the CPU and the OpenMP runtime, and ctypes calls it with the tensors' data pointers.
 Where torch runs on an OpenMP runtime (Linux: read from /proc/self/maps), the kernels
 are linked to that same library, so they share torch's threads rather than start a
@@ -12,7 +12,7 @@ second pool; if that build fails they are built serial.
 
 Every use is optional: on another device or dtype, with no C compiler, when the build
 fails, or with LORAFUSE_CPU_KERNELS=0, `routed()` returns None and the layer runs its
-torch ops (lorafuse.layer_grad), which compute the same numbers. The cache lives in
+torch ops (lorafuse.fast.functions), which compute the same numbers. The cache lives in
 $LORAFUSE_CACHE, else $XDG_CACHE_HOME/lorafuse, else ~/.cache/lorafuse.
 """
 
@@ -30,12 +30,16 @@ import threading
 import warnings
 from pathlib import Path
 
+import torch
+from torch import Tensor
+
 SOURCE = Path(__file__).parent / "csrc" / "routed.c"
 FLAGS = (
     "-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
     "-fno-trapping-math", "-fopenmp-simd", "-shared", "-fPIC",
 )  # fmt: skip
-SWITCH = "LORAFUSE_CPU_KERNELS"  # "0" turns the kernels off
+SWITCH = "LORAFUSE_CPU_KERNELS"  # "0" turns the kernels off (read at each call)
+BLOCK = 64  # tokens per partial sum of the bias gradient: the same sum on any thread count
 
 _lock = threading.Lock()
 _loaded: dict[str, RoutedKernels | None] = {}
@@ -84,6 +88,45 @@ def routed() -> RoutedKernels | None:
                 )
                 _loaded[key] = None
     return _loaded[key]
+
+
+def for_tensors(out: Tensor, rbias: Tensor, B: Tensor) -> RoutedKernels | None:
+    """The kernels for float32 CPU tensors (when they could be built), else None."""
+    f32 = out.dtype == rbias.dtype == B.dtype == torch.float32
+    return routed() if f32 and out.device.type == "cpu" else None
+
+
+def forward(kern: RoutedKernels, out: Tensor, rbias: Tensor, widths, space: str, absolute: bool):
+    """(l (M, N), h (M, R) or None, z (M, R*N)) from the joint GEMM's output.
+
+    out (M, O + R*N + N) = [base output ; u ; p] (rows may be strided), rbias (N,)
+    contiguous, widths (O, R*N, N); h is returned in the factors space only.
+    """
+    O, NR, N = widths
+    M, R, at, f = out.shape[0], NR // N, out.data_ptr(), out.element_size()
+    factors = space == "factors"
+    l, z = out.new_empty(M, N), out.new_empty(M, NR)
+    h = out.new_empty(M, R) if factors else None
+    kern.forward(M, R, N, at + f * (O + NR), out.stride(0), rbias.data_ptr(), absolute,
+                 at + f * O, out.stride(0), factors, l.data_ptr(),
+                 h.data_ptr() if factors else None, z.data_ptr())  # fmt: skip
+    return l, h, z
+
+
+def backward(kern: RoutedKernels, g: Tensor, gz: Tensor, out: Tensor, l: Tensor, h, G: Tensor,
+             widths, space: str, absolute: bool) -> Tensor:  # fmt: skip
+    """Fill G (M, O + R*N + N) with [g ; gu ; gp]; return the bias gradient (N,).
+
+    g (M, O) and gz (M, R*N) contiguous, out, l and h as `forward` read and returned.
+    """
+    O, NR, N = widths
+    M, at, f = g.shape[0], out.data_ptr(), out.element_size()
+    gbias, part = g.new_empty(N), g.new_empty(-(-M // BLOCK), N)  # part: per block of tokens
+    kern.backward(M, NR // N, N, O, g.data_ptr(), gz.data_ptr(), at + f * O, out.stride(0),
+                  l.data_ptr(), None if h is None else h.data_ptr(), at + f * (O + NR),
+                  out.stride(0), absolute, space == "factors", G.data_ptr(),
+                  G.stride(0), gbias.data_ptr(), BLOCK, part.data_ptr())  # fmt: skip
+    return gbias
 
 
 def cache_dir() -> Path:

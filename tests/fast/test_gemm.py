@@ -1,4 +1,4 @@
-"""lorafuse.gemm's products against torch's own (F.linear, addmm), oneDNN on and off."""
+"""lorafuse.fast.gemm's products against torch's own (F.linear, addmm), oneDNN on and off."""
 
 from __future__ import annotations
 
@@ -6,20 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorafuse import gemm
-
-
-def onednn(monkeypatch, on: bool) -> list[tuple[int, ...]]:
-    """Set LORAFUSE_ONEDNN; return a list that records the shape of each oneDNN call."""
-    monkeypatch.setenv(gemm.SWITCH, "1" if on else "0")
-    if on and not gemm.enabled():
-        pytest.skip("oneDNN's linear is not usable in this torch build")
-    calls: list[tuple[int, ...]] = []
-    real = gemm.onednn_linear
-    monkeypatch.setattr(
-        gemm, "onednn_linear", lambda x, w, b=None: calls.append(x.shape) or real(x, w, b)
-    )
-    return calls
+from lorafuse.fast import gemm
+from tests.fast.helpers import onednn
 
 
 @pytest.mark.parametrize("on", [True, False])
