@@ -1,0 +1,127 @@
+"""The fast path equals the reference forward: values and gradients, every mixer kind,
+both spaces, float32 and bfloat16, nn.Linear and GPT-2 Conv1D base layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lorafuse.layer import FusedLoRALinear
+from lorafuse.mixers import Fixed, Learned
+from lorafuse.mixers.hierarchical import HCRouter
+from lorafuse.mixers.routers import ArrowRouter, LinearRouter
+from tests.fast.helpers import D, N, O, stacked
+
+B, T = 2, 5
+
+
+class Table(nn.Module):
+    """Learnable coefficients of a given shape, softmax(logits), optionally row-sparse."""
+
+    def __init__(self, shape, sparse: bool = False):
+        super().__init__()
+        self.logits = nn.Parameter(torch.randn(shape))
+        mask = torch.zeros(shape)
+        mask[..., :2] = 1.0  # 2 of N=5 experts per row: the gather path (fast.sparse)
+        self.register_buffer("mask", mask if sparse else torch.ones(shape))
+
+    def forward(self, x):
+        return (torch.softmax(self.logits, -1) * self.mask).to(x.dtype)
+
+
+def _router(**kw) -> LinearRouter:
+    r = LinearRouter(D, N, init=torch.randn(N, D), **kw)
+    with torch.no_grad():
+        r.bias.normal_()
+    return r
+
+
+MIXERS = {
+    "fixed-token": lambda: Fixed(torch.softmax(torch.randn(B, T, N), -1)),
+    "global": lambda: Table((N,)),
+    "sequence": lambda: Table((B, N)),
+    "sequence-sparse": lambda: Table((B, N), sparse=True),
+    "token": lambda: Table((B, T, N)),
+    "learned": lambda: Learned(N),
+    "linear-softmax": lambda: _router(absolute=False),
+    "linear-absolute": lambda: _router(absolute=True),
+    "linear-top-k": lambda: _router(top_k=2),
+    "arrow-top-k": lambda: ArrowRouter(
+        nn.functional.normalize(torch.randn(N, D), dim=-1), top_k=2, temperature=0.5
+    ),
+    "hc": lambda: HCRouter(D, torch.tensor([0, 0, 1, 1, 2]), init=torch.randn(3, D)),
+}
+
+
+def _base(kind: str, dtype) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(D, O).to(dtype).requires_grad_(False)
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D(O, D).to(dtype).requires_grad_(False)  # weight (D, O)
+
+
+def _run(f: FusedLoRALinear, x: torch.Tensor, w: torch.Tensor, fast: bool):
+    """(output, gradients to x and the mixer's parameters, inference output)."""
+    path = f.fast
+    if not fast:
+        f.fast = None
+    try:
+        wrt = [x, *(p for p in f.mixer.parameters() if p.requires_grad)]
+        y = f(x)
+        grads = torch.autograd.grad((y.float() * w).sum(), wrt)
+        with torch.inference_mode():
+            y_inf = f(x)
+    finally:
+        f.fast = path
+    return y.detach(), grads, y_inf
+
+
+@pytest.mark.parametrize("mixer", list(MIXERS))
+@pytest.mark.parametrize("space", ["factors", "deltas"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("base", ["linear", "conv1d"])
+def test_fast_equals_reference(mixer, space, dtype, base):
+    torch.manual_seed(0)
+    f = FusedLoRALinear(_base(base, dtype), stacked(), space, "test")
+    assert f.fast is not None
+    f.mixer = MIXERS[mixer]()
+    x = torch.randn(B, T, D).to(dtype).requires_grad_()
+    w = torch.randn(B, T, O)
+    with torch.no_grad():
+        assert f.fast(f, x, f.mixer) is not None  # the fast path takes these calls
+    got, got_grads, got_inf = _run(f, x, w, fast=True)
+    ref, ref_grads, ref_inf = _run(f, x, w, fast=False)
+    if dtype == torch.float32:
+        tol = {"atol": 1e-5, "rtol": 1e-5}
+        gtol = {"atol": 1e-4, "rtol": 1e-4}
+    else:  # bfloat16: 8 bits of mantissa, sums in another order
+        tol = {"atol": 0.05 * float(ref.float().abs().max()), "rtol": 0.02}
+        gtol = None
+    torch.testing.assert_close(got, ref, **tol)
+    torch.testing.assert_close(got_inf, ref, **tol)
+    torch.testing.assert_close(ref_inf, ref, atol=0, rtol=0)
+    assert len(got_grads) == len(ref_grads)
+    for g, e in zip(got_grads, ref_grads):
+        if gtol is None:
+            gtol_ = {"atol": 0.05 * float(e.float().abs().max()) + 1e-3, "rtol": 0.05}
+            torch.testing.assert_close(g.float(), e.float(), **gtol_)
+        else:
+            torch.testing.assert_close(g, e, **gtol)
+
+
+@pytest.mark.parametrize("space", ["factors", "deltas"])
+def test_trainable_base_layer_gets_the_same_gradients(space):
+    # A base layer that trains runs apart from the joint GEMM: autograd sees its weight.
+    torch.manual_seed(0)
+    f = FusedLoRALinear(nn.Linear(D, O), stacked(), space, "test")
+    f.mixer = _router()
+    x = torch.randn(B, T, D, requires_grad=True)
+    wrt = [x, f.base.weight, f.base.bias, f.mixer.weight, f.mixer.bias]
+    got = torch.autograd.grad(f(x).pow(2).sum(), wrt)
+    path, f.fast = f.fast, None
+    expected = torch.autograd.grad(f(x).pow(2).sum(), wrt)
+    f.fast = path
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
