@@ -8,10 +8,11 @@ prototypes) and the same output; the script checks they agree before timing. The
 layers route with lorafuse's ArrowRouter, whose projection rides in the layer's GEMM.
 
     python bench/fused_layer.py [--tokens 2048] [--dim 2560] [--experts 10] [--rank 4]
+    python bench/fused_layer.py --reference   # also the layers without their fast path
 
 Every variant multiplies with torch's own products (MKL on CPU): the script sets
 LORAFUSE_ONEDNN=0 unless it is set, so the ratios measure the layers' structure, not a
-GEMM library (`LORAFUSE_ONEDNN=auto` runs the fused layers on lorafuse.gemm's oneDNN
+GEMM library (`LORAFUSE_ONEDNN=auto` runs the fused layers on lorafuse.fast.gemm's oneDNN
 products, against the bare Linear on torch's).
 """
 
@@ -31,6 +32,7 @@ from torch import nn
 
 os.environ.setdefault("LORAFUSE_ONEDNN", "0")  # like for like: torch's products everywhere
 VARIANTS = ["linear", "fused-factors", "fused-deltas", "peft-arrow", "per-token-matrices"]
+REFERENCE = ["reference-factors", "reference-deltas"]  # --reference: FusedLoRALinear(fast=False)
 
 
 def build(args):
@@ -38,8 +40,8 @@ def build(args):
     from peft import ArrowConfig
     from peft.tuners.lora.arrow import ArrowLoraLinearLayer
 
+    from lorafuse.factors import StackedModule
     from lorafuse.layer import FusedLoRALinear
-    from lorafuse.library import StackedModule
     from lorafuse.mixers.routers import ArrowRouter
     from lorafuse.mixers.topk import topk_softmax
 
@@ -61,6 +63,10 @@ def build(args):
     for space in ("factors", "deltas"):  # each its own copy: the layer takes W's storage
         fused[space] = FusedLoRALinear(copy.deepcopy(linear), stacked, space, "bench")
         fused[space].mixer = ArrowRouter(protos, K, 1.0)  # the same rule as `router`
+        if args.reference:
+            ref = FusedLoRALinear(copy.deepcopy(linear), stacked, space, "bench", fast=False)
+            ref.mixer = ArrowRouter(protos, K, 1.0)
+            fused[f"reference-{space}"] = ref
 
     names = [f"task_{i}" for i in range(N)]
     cfg = ArrowConfig(top_k=K, router_temperature=1.0)
@@ -90,6 +96,7 @@ def build(args):
         "fused-deltas": fused["deltas"],
         "peft-arrow": lambda inp: linear(inp) + arrow(inp, lora_A, lora_B, nn.Identity(), scaling),
         "per-token-matrices": per_token_matrices,
+        **{v: fused[v] for v in REFERENCE if v in fused},
     }
 
 
@@ -97,7 +104,9 @@ def check_agreement(fns):
     """The deltas-space variants compute the same thing; fail loudly if not."""
     x = fns["x"][:, :64]
     ref = fns["peft-arrow"](x)
-    for name in ("fused-deltas",):
+    for name in ("fused-deltas", "reference-deltas"):
+        if name not in fns:
+            continue
         err = (fns[name](x) - ref).abs().max().item()
         if err > 1e-3:
             raise SystemExit(f"{name} disagrees with PEFT's Arrow layer: max abs diff {err}")
@@ -106,18 +115,18 @@ def check_agreement(fns):
         raise SystemExit(f"per-token matrices disagree with fused factors: {err}")
 
 
-def time_all(fns, rounds: int, inner: int) -> tuple[dict[str, float], dict[str, float]]:
+def time_all(fns, variants, rounds: int, inner: int) -> tuple[dict, dict]:
     """Median seconds per call and median per-round ratio to the Linear, per variant.
 
     Variants are interleaved within each round (in a rotating order) so that the load of
     a shared machine hits them alike.
     """
-    times = {v: [] for v in VARIANTS}
+    times = {v: [] for v in variants}
     with torch.inference_mode():
-        for v in VARIANTS:
+        for v in variants:
             fns[v](fns["x"])  # warm-up
         for r in range(rounds):
-            for v in VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]:
+            for v in variants[r % len(variants) :] + variants[: r % len(variants)]:
                 t0 = time.perf_counter()
                 for _ in range(inner):
                     fns[v](fns["x"])
@@ -166,14 +175,16 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--inner", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--reference", action="store_true", help="also time the reference forward")
+    p.add_argument("--memory-of", choices=VARIANTS + REFERENCE, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_of:
         return memory_child(args)
     torch.set_num_threads(args.threads)
     fns = build(args)
     check_agreement(fns)
-    t, ratio = time_all(fns, args.rounds, args.inner)
+    variants = VARIANTS + (REFERENCE if args.reference else [])
+    t, ratio = time_all(fns, variants, args.rounds, args.inner)
     D = O = args.dim
     N, R = args.experts, args.rank
     floor = 1 + N * R * (D + O) / (D * O)
@@ -184,7 +195,7 @@ def main() -> None:
         "of the per-round ratios)"
     )
     print(f"{'variant':<22}{'ms/call':>10}{'x Linear':>10}{'peak extra MiB':>16}")
-    for v in VARIANTS:
+    for v in variants:
         mem = peak_memory(v, args)
         print(f"{v:<22}{t[v] * 1e3:>10.2f}{ratio[v]:>10.3f}{mem:>16.1f}")
     print(f"{'arithmetic floor':<22}{'':>10}{floor:>10.3f}")
