@@ -30,9 +30,10 @@ from torch import nn
 def main() -> None:
     from lorafuse.ensemble import ensemble_logprobs
     from lorafuse.evaluate import target_nll
+    from lorafuse.fit.data import TrainingSet
     from lorafuse.fit.exact import ensemble_objective, fit_ensemble
-    from lorafuse.fit.sgd import epoch_order, schedule
-    from lorafuse.methods.ensemble_sgd import TrainingSet
+    from lorafuse.fit.schedule import lr_factor, warmup_steps
+    from lorafuse.fit.sgd import epoch_order
     from lorafuse.methods.ensembles import ROWS_PER_PASS, train_cache
     from lorafuse.model import attach
     from lorafuse.spec import load_spec
@@ -69,7 +70,7 @@ def main() -> None:
 
     fresh = tempfile.mkdtemp(prefix="lorafuse-bench-cache-")  # never reuse a cache here
     t0 = time.perf_counter()
-    cached = train_cache(ws, args.experts, {**opts, "cache_dir": fresh})
+    cached = train_cache(ws, args.experts, opts["max_examples_per_task"], cache_dir=fresh)
     t_cache = time.perf_counter() - t0
     P, w = cached.logp.double().exp(), cached.token_weights()
     fit = fit_ensemble(P, w)
@@ -103,7 +104,7 @@ def main() -> None:
             opt.zero_grad()
             step += 1
             for g in opt.param_groups:
-                g["lr"] = lr * schedule(step, total, 0.06)
+                g["lr"] = lr * lr_factor(step, total, warmup_steps(0.06, total))
             clock += time.perf_counter() - s0
             gap = ensemble_objective(P, torch.softmax(theta.detach(), 0), w) - f_star
             if gap <= args.within:

@@ -8,7 +8,7 @@
   PeftModel.from_pretrained (goal >= 0.8x). Greedy, every sequence forced to the same
   number of new tokens.
 On CPU the routed model also runs with its compiled kernels off (torch ops only,
-lorafuse.kernels) and, where lorafuse.gemm uses oneDNN's products, with torch's own
+lorafuse.fast.kernels) and, where lorafuse.fast.gemm uses oneDNN's products, with torch's own
 (MKL) products instead: the like-for-like comparison with PEFT, which always runs
 torch's. Variants alternate round by round; the ratios are medians of the per-round
 ratios.
@@ -82,8 +82,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from lorafuse.fast import gemm, kernels
+    from lorafuse.fit.data import TrainingSet
     from lorafuse.fit.sgd import epoch_order
-    from lorafuse.methods.ensemble_sgd import TrainingSet
     from lorafuse.methods.fused_sgd import fused_loss
     from lorafuse.mixers.routers import build_routers, router_parameters
     from lorafuse.model import attach
@@ -121,7 +121,8 @@ def main() -> None:
 
     # route-sgd on ws.model; one fresh PEFT LoRA on its own copy of the base model.
     fusion = attach(ws.model, lib, "factors")
-    routers = build_routers(fusion, "linear")
+    routers = build_routers(lib, ws.device, "linear")
+    fusion.set_mixers(routers)
     route_opt = torch.optim.AdamW(router_parameters(routers).values(), lr=1e-3)
     route_loss = fused_loss(ws, data)
     plain = AutoModelForCausalLM.from_pretrained(ws.base_id, dtype=ws.dtype).to(ws.device)
@@ -220,7 +221,7 @@ def main() -> None:
     )
     print(
         "routed layer's matrix products: "
-        + ("oneDNN (lorafuse.gemm)" if dnn else "torch's (MKL on CPU)")
+        + ("oneDNN (lorafuse.fast.gemm)" if dnn else "torch's (MKL on CPU)")
     )
     print(
         "routed layer's elementwise work: "

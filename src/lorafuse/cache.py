@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lorafuse.ensemble import chunks, coefficient_rows
 from lorafuse.evaluate import target_logprobs
-from lorafuse.model import attach
+from lorafuse.io import atomic_file
+from lorafuse.model import attached
 
 
 @dataclass
@@ -43,7 +45,7 @@ class TargetLogprobs:
 
         They are positive and sum to 1, so sum_k w_k nll_k is the evaluation's loss.
         """
-        from lorafuse.fit.exact import token_weights
+        from lorafuse.evaluate import token_weights
 
         names = sorted(set(self.tasks))
         task_id = torch.tensor([names.index(t) for t in self.tasks])  # (M,)
@@ -70,18 +72,16 @@ def expert_target_logprobs(
     batches = ws.batches(split, max_per_task)
     tasks = [t for b in batches for t in b.tasks]
     size = max(len(b.tasks) for b in batches)
-    n = max(1, min(N, rows_per_pass // size))
     cache = _cache_folder(cache_dir, ws, kind, split, max_per_task, lib.names, tasks)
-    chunks: dict[int, Tensor] = {}
+    done: dict[int, Tensor] = {}
     example = None
-    fusion = attach(ws.model, lib, "factors")
     eye = torch.eye(N)
-    try:
-        for c0 in range(0, N, n):
-            chunk = list(range(c0, min(N, c0 + n)))
+    with attached(ws.model, lib, "factors") as fusion:
+        for chunk in chunks(list(range(N)), size, rows_per_pass):
+            c0 = chunk[0]
             file = cache / f"chunk_{c0:05d}_{len(chunk)}.pt" if cache else None
             if file is not None and file.exists():
-                chunks[c0], example = torch.load(file, weights_only=True)
+                done[c0], example = torch.load(file, weights_only=True)
                 if progress:
                     progress(len(chunk) * len(tasks))
                 continue
@@ -89,7 +89,7 @@ def expert_target_logprobs(
             for b in batches:
                 B = len(b.tasks)
                 t = {k: v.to(ws.device).repeat(len(chunk), 1) for k, v in b.tensors.items()}
-                fusion.set_coefficients(eye[chunk].repeat_interleave(B, 0))  # (n*B, N)
+                fusion.set_coefficients(coefficient_rows(eye[chunk], B))  # (n*B, N)
                 with torch.inference_mode():
                     logits = ws.logits(t)  # (n*B, T, V)
                     logp, mask = target_logprobs(logits, t["labels"])  # (n*B, T-1)
@@ -100,14 +100,11 @@ def expert_target_logprobs(
                 r0 += B
                 if progress:
                     progress(len(chunk) * B)
-            chunks[c0], example = torch.cat(parts), torch.cat(rows)
+            done[c0], example = torch.cat(parts), torch.cat(rows)
             if file is not None:
-                tmp = file.with_suffix(".tmp")
-                torch.save((chunks[c0], example), tmp)
-                tmp.replace(file)
-    finally:
-        fusion.detach()
-    logp = torch.cat([chunks[c] for c in sorted(chunks)], dim=1).float()  # (K, N)
+                with atomic_file(file) as tmp:
+                    torch.save((done[c0], example), tmp)
+    logp = torch.cat([done[c] for c in sorted(done)], dim=1).float()  # (K, N)
     return TargetLogprobs(logp, example, tasks, lib.names)
 
 

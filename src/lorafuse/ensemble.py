@@ -18,11 +18,22 @@ from lorafuse.errors import LorafuseError
 LEVELS = ("probs", "logits")
 
 
+def chunks(indices: list[int], rows: int, rows_per_pass: int) -> list[list[int]]:
+    """`indices` (experts, grid points) grouped so that `rows` batch rows for each index of
+    a group make at most rows_per_pass rows per forward (at least one index per group)."""
+    n = max(1, rows_per_pass // max(1, rows))
+    return [indices[i : i + n] for i in range(0, len(indices), n)]
+
+
+def coefficient_rows(coefficients: Tensor, rows: int) -> Tensor:
+    """Per-row coefficients (n*rows, N) for a batch of `rows` rows repeated n times
+    (`tensor.repeat(n, 1)`): row j*rows + b gets coefficients[j] (n, N)."""
+    return coefficients.repeat_interleave(rows, 0)  # (n*rows, N)
+
+
 def expert_chunks(weights: Tensor, rows: int, rows_per_pass: int) -> list[list[int]]:
     """The experts with nonzero weight, grouped so that each forward has <= rows_per_pass rows."""
-    used = torch.nonzero(weights).flatten().tolist()
-    n = max(1, rows_per_pass // max(1, rows))
-    return [used[i : i + n] for i in range(0, len(used), n)]
+    return chunks(torch.nonzero(weights).flatten().tolist(), rows, rows_per_pass)
 
 
 def ensemble_logprobs(
@@ -50,7 +61,7 @@ def ensemble_logprobs(
     out = None
     for chunk in expert_chunks(weights.detach(), B, rows_per_pass):
         n = len(chunk)
-        fusion.set_coefficients(eye[chunk].repeat_interleave(B, 0))  # (n*B, N)
+        fusion.set_coefficients(coefficient_rows(eye[chunk], B))  # (n*B, N)
         with torch.no_grad():
             logits = model(input_ids=ids.repeat(n, 1), attention_mask=mask.repeat(n, 1)).logits
         logits = logits.float().view(n, B, *logits.shape[1:])  # (n, B, T, V)

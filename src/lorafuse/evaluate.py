@@ -166,3 +166,36 @@ def batch_nll(
     if not sums:
         return torch.zeros(0), torch.zeros(0, dtype=torch.long)
     return torch.cat(sums), torch.cat(counts)
+
+
+def token_weights(task_ids, example_ids=None) -> Tensor:
+    """Weights (M,) for the paper's loss: mean over tokens, then examples, then tasks.
+
+    `task_ids` and `example_ids` are (M,) integer ids of each target token's task and
+    example (example ids need only be unique within a task); without `example_ids` every
+    token of a task counts equally. The result is positive and sums to 1. Raises
+    LorafuseError for ids that are not 1-D integer sequences of the same length.
+    """
+    task = _token_ids(task_ids, "task_ids")  # (M,)
+    example = (
+        torch.zeros_like(task) if example_ids is None else _token_ids(example_ids, "example_ids")
+    )
+    if example.shape != task.shape:
+        raise LorafuseError(
+            f"example_ids has {example.numel()} entries but task_ids {task.numel()}; "
+            "give one id per target token in both"
+        )
+    _, task_of = torch.unique(task, return_inverse=True)  # (M,) in 0..T-1
+    pairs = torch.stack([task, example], 1)  # (M, 2)
+    _, ex_of, tok_per_ex = torch.unique(pairs, dim=0, return_inverse=True, return_counts=True)
+    ex_task = torch.empty(len(tok_per_ex), dtype=torch.long).scatter_(0, ex_of, task_of)
+    ex_per_task = torch.bincount(ex_task)  # (T,)
+    T = len(ex_per_task)
+    return 1.0 / (tok_per_ex[ex_of] * ex_per_task[task_of] * T).double()  # (M,)
+
+
+def _token_ids(x, name: str) -> Tensor:
+    t = torch.as_tensor(x)
+    if t.dim() != 1 or t.is_floating_point() or t.is_complex():
+        raise LorafuseError(f"{name} must be a 1-D sequence of integer ids; got {tuple(t.shape)}")
+    return t.long()

@@ -53,23 +53,37 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
         os.replace(tmp, out)
 
 
-def write_text(path: str | os.PathLike, text: str, force: bool = True) -> Path:
-    """Write `text` (UTF-8) to `path` through a temporary file and a rename."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, force: bool = True, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary file path next to `path`; on success rename it to `path`.
+
+    Write the whole file to the yielded path (torch.save, save_file, savefig, ...). On
+    any exception it is removed and `path` is left as it was. `suffix` ends the
+    temporary name (a writer that picks the format by extension needs it). Raises
+    OutputExistsError when `path` exists and `force` is false.
+    """
     out = check_output(path, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=suffix, dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
     umask = os.umask(0)
     os.umask(umask)
     try:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get normal permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        yield tmp
         os.replace(tmp, out)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return out
+
+
+def write_text(path: str | os.PathLike, text: str, force: bool = True) -> Path:
+    """Write `text` (UTF-8) to `path` through a temporary file and a rename."""
+    with atomic_file(path, force) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike, obj: Any, force: bool = True) -> Path:
@@ -79,14 +93,6 @@ def write_json(path: str | os.PathLike, obj: Any, force: bool = True) -> Path:
 
 def save_png(fig, path: str | os.PathLike, dpi: int = 150) -> Path:
     """Save a matplotlib Figure as PNG through a temporary file and a rename."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.png")
-    try:
+    with atomic_file(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return out
+    return Path(path)

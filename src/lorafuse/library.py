@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from lorafuse.errors import ExpertError, LibraryMismatchError
+from lorafuse.factors import StackedModule
 from lorafuse.formats.peft import (
     BIN_NAME,
     SAFETENSORS_NAME,
@@ -40,39 +41,6 @@ class Expert:
     r: int = 0
     lora_alpha: float = 0.0
     use_rslora: bool = False
-
-
-@dataclass
-class StackedModule:
-    """All experts' factors for one target module (zero-padded to rank R)."""
-
-    A: Tensor  # (N, R, D)
-    B: Tensor  # (N, O, R)
-    scale: Tensor  # (N,)
-    rank: Tensor  # (N,) int64, each expert's true rank
-    fan_in_fan_out: bool = False
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        """(N, R, D, O)."""
-        N, R, D = self.A.shape
-        return N, R, D, self.B.shape[1]
-
-    def to(self, device=None, dtype=None) -> StackedModule:
-        """A copy with A and B moved/cast (scale stays fp32, rank stays int64)."""
-        return replace(
-            self,
-            A=self.A.to(device=device, dtype=dtype),
-            B=self.B.to(device=device, dtype=dtype),
-            scale=self.scale.to(device=device),
-            rank=self.rank.to(device=device),
-        )
-
-    def select(self, index: Tensor) -> StackedModule:
-        """The experts at `index` (a 1-D long tensor), in that order."""
-        return replace(
-            self, A=self.A[index], B=self.B[index], scale=self.scale[index], rank=self.rank[index]
-        )
 
 
 class ExpertLibrary:

@@ -21,7 +21,7 @@ from lorafuse.errors import LorafuseError
 from lorafuse.formats.peft import KEY_PREFIX, METADATA_NAME, SAFETENSORS_NAME, adapter_config
 from lorafuse.io import atomic_dir
 from lorafuse.layer import base_shape, check_space
-from lorafuse.library import ExpertLibrary, StackedModule
+from lorafuse.library import ExpertLibrary
 from lorafuse.linalg import truncate_product
 
 Weights = Tensor | Sequence[float] | Mapping[str, Tensor | Sequence[float]] | None
@@ -80,24 +80,6 @@ def _vector(w, N: int) -> Tensor:
     return v
 
 
-def fold_factors(mod: StackedModule, l: Tensor) -> tuple[Tensor, Tensor]:
-    """A* = sum l_i A_i (R, D) and B* = sum l_i s_i B_i (O, R), in fp32."""
-    A = torch.einsum("n,nrd->rd", l, mod.A.float())  # (R, D)
-    B = torch.einsum("n,nor->or", l * mod.scale, mod.B.float())  # (O, R)
-    return A, B
-
-
-def fold_deltas(mod: StackedModule, l: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact factors of sum l_i s_i B_i A_i: A (M, D), B (O, M), M = sum of used r_i."""
-    keep = [(i, r) for i, r in enumerate(mod.rank.tolist()) if float(l[i]) != 0.0 and r > 0]
-    if not keep:
-        _, _, D, O = mod.shape
-        return torch.zeros(1, D), torch.zeros(O, 1)
-    A = torch.cat([(l[i] * mod.scale[i]) * mod.A[i, :r].float() for i, r in keep])  # (M, D)
-    B = torch.cat([mod.B[i, :, :r].float() for i, r in keep], dim=1)  # (O, M)
-    return A, B
-
-
 def merge(
     library: ExpertLibrary, weights: Weights = None, space: str = "factors", rank: int | None = None
 ) -> MergedAdapter:
@@ -112,10 +94,9 @@ def merge(
     if rank is not None and rank < 1:
         raise LorafuseError(f"--rank must be a positive integer; got {rank}")
     per_module = resolve_weights(library, weights)
-    fold = fold_factors if space == "factors" else fold_deltas
     modules, energy = {}, {} if rank is not None else None
     for name, mod in library.modules.items():
-        A, B = fold(mod, per_module[name])
+        A, B = mod.fold(per_module[name], space)  # (M, D), (O, M)
         if rank is not None:
             B, A, kept = truncate_product(B, A, rank)
             energy[name] = kept

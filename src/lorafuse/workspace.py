@@ -10,11 +10,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lorafuse.dtypes import dtype as parse_dtype
 from lorafuse.errors import LibraryMismatchError, LorafuseError
 from lorafuse.library import ExpertLibrary
 from lorafuse.spec import LibrarySpec
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -31,10 +30,7 @@ class Workspace:
     def __init__(self, spec: LibrarySpec, device: str | None = None, dtype: str | None = None):
         self.spec = spec
         self.device = torch.device(device or spec.device)
-        name = dtype or spec.dtype
-        if name not in DTYPES:
-            raise LorafuseError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-        self.dtype = DTYPES[name]
+        self.dtype = parse_dtype(dtype or spec.dtype)
         self._libraries: dict[str, ExpertLibrary] = {}
 
     # ---- model and tokenizer -----------------------------------------------------------

@@ -61,9 +61,9 @@ def _peft_alone(base_dir, train, job, settings):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorafuse.benchmark.pretrain import warmup_cosine
     from lorafuse.benchmark.stacked import lora_init
     from lorafuse.data.collate import collate, encode
+    from lorafuse.fit.schedule import warmup_cosine
 
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     base = AutoModelForCausalLM.from_pretrained(str(base_dir))

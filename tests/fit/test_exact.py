@@ -10,12 +10,12 @@ import torch
 from scipy.optimize import minimize
 
 from lorafuse.errors import LorafuseError
+from lorafuse.evaluate import token_weights
 from lorafuse.fit.exact import (
     PROB_FLOOR,
     ensemble_objective,
     fit_ensemble,
     sparse_greedy,
-    token_weights,
 )
 
 

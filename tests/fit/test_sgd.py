@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from lorafuse.errors import LorafuseError
-from lorafuse.fit.sgd import SGDSettings, epoch_order, lr_grid, schedule, settings_from, train
+from lorafuse.fit.options import GridOptions, LoopOptions
+from lorafuse.fit.schedule import lr_factor, warmup_cosine, warmup_steps
+from lorafuse.fit.sgd import SGDResult, SGDSettings, epoch_order, search_lr, train
 from tests.fit.sgd_script import run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,12 +31,18 @@ def test_learns_and_keeps_best():
 
 
 def test_schedule_and_order():
-    f = [schedule(s, 100, 0.1) for s in range(100)]
+    w = warmup_steps(0.1, 100)
+    assert w == 10
+    f = [lr_factor(s, 100, w) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[10:], f[11:]))  # cosine decays monotonically
     assert f[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
-    flat = [schedule(s, 100, 0.1, decay=False) for s in range(100)]
+    flat = [lr_factor(s, 100, w, decay=False) for s in range(100)]
     assert flat[:10] == f[:10] and flat[10:] == [1.0] * 90  # until a plateau: constant
+    # the benchmark's trainers: warm-up in steps, cosine to a floor of 0.1
+    g = warmup_cosine(4, 20)
+    assert g(0) == pytest.approx(0.25) and g(3) == 1.0 and g(20) == pytest.approx(0.1)
+    assert g(12) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 8 / 16)))
 
 
 def test_training_until_a_plateau_keeps_the_rate_constant():
@@ -199,10 +208,28 @@ def test_settings_validation_and_options():
         with pytest.raises(LorafuseError, match=next(iter(bad))):
             SGDSettings(**bad)
     opts = {"epochs": None, "max_steps": 50, "patience": 2, "eval_every": 5, "min_delta": 0.01,
-            "warmup": 0.1, "batch_size": 4, "seed": 3, "clusters": 2}  # fmt: skip
-    s = settings_from(opts, 0.1)
+            "warmup": 0.1, "batch_size": 4, "seed": 3}  # fmt: skip
+    s = LoopOptions(**opts).settings(0.1)
     assert (s.epochs, s.max_steps, s.patience, s.eval_every) == (None, 50, 2, 5)
     assert (s.min_delta, s.warmup, s.batch_size, s.seed, s.lr) == (0.01, 0.1, 4, 3, 0.1)
-    assert settings_from({}, 0.1).epochs == 5 and settings_from({}, 0.1, epochs=2).epochs == 2
-    assert lr_grid({"lr": 0.5}) == [0.5] and lr_grid({"lr_grid": [1, 2]}) == [1.0, 2.0]
-    assert lr_grid({}) == [1e-3, 1e-4, 1e-5]
+    assert vars(LoopOptions().settings(0.1)) == vars(SGDSettings(lr=0.1))  # the same defaults
+    assert GridOptions(lr=0.5).grid() == [0.5] and GridOptions(lr_grid=[1, 2]).grid() == [1.0, 2.0]
+    assert GridOptions().grid() == [1e-3, 1e-4, 1e-5]
+    with pytest.raises(ValidationError, match="max_step"):
+        LoopOptions(max_step=10)  # a typo is an error, not ignored
+    with pytest.raises(ValidationError, match="patience"):
+        LoopOptions(patience="soon")
+
+
+def test_search_lr_keeps_the_lowest_validation_loss():
+    losses = {0.1: 0.5, 0.01: 0.2, 0.001: None}
+
+    def run(lr):
+        return SGDResult({}, losses[lr], steps=3)
+
+    lr, res, runs = search_lr([0.1, 0.01, 0.001], run)
+    best = min((v, k) for k, v in losses.items() if v is not None)[1]
+    assert lr == best and res.best_val == losses[best]
+    assert [r["lr"] for r in runs] == [0.1, 0.01, 0.001]
+    lr, _, _ = search_lr([0.001], run)  # no validation at all: the first rate
+    assert lr == 0.001

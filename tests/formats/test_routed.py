@@ -18,7 +18,8 @@ from tests.conftest import load_base
 
 def _trained_like(fusion, seed=0):
     g = torch.Generator().manual_seed(seed)
-    routers = build_routers(fusion, "linear")
+    routers = build_routers(fusion.library, "cpu", "linear")
+    fusion.set_mixers(routers)
     with torch.no_grad():
         for r in routers.values():
             r.weight.copy_(torch.randn(r.weight.shape, generator=g))
@@ -57,7 +58,7 @@ def test_save_and_reload_gives_the_same_model(llama_dir, llama_experts, tokens, 
 def test_arrow_routers_save_too(llama_dir, llama_experts, tokens, tmp_path):
     model = load_base(llama_dir)
     fusion = attach(model, ExpertLibrary.load(llama_experts), "factors")
-    build_routers(fusion, "arrow", top_k=2, temperature=0.5)
+    fusion.set_mixers(build_routers(fusion.library, "cpu", "arrow", top_k=2, temperature=0.5))
     with torch.no_grad():
         ref = model(tokens).logits
     save_routed(fusion, tmp_path / "arrow")

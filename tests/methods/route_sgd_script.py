@@ -12,6 +12,7 @@ import torch
 
 from lorafuse.methods.fused_sgd import fit_fused
 from lorafuse.methods.routing import route_sgd_mixers
+from lorafuse.methods.run import method_context
 from lorafuse.mixers.routers import router_parameters
 from lorafuse.spec import load_spec
 from lorafuse.workspace import Workspace
@@ -23,10 +24,9 @@ def run(bench, checkpoint_dir) -> dict[str, torch.Tensor]:
     """The router weights after 3 steps of 8 examples (uniform start, no validation)."""
     ws = Workspace(load_spec(bench))
     options = {**OPTIONS, "checkpoint_dir": str(checkpoint_dir)}
-    fit = fit_fused(ws, "private", "route-sgd", route_sgd_mixers("uniform"), options)
-    state = {k: p.detach().clone() for k, p in router_parameters(fit.mixers).items()}
-    fit.fusion.detach()
-    return state
+    _, ctx = method_context(ws, "route-sgd", "private", options)
+    with fit_fused(ctx, route_sgd_mixers("uniform")) as fit:
+        return {k: p.detach().clone() for k, p in router_parameters(fit.mixers).items()}
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from lorafuse.errors import LibraryMismatchError, LorafuseError
-from lorafuse.methods import resolve
+from lorafuse.methods.registry import resolve
 from lorafuse.methods.run import evaluate_method
 from lorafuse.spec import load_spec
 from lorafuse.workspace import Workspace

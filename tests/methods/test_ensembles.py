@@ -27,10 +27,10 @@ def ws(mini_bench, tmp_path_factory):
 
 
 def test_exact_fit_is_optimal_and_matches_evaluation(ws):
-    fit = fit_method(ws, "ensemble-exact", "private")
+    fit = fit_method(ws, "ensemble-exact", "private").payload
     assert fit["converged"] and fit["gap"] <= 1e-8
     weights = torch.tensor(fit["weights"])
-    cached = train_cache(ws, "private", {})
+    cached = train_cache(ws, "private")
     P, w = cached.logp.double().exp(), cached.token_weights()
     assert fit["objective"] == pytest.approx(ensemble_objective(P, weights, w), abs=1e-9)
     uniform = torch.full((3,), 1 / 3)
@@ -42,12 +42,12 @@ def test_exact_fit_is_optimal_and_matches_evaluation(ws):
 
 
 def test_sparse_sgd_minimax_and_distill(ws):
-    sparse = fit_method(ws, "ensemble-sparse:1", "private")
+    sparse = fit_method(ws, "ensemble-sparse:1", "private").payload
     assert sum(x > 0 for x in sparse["weights"]) == 1
     assert sparse["curve"]["objective"] == sorted(sparse["curve"]["objective"], reverse=True)
     sgd_opts = {"epochs": None, "max_steps": 30, "eval_every": 1, "patience": 2,
                 "lr_grid": [0.5, 1e-3], "batch_size": 4}  # fmt: skip
-    sgd = fit_method(ws, "ensemble-sgd", "private", sgd_opts)
+    sgd = fit_method(ws, "ensemble-sgd", "private", sgd_opts).payload
     assert [r["lr"] for r in sgd["runs"]] == [0.5, 1e-3]
     assert sgd["lr"] in (0.5, 1e-3) and abs(sum(sgd["weights"]) - 1) < 1e-6
     (won,) = [r for r in sgd["runs"] if r["lr"] == sgd["lr"]]
@@ -57,9 +57,11 @@ def test_sparse_sgd_minimax_and_distill(ws):
     slow = [r for r in sgd["runs"] if r["lr"] == 1e-3][0]  # tiny steps: flat at once
     # the first validation is the reference, then `patience` ones without improvement
     assert slow["stop"] == "plateau" and slow["converged"] and slow["steps"] == 1 + 2
-    mm = fit_method(ws, "ensemble-minimax", "private")
+    mm = fit_method(ws, "ensemble-minimax", "private").payload
     assert 0 < mm["nonzero_fraction"] <= 1
-    distill = fit_method(ws, "ensemble-distill", "private", {"epochs": None, "max_steps": 2})
+    distill = fit_method(
+        ws, "ensemble-distill", "private", {"epochs": None, "max_steps": 2}
+    ).payload
     assert distill["teacher"] == "ensemble-exact"
     assert (distill["steps"], distill["stop"], distill["converged"]) == (2, "step cap", False)
     kept = evaluate_method(ws, "ensemble-distill", "validation")  # the best student is kept

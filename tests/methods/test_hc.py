@@ -22,7 +22,7 @@ def ws(mini_bench, tmp_path_factory):
 @pytest.mark.parametrize("name", ["route-hc", "route-arrow-hc"])
 def test_fit_then_evaluate_reproduces_the_validation_loss(ws, name):
     opts = {"clusters": 2, "epochs": 2, "lr": 0.05, "batch_size": 5}
-    fit = fit_method(ws, name, "private", opts)
+    fit = fit_method(ws, name, "private", opts).payload
     assert sorted(set(fit["labels"])) == [0, 1] and fit["arrow_init"] == (name != "route-hc")
     assert fit["validation_loss"] <= fit["initial_validation_loss"] + 1e-9
     r = evaluate_method(ws, name, "validation")

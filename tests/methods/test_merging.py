@@ -33,7 +33,7 @@ def _same_as_peft(ws, result, adapter):
 
 
 def test_global_merge(ws):
-    fit = fit_method(ws, "merge-sgd-global", "private", OPTIONS)
+    fit = fit_method(ws, "merge-sgd-global", "private", OPTIONS).payload
     g = torch.tensor(fit["global_weights"])
     assert g.sum() == pytest.approx(1, abs=1e-6) and (g > 0).all()
     assert not torch.allclose(g, torch.full((3,), 1 / 3), atol=1e-3)  # it moved
@@ -47,7 +47,7 @@ def test_global_merge(ws):
 
 
 def test_layer_merge_with_a_grid(ws):
-    fit = fit_method(ws, "merge-sgd-layer", "private", {**OPTIONS, "lr_grid": [0.1, 1e-3]})
+    fit = fit_method(ws, "merge-sgd-layer", "private", {**OPTIONS, "lr_grid": [0.1, 1e-3]}).payload
     assert [r["lr"] for r in fit["runs"]] == [0.1, 1e-3]
     best = min(fit["runs"], key=lambda r: r["validation_loss"])
     assert fit["lr"] == best["lr"] and fit["validation_loss"] == best["validation_loss"]
@@ -64,7 +64,7 @@ def test_layer_merge_with_a_grid(ws):
 def test_fit_until_a_plateau_records_how_it_ended(ws):
     opts = {"epochs": None, "max_steps": 40, "eval_every": 1, "patience": 2, "lr": 0.1,
             "batch_size": 5, "min_delta": 0.01}  # fmt: skip
-    fit = fit_method(ws, "merge-sgd-global", "private", opts)
+    fit = fit_method(ws, "merge-sgd-global", "private", opts).payload
     (run,) = fit["runs"]
     vals = [h["validation"] for h in run["history"]]
     assert fit["steps"] == len(vals) <= 40  # one validation per step

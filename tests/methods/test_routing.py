@@ -32,7 +32,7 @@ def ws(mini_bench, tmp_path_factory):
 
 
 def test_route_sgd_fits_saves_and_evaluates_top_k(ws):
-    fit = fit_method(ws, "route-sgd", "private", {"epochs": 3, "lr": 0.1, "batch_size": 5})
+    fit = fit_method(ws, "route-sgd", "private", {"epochs": 3, "lr": 0.1, "batch_size": 5}).payload
     assert fit["validation_loss"] < fit["initial_validation_loss"]
     assert fit["router_parameters"] == 4 * (32 * 3 + 3)  # 4 fused layers, W (N, D) and b
     dense = evaluate_method(ws, "route-sgd", "validation")
@@ -49,7 +49,7 @@ def test_route_sgd_fits_saves_and_evaluates_top_k(ws):
 
 
 def test_route_sgd_arrow_init_starts_at_dense_arrow(ws):
-    fit = fit_method(ws, "route-sgd-arrow", "private", {"max_steps": 1, "lr": 1e-3})
+    fit = fit_method(ws, "route-sgd-arrow", "private", {"max_steps": 1, "lr": 1e-3}).payload
     arrow = evaluate_method(ws, "arrow", "validation")
     assert fit["initial_validation_loss"] == pytest.approx(arrow.mean, abs=1e-5)
     evaluate_method(ws, "route-sgd-arrow-top2", "test", max_per_task=1)

@@ -10,9 +10,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from lorafuse.errors import LorafuseError
+from lorafuse.factors import StackedModule
 from lorafuse.fit.sgd import SGDSettings, train
 from lorafuse.layer import FusedLoRALinear
-from lorafuse.library import ExpertLibrary, StackedModule
+from lorafuse.library import ExpertLibrary
 from lorafuse.mixers.routers import (
     ArrowRouter,
     LinearRouter,
@@ -161,7 +162,9 @@ def test_router_on_one_expert_reproduces_it(llama_dir, llama_experts, tokens):
     for space in ("factors", "deltas"):
         model = load_base(llama_dir)
         fusion = attach(model, lib, space)
-        routers = build_routers(fusion, "linear")
+        routers = build_routers(lib, "cpu", "linear")
+        assert set(routers) == set(fusion.layers)
+        fusion.set_mixers(routers)
         with torch.no_grad():
             for r in routers.values():
                 r.weight.normal_()  # input-dependent logits, but the bias dominates
@@ -171,7 +174,7 @@ def test_router_on_one_expert_reproduces_it(llama_dir, llama_experts, tokens):
         with torch.no_grad():
             torch.testing.assert_close(ours, ref(tokens).logits, atol=1e-5, rtol=0)
     with pytest.raises(LorafuseError, match="unknown router init"):
-        build_routers(fusion, "linear", init="random")
+        build_routers(lib, "cpu", "linear", init="random")
 
 
 def _pico_problem(n, seed):

@@ -10,8 +10,10 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 from lorafuse.errors import LorafuseError
-from lorafuse.library import Expert, ExpertLibrary, StackedModule
-from lorafuse.select.clustering import expert_vectors, mbc_cluster, plot_similarity
+from lorafuse.factors import StackedModule
+from lorafuse.library import Expert, ExpertLibrary
+from lorafuse.select.clustering import expert_vectors, mbc_cluster
+from lorafuse.study.figures import plot_similarity
 
 
 def planted(k: int, per: int, seed: int, noise: float = 0.1):
@@ -107,7 +109,7 @@ def test_plot_is_written(tmp_path):
     res = mbc_cluster(factors, k=3)
     out = plot_similarity(res, tmp_path / "mbc.png", names=[f"task{i}" for i in range(9)])
     assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(tmp_path.glob("*.tmp.png"))
+    assert not list(tmp_path.glob(".*.tmp-*"))
 
 
 def test_plot_handles_one_expert_and_large_libraries(tmp_path):

@@ -11,9 +11,9 @@ from lorafuse.errors import LorafuseError
 from lorafuse.select.greedy import (
     greedy_select,
     not_best_on_own_task,
-    plot_greedy,
     private_oracle_loss,
 )
+from lorafuse.study.figures import plot_greedy
 
 
 def brute_force_curve(L: np.ndarray) -> np.ndarray:
@@ -98,6 +98,7 @@ def test_bad_matrix_raises():
 def test_plot_is_written(tmp_path):
     L = np.random.default_rng(3).uniform(0, 1, (8, 6))
     sel = greedy_select(L)
-    out = plot_greedy(sel, tmp_path / "fig7.png", oracle=float(L.diagonal().mean()))
+    oracle = float(L.diagonal().mean())
+    out = plot_greedy(sel.curve, sel.target, tmp_path / "fig7.png", sel.k_reached, oracle)
     assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(tmp_path.glob("*.tmp.png"))
+    assert not list(tmp_path.glob(".*.tmp-*"))

@@ -32,7 +32,8 @@ def test_a_valid_config(tmp_path):
     assert [(m.name, m.experts) for m in methods] == [
         ("base", "private"), ("route-sgd", "private"), ("oracle", "mbc"),
     ]  # fmt: skip
-    assert methods[1].options == {"max_steps": 5} and methods[0].options == {"max_steps": 3}
+    assert methods[1].options == {"max_steps": 5}
+    assert methods[0].options == {}  # base declares no max_steps: the default skips it
     assert cfg.examples.fit == 4 and cfg.examples.validation is None
 
 
@@ -56,13 +57,54 @@ def test_bad_configs_name_the_key_and_line(tmp_path, text, needle):
     assert "study.yaml" in str(e.value) or "library" in str(e.value)
 
 
+def test_an_unknown_method_option_names_method_key_line_and_allowed_keys(tmp_path):
+    from lorafuse.methods.registry import resolve
+
+    text = GOOD.replace("options: {max_steps: 5}", "options: {max_step: 10}")
+    with pytest.raises(LorafuseError) as e:
+        load_config(write(tmp_path, text))
+    msg = str(e.value)
+    assert "methods.1.options.max_step (line 7)" in msg
+    assert "method route-sgd has no option 'max_step'" in msg
+    allowed = resolve("route-sgd")[0].option_names()
+    assert "max_steps" in allowed and f"allowed options: {', '.join(allowed)}" in msg
+
+
+def test_a_mistyped_option_or_default_names_its_line(tmp_path):
+    text = GOOD.replace("options: {max_steps: 5}", "options: {patience: soon}")
+    with pytest.raises(LorafuseError, match=r"methods.1.options.patience \(line 7\).*route-sgd"):
+        load_config(write(tmp_path, text))
+    text = GOOD.replace("fit_defaults: {max_steps: 3}", "fit_defaults: {max_steps: many}")
+    with pytest.raises(LorafuseError, match=r"fit_defaults.max_steps \(line 4\)"):
+        load_config(write(tmp_path, text))
+    text = GOOD.replace("fit_defaults: {max_steps: 3}", "fit_defaults: {max_step: 3}")
+    with pytest.raises(LorafuseError, match=r"fit_defaults.max_step \(line 4\): no method"):
+        load_config(write(tmp_path, text))
+
+
+def test_fit_defaults_reach_only_the_methods_that_declare_them(tmp_path):
+    from lorafuse.methods.registry import resolve
+
+    defaults = {"lr_grid": [0.01], "max_steps": 3, "clusters": 2}
+    text = (
+        f"library: bench\nfit_defaults: {defaults}\n"
+        "methods: [base, ensemble-exact, ensemble-distill, route-sgd, route-hc]\n"
+    )
+    methods = load_config(write(tmp_path, text)).method_list()
+    for m in methods:
+        method, _ = resolve(m.name)
+        assert m.options == {k: v for k, v in defaults.items() if k in method.option_names()}
+    assert [m.options for m in methods[:3]] == [{}, {}, {"max_steps": 3}]
+    assert methods[4].options == defaults
+
+
 def test_unknown_nested_key_lists_the_known_ones(tmp_path):
     with pytest.raises(LorafuseError, match="known keys: .*max_pairs"):
         load_config(write(tmp_path, GOOD + "analyses: {connectivity: {pair: auto}}\n"))
 
 
 def test_every_preset_loads_and_names_known_methods():
-    from lorafuse.methods import resolve
+    from lorafuse.methods.registry import resolve
 
     for preset in PRESETS:
         cfg = preset_config(preset)
@@ -74,8 +116,8 @@ def test_every_preset_loads_and_names_known_methods():
 
 
 def test_every_preset_fits_until_a_plateau_within_a_cap():
-    from lorafuse.fit.sgd import budget, settings_from
-    from lorafuse.methods import resolve
+    from lorafuse.fit.sgd import budget
+    from lorafuse.methods.registry import resolve
 
     for preset in PRESETS:
         cfg = preset_config(preset)
@@ -83,7 +125,7 @@ def test_every_preset_fits_until_a_plateau_within_a_cap():
             method, _ = resolve(m.name)
             if method.fit is None or "lr_grid" not in m.options:
                 continue  # nothing learned by SGD here
-            s = settings_from(m.options, 0.01)  # valid settings (raises otherwise)
+            s = method.parse_options(m.options).settings(0.01)  # valid (raises otherwise)
             assert s.patience is not None, (preset, m.name)  # stops on a plateau
             assert s.epochs is not None or s.max_steps is not None  # within a cap
             total, _ = budget(s, steps_per_epoch=1000)

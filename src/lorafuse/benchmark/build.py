@@ -297,12 +297,13 @@ def _train(stage, root, jobs, es, settings, seed, report, on_expert) -> None:
 
 
 def _cluster(root: Path, settings: BuildSettings, seed: int, tasks) -> dict:
-    """MBC clusters of the private experts -> clusters.json (and the heat map clusters.png)."""
+    """MBC clusters of the private experts -> clusters.json (`lorafuse cluster` and the
+    study draw the heat map)."""
     from sklearn.metrics import adjusted_rand_score
 
     from lorafuse.io import write_json
     from lorafuse.library import ExpertLibrary
-    from lorafuse.select.clustering import mbc_cluster, plot_similarity
+    from lorafuse.select.clustering import mbc_cluster
 
     lib = ExpertLibrary.load([root / "experts" / "private"])
     result = mbc_cluster(lib, k=settings.clusters, seed=seed)
@@ -319,8 +320,6 @@ def _cluster(root: Path, settings: BuildSettings, seed: int, tasks) -> dict:
         for c, members in enumerate(result.clusters)
     ]
     ari = round(float(adjusted_rand_score(truth, result.labels)), 4)
-    title = f"MBC: {settings.clusters} clusters of {len(lib)} private experts (ARI {ari:.2f})"
-    plot_similarity(result, root / "clusters.png", names=lib.names, title=title)
     saved = {
         "k": settings.clusters,
         "experts_kind": "private",

@@ -8,7 +8,6 @@ but does not know which answer a task's instruction asks for: that is left to ex
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lorafuse.data.errors import DataError
+from lorafuse.fit.schedule import warmup_cosine
 
 
 @dataclass
@@ -41,18 +41,6 @@ class BaseSettings:
             raise DataError(
                 f"steps and batch_size must be positive; got {self.steps}, {self.batch_size}"
             )
-
-
-def warmup_cosine(warmup: int, total: int, floor: float = 0.1) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up over `warmup` steps, then cosine down to `floor`."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
 
 
 def build_model(settings: BaseSettings, tokenizer, seed: int):

@@ -226,9 +226,9 @@ def train_experts(
 def _train_group(base_dir, tokenizer, group, encoded, settings, seed, on_step, device):
     from transformers import AutoModelForCausalLM
 
-    from lorafuse.benchmark.pretrain import warmup_cosine
     from lorafuse.benchmark.stacked import attach_stacked, expert_factors, lora_init
     from lorafuse.data.collate import collate
+    from lorafuse.fit.schedule import warmup_cosine
 
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     K, b = len(group), settings.batch_size

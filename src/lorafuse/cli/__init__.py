@@ -17,11 +17,12 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from lorafuse.cli import compare, convert, core, evaluate, structure, study
+    from lorafuse.cli import compare, convert, core, evaluate, methods, structure, study
 
     core.register(app)
     convert.register(app)
     evaluate.register(app)
+    methods.register(app)
     structure.register(app)
     study.register(app)
     compare.register(app)

@@ -104,8 +104,7 @@ def _summary(out: Path, manifest: dict) -> None:
     if mbc:
         console.print(
             f"{len(mbc['clusters'])} MBC clusters of the private experts, adjusted Rand index "
-            f"{mbc['adjusted_rand_index']:.3f} against the task families (clusters.json, "
-            "clusters.png):",
+            f"{mbc['adjusted_rand_index']:.3f} against the task families (clusters.json):",
             highlight=False,
         )
         for c in mbc["clusters"]:

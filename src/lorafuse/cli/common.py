@@ -50,14 +50,9 @@ def parse_floats(text: str | None, what: str) -> list[float] | None:
 
 def parse_dtype(name: str):
     """'fp32' / 'bf16' / 'fp16' -> torch dtype; raise LorafuseError otherwise."""
-    import torch
+    from lorafuse.dtypes import dtype
 
-    from lorafuse.errors import LorafuseError
-
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if name not in table:
-        raise LorafuseError(f"unknown --dtype {name!r}; choose one of {', '.join(table)}")
-    return table[name]
+    return dtype(name, "--dtype")
 
 
 @contextlib.contextmanager

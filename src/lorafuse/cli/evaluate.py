@@ -109,6 +109,7 @@ def fit_command(
     """
     with user_errors():
         seed_everything(seed)
+        from lorafuse.methods.registry import resolve
         from lorafuse.methods.run import fit_method
 
         ws = _workspace(library, device, dtype)
@@ -128,9 +129,11 @@ def fit_command(
         if max_steps is not None and epochs is None:
             options["epochs"] = None  # the step cap alone bounds the run
         for name in method:
+            declared = resolve(name)[0]  # each method gets the flags it declares
+            mine = {k: v for k, v in options.items() if declared.declares(k)}
             with console.status(f"fitting {name} over the {experts} experts"):
-                fit = fit_method(ws, name, experts, options)
-            shown = {k: v for k, v in fit.items() if isinstance(v, (int, float, str))}
+                fit = fit_method(ws, name, experts, mine)
+            shown = {k: v for k, v in fit.payload.items() if isinstance(v, (int, float, str))}
             console.print(f"[bold]{name}[/]: {shown}", highlight=False)
 
 
@@ -153,10 +156,19 @@ def refactor_command(
     """Ranking, greedy task-level selection curve and plot from an expert x task matrix."""
     with user_errors():
         seed_everything(seed)
+        from lorafuse.io import atomic_dir, check_output, write_json
         from lorafuse.matrix import LossMatrix
-        from lorafuse.select.refactor import refactor
+        from lorafuse.select.refactor import PLOT, REPORT, refactor
+        from lorafuse.study.figures import plot_greedy
 
-        r = refactor(LossMatrix.load(matrix), out, force)
+        check_output(out, force)
+        r = refactor(LossMatrix.load(matrix))
+        oracle = r["target_loss"] if r["target"] == "private oracle" else None
+        with atomic_dir(out, force) as tmp:
+            write_json(tmp / REPORT, r)
+            curve = [g["loss"] for g in r["greedy"]]
+            title = f"greedy selection ({r['n_experts']} experts)"
+            plot_greedy(curve, r["target_loss"], tmp / PLOT, r["k_reached"], oracle, title)
         console.print(
             f"{r['n_not_best_on_own_task']} of {r['n_experts']} experts are not the best on "
             f"their own task; greedy selection reaches the {r['target']} loss "

@@ -22,7 +22,8 @@ def cluster_command(
     with user_errors():
         seed_everything(seed)
         from lorafuse.io import write_json
-        from lorafuse.select.clustering import mbc_cluster, plot_similarity
+        from lorafuse.select.clustering import mbc_cluster
+        from lorafuse.study.figures import plot_similarity
 
         ws = _workspace(library, None, None)
         lib = ws.library(experts)
@@ -57,7 +58,8 @@ def connect_command(
     with user_errors():
         seed_everything(seed)
         from lorafuse.io import atomic_dir, check_output, write_json
-        from lorafuse.select.connectivity import connectivity, plot_connectivity
+        from lorafuse.select.connectivity import connectivity
+        from lorafuse.study.figures import plot_connectivity
 
         check_output(out, force)
         ws = _workspace(library, None, None)

@@ -6,9 +6,8 @@ from lorafuse.fit.exact import (
     ensemble_objective,
     fit_ensemble,
     sparse_greedy,
-    token_weights,
 )
-from lorafuse.fit.minimax import MinimaxFit, fit_minimax, plot_minimax
+from lorafuse.fit.minimax import MinimaxFit, fit_minimax
 
 __all__ = [
     "EnsembleFit",
@@ -17,7 +16,5 @@ __all__ = [
     "ensemble_objective",
     "fit_ensemble",
     "fit_minimax",
-    "plot_minimax",
     "sparse_greedy",
-    "token_weights",
 ]

@@ -40,30 +40,6 @@ class EnsembleFit:
     gaps: list[float] = field(default_factory=list)  # certificate at each iterate
 
 
-def token_weights(task_ids, example_ids=None) -> Tensor:
-    """Weights (M,) for the paper's loss: mean over tokens, then examples, then tasks.
-
-    `task_ids` and `example_ids` are (M,) integer ids of each target token's task and
-    example (example ids need only be unique within a task); without `example_ids` every
-    token of a task counts equally. The result is positive and sums to 1. Raises
-    LorafuseError for ids that are not 1-D integer sequences of the same length.
-    """
-    task = _ids(task_ids, "task_ids")  # (M,)
-    example = torch.zeros_like(task) if example_ids is None else _ids(example_ids, "example_ids")
-    if example.shape != task.shape:
-        raise LorafuseError(
-            f"example_ids has {example.numel()} entries but task_ids {task.numel()}; "
-            "give one id per target token in both"
-        )
-    _, task_of = torch.unique(task, return_inverse=True)  # (M,) in 0..T-1
-    pairs = torch.stack([task, example], 1)  # (M, 2)
-    _, ex_of, tok_per_ex = torch.unique(pairs, dim=0, return_inverse=True, return_counts=True)
-    ex_task = torch.empty(len(tok_per_ex), dtype=torch.long).scatter_(0, ex_of, task_of)
-    ex_per_task = torch.bincount(ex_task)  # (T,)
-    T = len(ex_per_task)
-    return 1.0 / (tok_per_ex[ex_of] * ex_per_task[task_of] * T).double()  # (M,)
-
-
 def ensemble_objective(P, l, weights=None, floor: float = PROB_FLOOR) -> float:
     """f(l) = -sum_m w_m log(P_m . l) for P (M, N) and coefficients l (N,).
 
@@ -91,10 +67,11 @@ def fit_ensemble(
 
     P (M, N): each expert's probability of the correct token (tensor or array, in [0, 1]);
     weights (M,): nonnegative token weights, normalised here to sum 1 (default uniform; see
-    `token_weights` for the paper's per-example, per-task averaging); init (N,): start point
-    (default uniform). Stops when the Frank-Wolfe gap is <= tol, after max_iter iterations,
-    or when no step lowers the objective in floating point. Raises LorafuseError for P that is
-    not 2-D, holds NaN/Inf or values outside [0, 1], or bad weights/init.
+    `lorafuse.evaluate.token_weights` for the paper's per-example, per-task averaging);
+    init (N,): start point (default uniform). Stops when the Frank-Wolfe gap is <= tol,
+    after max_iter iterations, or when no step lowers the objective in floating point.
+    Raises LorafuseError for P that is not 2-D, holds NaN/Inf or values outside [0, 1],
+    or bad weights/init.
     """
     P, w = _prepare(P, weights, floor)
     return _solve(P, w, _init(init, P.shape[1]), tol, max_iter, newton)
@@ -267,10 +244,3 @@ def _init(init, N: int) -> Tensor:
             f"init must be {N} finite nonnegative coefficients, not all zero; got {l.tolist()}"
         )
     return l / l.sum()
-
-
-def _ids(x, name: str) -> Tensor:
-    t = torch.as_tensor(x)
-    if t.dim() != 1 or t.is_floating_point() or t.is_complex():
-        raise LorafuseError(f"{name} must be a 1-D sequence of integer ids; got {tuple(t.shape)}")
-    return t.long()

@@ -3,19 +3,17 @@
 Given the validation error matrix M (N experts x T tasks), solve
     min_{c, l} c   s.t.   sum_i l_i M_it <= c for every task t,   l >= 0,   sum_i l_i = 1
 with HiGHS (`scipy.optimize.linprog`). The paper finds only ~30% of the coefficients nonzero
-(Figure 6) and an average loss worse than uniform ensembling; `plot_minimax` draws Figure 6.
+(Figure 6) and an average loss worse than uniform ensembling (lorafuse.study.figures
+draws it).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from lorafuse.errors import LorafuseError
-from lorafuse.io import save_png
 from lorafuse.matrix import as_loss_matrix
 
 NONZERO = 1e-9  # a coefficient counts as nonzero above this
@@ -69,25 +67,6 @@ def fit_minimax(errors) -> MinimaxFit:
         status=int(res.status),
         message=str(res.message),
     )
-
-
-def plot_minimax(fit: MinimaxFit, path: str | os.PathLike, title: str | None = None) -> Path:
-    """Figure 6: the LP coefficients sorted from largest, as bars; PNG written atomically.
-
-    The title states the fraction of nonzero coefficients. Returns the written path.
-    """
-    from matplotlib.figure import Figure
-
-    w = np.sort(fit.weights)[::-1]  # (N,)
-    fig = Figure(figsize=(6, 3.5))
-    ax = fig.add_subplot()
-    ax.bar(np.arange(1, len(w) + 1), w, width=1.0, color="tab:blue")
-    ax.set_xlabel("expert (sorted by coefficient)")
-    ax.set_ylabel("coefficient $\\lambda_i$")
-    head = title or "Minimax LP ensemble coefficients"
-    ax.set_title(f"{head}: {fit.frac_nonzero:.0%} nonzero (> {NONZERO:g})")
-    fig.tight_layout()
-    return save_png(fig, path)
 
 
 def _errors(errors) -> np.ndarray:

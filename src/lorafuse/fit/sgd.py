@@ -22,7 +22,6 @@ The best parameters (lowest validation loss, however small the improvement) are 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,14 +31,12 @@ import torch
 from torch import Tensor, nn
 
 from lorafuse.errors import LorafuseError
+from lorafuse.fit.schedule import lr_factor, warmup_steps
+from lorafuse.io import atomic_file
 
 LossFn = Callable[[Sequence[int]], Tensor]  # example indices -> mean loss over them
 PLATEAU, STEP_CAP, EPOCHS, NO_VALIDATION = "plateau", "step cap", "epochs", "no validation"
 LR_GRID = (1e-3, 1e-4, 1e-5)  # the paper's learning rates
-# Fit options passed to SGDSettings as they are (when not null).
-OPTION_KEYS = (
-    "grad_accum", "warmup", "weight_decay", "eval_every", "patience", "min_delta", "max_steps",
-)  # fmt: skip
 
 
 @dataclass
@@ -100,29 +97,6 @@ def _problems(s: SGDSettings) -> list[str]:
     return out
 
 
-def settings_from(options: dict[str, Any], lr: float, epochs: int | None = 5) -> SGDSettings:
-    """SGDSettings of one learning rate from a method's fit options.
-
-    `epochs` absent from the options: the method's default (5, the paper's); present and
-    null: no epoch budget (needs `max_steps`). batch_size 16 and seed 0 unless given; the
-    keys of OPTION_KEYS are passed when not null. Raises LorafuseError for a bad value.
-    """
-    return SGDSettings(
-        lr=lr,
-        epochs=options.get("epochs", epochs),
-        batch_size=options.get("batch_size", 16),
-        seed=options.get("seed", 0),
-        **{k: options[k] for k in OPTION_KEYS if options.get(k) is not None},
-    )
-
-
-def lr_grid(options: dict[str, Any]) -> list[float]:
-    """`lr_grid`, else [`lr`], else the paper's grid {1e-3, 1e-4, 1e-5}."""
-    if options.get("lr_grid"):
-        return [float(x) for x in options["lr_grid"]]
-    return [float(options["lr"])] if options.get("lr") is not None else list(LR_GRID)
-
-
 @dataclass
 class SGDResult:
     """What a run learned: the best parameters (by validation loss) and how it ended.
@@ -156,18 +130,6 @@ class SGDResult:
             "stop": self.stop,
             "converged": self.converged,
         }
-
-
-def schedule(step: int, total: int, warmup: float, decay: bool = True) -> float:
-    """Learning-rate factor at `step`: linear warm-up over warmup*total, then cosine to 0
-    at `total` (or, without `decay`, constant 1)."""
-    w = max(1, int(round(warmup * total)))
-    if step < w:
-        return (step + 1) / w
-    if not decay:
-        return 1.0
-    progress = (step - w) / max(1, total - w)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -221,8 +183,9 @@ def train(
     if ckpt is not None and ckpt.exists():
         state = _load(ckpt, named, opt)
     decay = settings.epochs is not None  # until a plateau: constant after the warm-up
+    warm = warmup_steps(settings.warmup, total)
     for g in opt.param_groups:
-        g["lr"] = settings.lr * schedule(state["step"], total, settings.warmup, decay)
+        g["lr"] = settings.lr * lr_factor(state["step"], total, warm, decay=decay)
     while state["stop"] is None and state["step"] < total:
         step = state["step"]
         epoch, k = divmod(step, steps_per_epoch)
@@ -233,7 +196,7 @@ def train(
         opt.zero_grad(set_to_none=True)
         state["step"] = step + 1
         for g in opt.param_groups:
-            g["lr"] = settings.lr * schedule(state["step"], total, settings.warmup, decay)
+            g["lr"] = settings.lr * lr_factor(state["step"], total, warm, decay=decay)
         if progress is not None:
             progress(state["step"], loss)
         if validate is not None and (state["step"] % eval_every == 0 or state["step"] == total):
@@ -246,6 +209,34 @@ def train(
     return SGDResult(
         best, state["best_val"], state["step"], state["history"], state["best_step"], final, stop
     )
+
+
+def search_lr(
+    grid: Sequence[float], run: Callable[[float], SGDResult]
+) -> tuple[float, SGDResult, list[dict[str, Any]]]:
+    """The one learning-rate search: `run(lr)` for every rate of `grid`, in order.
+
+    Returns (lr, result) of the run with the lowest best validation loss (a run without
+    validation counts as +inf, so the first rate wins when none validates) and every
+    run's record: {"lr", its `summary()`, "history"}.
+    """
+    runs, best = [], None
+    for lr in grid:
+        res = run(lr)
+        runs.append({"lr": lr, **res.summary(), "history": res.history})
+        score = res.best_val if res.best_val is not None else float("inf")
+        if best is None or score < best[0]:
+            best = (score, lr, res)
+    if best is None:
+        raise LorafuseError("the learning-rate grid is empty")
+    return best[1], best[2], runs
+
+
+def is_main_process() -> bool:
+    """True in the process that writes outputs (always, outside `accelerate launch`)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def _fresh_state() -> dict[str, Any]:
@@ -293,16 +284,14 @@ def _step(named, loss_fn: LossFn, batch: list[int], accum: int, acc) -> float:
 
 
 def _save(path: Path, named, opt, state) -> None:
-    tmp = path.with_suffix(".tmp")
     payload = {
         "params": {n: p.detach().clone() for n, p in named.items()},
         "optimizer": opt.state_dict(),
         "state": {k: v for k, v in state.items() if k != "best"},
         "best": state["best"],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def _load(path: Path, named, opt) -> dict[str, Any]:

@@ -14,9 +14,15 @@ from lorafuse.errors import LorafuseError
 from lorafuse.io import write_json
 
 
+def fit_output(ws, method: str, kind: str, suffix: str = "") -> Path:
+    """Where an output of the fit of `method` over the `kind` experts lives: the fit
+    file (suffix .json), a merged adapter or routed model (no suffix), a state, a plot."""
+    return Path(ws.fits_dir) / f"{method.replace(':', '_')}__{kind}{suffix}"
+
+
 def fit_path(ws, method: str, kind: str) -> Path:
     """Where the fit of `method` over the `kind` experts lives."""
-    return Path(ws.fits_dir) / f"{method.replace(':', '_')}__{kind}.json"
+    return fit_output(ws, method, kind, ".json")
 
 
 def save_fit(ws, method: str, kind: str, payload: dict[str, Any]) -> Path:

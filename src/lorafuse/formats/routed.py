@@ -13,6 +13,7 @@ routers in one call; the model keeps its class, so `generate()` works with the K
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -140,17 +141,21 @@ def load_routed(
             f"holds {library.names[:5]}; load the same experts in the same order"
         )
     state = load_file(str(Path(folder) / ROUTERS_NAME))
-    fusion = attach(model, library, config["space"])
-    if set(config["modules"]) != set(fusion.layers):
-        fusion.detach()
-        raise LorafuseError(f"routed model {folder} routes other modules than the experts adapt")
-    routers = {}
-    for name, layer in fusion.layers.items():
-        own = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
-        routers[name] = _router(config, own).to(layer.A_cat.device)
-    if top_k is not None:
-        set_top_k(routers, top_k)
-    fusion.set_mixers(routers)
+    with ExitStack() as stack:  # detached again if anything below fails
+        fusion = attach(model, library, config["space"])
+        stack.callback(fusion.detach)  # (a callback, not a generator: nothing on collection)
+        if set(config["modules"]) != set(fusion.layers):
+            raise LorafuseError(
+                f"routed model {folder} routes other modules than the experts adapt"
+            )
+        routers = {}
+        for name, layer in fusion.layers.items():
+            own = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
+            routers[name] = _router(config, own).to(layer.A_cat.device)
+        if top_k is not None:
+            set_top_k(routers, top_k)
+        fusion.set_mixers(routers)
+        stack.pop_all()
     return fusion
 
 

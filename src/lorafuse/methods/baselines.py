@@ -2,79 +2,92 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+from functools import partial
+
 import torch
 
-from lorafuse.methods.registry import Method, Prepared, register
-from lorafuse.model import attach
+from lorafuse.methods.method import Context, Cost, Method, Prepared
+from lorafuse.model import attached
 
 
 def _logits(ws, batch):
     return ws.logits(batch.tensors)
 
 
-def _fused(ws, kind: str, space: str, setup) -> Prepared:
-    library = ws.library(kind)
-    fusion = attach(ws.model, library, space)
-    try:
-        setup(fusion)
-    except BaseException:
-        fusion.detach()
-        raise
-    return Prepared(lambda b: _logits(ws, b), fusion.detach, info={"experts": kind})
+def _fused(ctx: Context, space: str, setup) -> Prepared:
+    ws = ctx.ws
+    with ExitStack() as stack:  # detached here if setup fails, else by the Prepared
+        setup(stack.enter_context(attached(ws.model, ctx.library, space)))
+        info = {"experts": ctx.kind}
+        return Prepared(lambda b: _logits(ws, b), stack.pop_all().close, info=info)
 
 
-def prepare_base(ws, kind, arg) -> Prepared:
-    return Prepared(lambda b: _logits(ws, b))
+def prepare_base(ctx: Context) -> Prepared:
+    return Prepared(partial(_logits, ctx.ws))
 
 
-def prepare_oracle(ws, kind, arg) -> Prepared:
-    library = ws.library(kind)
-    mapping = ws.task_map(kind, ws.tasks)
+def prepare_oracle(ctx: Context) -> Prepared:
+    ws, library = ctx.ws, ctx.library
+    mapping = ws.task_map(ctx.kind, ws.tasks)
     index = {t: library.index([e])[0] for t, e in mapping.items()}
-    fusion = attach(ws.model, library, "factors")
     eye = torch.eye(len(library))
+    with ExitStack() as stack:
+        fusion = stack.enter_context(attached(ws.model, library, "factors"))
 
-    def forward(batch):
-        rows = torch.tensor([index[t] for t in batch.tasks])
-        fusion.set_coefficients(eye[rows])  # (B, N): each row its task's expert
-        return _logits(ws, batch)
+        def forward(batch):
+            rows = torch.tensor([index[t] for t in batch.tasks])
+            fusion.set_coefficients(eye[rows])  # (B, N): each row its task's expert
+            return _logits(ws, batch)
 
-    return Prepared(forward, fusion.detach, info={"experts": kind})
-
-
-def prepare_shared(ws, kind, arg) -> Prepared:
-    return _fused(ws, "shared", "factors", lambda f: f.set_expert(0))
+        return Prepared(forward, stack.pop_all().close, info={"experts": ctx.kind})
 
 
-def prepare_single(ws, kind, arg) -> Prepared:
-    return _fused(ws, kind, "factors", lambda f: f.set_expert(arg))
+def _first(fusion) -> None:
+    fusion.set_expert(0)
 
 
-def prepare_merge_uniform(ws, kind, arg) -> Prepared:
-    return _fused(ws, kind, "factors", lambda f: None)  # attach starts uniform
+def _uniform(fusion) -> None:
+    """attach starts uniform: nothing to set."""
 
 
-def prepare_merge_uniform_full(ws, kind, arg) -> Prepared:
-    return _fused(ws, kind, "deltas", lambda f: None)
+def prepare_shared(ctx: Context) -> Prepared:
+    return _fused(ctx, "factors", _first)
 
 
-register(Method("base", "baseline", "the base model, no expert", prepare_base))
-register(Method("oracle", "baseline", "each input routed to its task's expert", prepare_oracle))
-register(Method("shared", "baseline", "the expert trained on all tasks", prepare_shared))
-register(Method("single", "baseline", "one named expert", prepare_single, needs_arg=True))
-register(
+def prepare_single(ctx: Context) -> Prepared:
+    return _fused(ctx, "factors", lambda f: f.set_expert(ctx.arg))
+
+
+def prepare_merge_uniform(ctx: Context) -> Prepared:
+    return _fused(ctx, "factors", _uniform)
+
+
+def prepare_merge_uniform_full(ctx: Context) -> Prepared:
+    return _fused(ctx, "deltas", _uniform)
+
+
+FOLDED = Cost(experts=0, folded=True)
+
+METHODS = (
+    Method("base", "baseline", "the base model, no expert", prepare_base, cost=Cost(experts=0)),
+    Method("oracle", "baseline", "each input routed to its task's expert", prepare_oracle),
+    Method(
+        "shared", "baseline", "the expert trained on all tasks", prepare_shared, experts="shared"
+    ),
+    Method("single", "baseline", "one named expert", prepare_single, needs_arg=True),
     Method(
         "merge-uniform",
         "merging",
         "uniform merge of the factors: A = mean A_i, B = mean s_i B_i",
         prepare_merge_uniform,
-    )
-)
-register(
+        cost=FOLDED,
+    ),
     Method(
         "merge-uniform-full",
         "merging",
         "uniform merge of the full-rank deltas: mean s_i B_i A_i",
         prepare_merge_uniform_full,
-    )
+        cost=FOLDED,
+    ),
 )

@@ -12,25 +12,42 @@ standard PEFT adapter; at inference it is one expert, one forward pass.
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import torch
+from pydantic import Field
 
 from lorafuse.ensemble import ensemble_logprobs
 from lorafuse.errors import LorafuseError
 from lorafuse.evaluate import IGNORE
-from lorafuse.fit.sgd import settings_from, train
-from lorafuse.formats.fits import fit_path, load_fit
+from lorafuse.fit.data import TrainingSet
+from lorafuse.fit.options import LoopOptions
+from lorafuse.fit.sgd import train
+from lorafuse.formats.fits import fit_output, fit_path, load_fit
 from lorafuse.formats.peft import METADATA_NAME
 from lorafuse.io import atomic_dir
-from lorafuse.methods.ensemble_sgd import TrainingSet
 from lorafuse.methods.ensembles import ROWS_PER_PASS
 from lorafuse.methods.fused_sgd import VALIDATION_PER_TASK, validation_loss
-from lorafuse.methods.registry import Method, Prepared, register
-from lorafuse.model import attach
+from lorafuse.methods.method import Context, Fitted, Method, Prepared
+from lorafuse.model import attached
 
 TEACHERS = ("ensemble-exact", "ensemble-sgd")
+
+
+class DistillOptions(LoopOptions):
+    """The training loop's options (2 epochs by default), one rate and the student's shape."""
+
+    epochs: int | None = Field(
+        2, ge=1, description="passes over the data (null: until a plateau, needs max_steps)"
+    )
+    lr: float = Field(1e-3, gt=0, description="learning rate of the student")
+    rank: int = Field(4, ge=1, description="rank of the student LoRA")
+    alpha: int = Field(16, ge=1, description="lora_alpha of the student")
+    validation: bool = Field(True, description="validate (false: none, last weights kept)")
+    validation_max_per_task: int | None = Field(
+        VALIDATION_PER_TASK, ge=1, description="validation examples per task (null: all)"
+    )
 
 
 def teacher_weights(ws, kind: str) -> tuple[str, torch.Tensor]:
@@ -44,35 +61,29 @@ def teacher_weights(ws, kind: str) -> tuple[str, torch.Tensor]:
 
 def adapter_dir(ws, kind: str) -> Path:
     """Where the distilled adapter is saved."""
-    return Path(ws.fits_dir) / f"ensemble-distill__{kind}"
+    return fit_output(ws, "ensemble-distill", kind)
 
 
-def fit_distill(ws, kind, arg, options) -> dict[str, Any]:
-    """Train the student LoRA against the teacher ensemble; save it as a PEFT adapter.
-
-    Options: lr (1e-3), epochs (2; null: until a plateau), rank, alpha, validation
-    (False: none, last weights kept), validation_max_per_task and those of
-    `fit.sgd.settings_from` (max_steps, patience, min_delta, eval_every, warmup, ...).
-    """
+def fit_distill(ctx: Context) -> Fitted:
+    """Train the student LoRA against the teacher ensemble; save it as a PEFT adapter."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    lib = ws.library(kind)
+    ws, kind, options, lib = ctx.ws, ctx.kind, ctx.options, ctx.library
     teacher_name, weights = teacher_weights(ws, kind)
-    data = TrainingSet(ws, "train", options.get("max_examples_per_task"))
-    torch.manual_seed(options.get("seed", 0))
+    data = TrainingSet(ws, "train", options.max_examples_per_task)
+    torch.manual_seed(options.seed)
     student = AutoModelForCausalLM.from_pretrained(ws.base_id, dtype=ws.dtype).to(ws.device)
     cfg = LoraConfig(
-        r=options.get("rank", 4),
-        lora_alpha=options.get("alpha", 16),
+        r=options.rank,
+        lora_alpha=options.alpha,
         lora_dropout=0.0,
         target_modules=lib.module_summary(),
         task_type="CAUSAL_LM",
     )
     student = get_peft_model(student, cfg)
-    fusion = attach(ws.model, lib, "factors")
 
-    def loss_fn(idx):
+    def loss_fn(idx, fusion):
         t = data.batch(idx)
         teacher = ensemble_logprobs(ws.model, fusion, t, weights, "probs", ROWS_PER_PASS)
         logq = torch.log_softmax(
@@ -86,15 +97,16 @@ def fit_distill(ws, kind, arg, options) -> dict[str, Any]:
         return (data.weights[list(idx)].to(kl.device) * per_example).mean()
 
     params = {n: p for n, p in student.named_parameters() if p.requires_grad}
-    settings = settings_from(options, float(options.get("lr", 1e-3)), epochs=2)
+    settings = options.settings(options.lr)
     validate = None
-    if options.get("validation", True):
-        cap = options.get("validation_max_per_task", VALIDATION_PER_TASK)
+    if options.validation:
+        cap = options.validation_max_per_task
         validate = validation_loss(ws, cap, lambda t: _logits(student, ws, t))
-    try:
-        res = train(params, loss_fn, len(data), settings, validate, None, options.get("progress"))
-    finally:
-        fusion.detach()
+    with attached(ws.model, lib, "factors") as fusion:
+        res = train(
+            params, lambda idx: loss_fn(idx, fusion), len(data), settings, validate, None,
+            ctx.progress,
+        )  # fmt: skip
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(res.state[n])
@@ -103,14 +115,17 @@ def fit_distill(ws, kind, arg, options) -> dict[str, Any]:
         student.save_pretrained(str(tmp))
         meta = {"tasks": tasks, "distilled_from": lib.names, "teacher": teacher_name}
         (tmp / METADATA_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-    return {
+    summary = {
         "adapter": str(adapter_dir(ws, kind)),
-        "teacher": teacher_name,
-        "teacher_weights": weights.tolist(),
         "experts_order": lib.names,
         **res.summary(),
-        "settings": {k: v for k, v in vars(settings).items()},
     }
+    detail = {
+        "teacher": teacher_name,
+        "teacher_weights": weights.tolist(),
+        "settings": dict(vars(settings)),
+    }
+    return Fitted(summary, detail)
 
 
 def _logits(student, ws, tensors) -> torch.Tensor:
@@ -120,31 +135,33 @@ def _logits(student, ws, tensors) -> torch.Tensor:
     ).logits  # (B, T, V)
 
 
-def prepare_distill(ws, kind, arg) -> Prepared:
+def prepare_distill(ctx: Context) -> Prepared:
     from lorafuse.library import ExpertLibrary
 
-    fit = load_fit(ws, "ensemble-distill", kind)
+    ws = ctx.ws
+    fit = load_fit(ws, "ensemble-distill", ctx.kind)
     folder = Path(fit["adapter"])
     if not folder.is_dir():
         raise LorafuseError(
             f"the distilled adapter {folder} is missing; fit ensemble-distill again"
         )
-    fusion = attach(ws.model, ExpertLibrary.load([folder], base_model=ws.base_id), "factors")
-    fusion.set_expert(0)
+    student = ExpertLibrary.load([folder], base_model=ws.base_id)
+    with ExitStack() as stack:
+        stack.enter_context(attached(ws.model, student, "factors")).set_expert(0)
+        return Prepared(
+            lambda batch: ws.logits(batch.tensors),
+            stack.pop_all().close,
+            info={"experts": ctx.kind, "teacher": fit["teacher"]},
+        )
 
-    return Prepared(
-        lambda batch: ws.logits(batch.tensors),
-        fusion.detach,
-        info={"experts": kind, "teacher": fit["teacher"]},
-    )
 
-
-register(
+METHODS = (
     Method(
         "ensemble-distill",
         "ensembling",
         "one LoRA distilled from the fitted ensemble (one forward pass)",
         prepare_distill,
+        options=DistillOptions,
         fit=fit_distill,
-    )
+    ),
 )

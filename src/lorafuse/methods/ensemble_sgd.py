@@ -8,67 +8,54 @@ the lowest validation loss wins. Validation uses the cached validation probabili
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from lorafuse.ensemble import ensemble_logprobs
 from lorafuse.evaluate import target_nll
-from lorafuse.fit.sgd import lr_grid, settings_from, train
-from lorafuse.methods.ensembles import ROWS_PER_PASS, _fitted, fitted_weights, train_cache
-from lorafuse.methods.registry import Method, register
-from lorafuse.model import attach
+from lorafuse.fit.data import TrainingSet
+from lorafuse.fit.options import GridOptions
+from lorafuse.fit.sgd import search_lr, train
+from lorafuse.methods.ensembles import (
+    PER_EXPERT,
+    ROWS_PER_PASS,
+    fitted_weights,
+    prepare_fitted,
+    train_cache,
+    validation_cap,
+)
+from lorafuse.methods.method import Context, Fitted, Method
+from lorafuse.model import attached
 
 
-class TrainingSet:
-    """Encoded training examples with task-balanced weights (the evaluation's mean)."""
+class EnsembleSGDOptions(GridOptions):
+    """The SGD loop's options; validation on the cached validation probabilities."""
 
-    def __init__(self, ws, split: str = "train", max_per_task: int | None = None):
-        from lorafuse.data.collate import encode
-
-        rows = ws.examples(split, max_per_task)
-        self.ws = ws
-        self.encoded = encode(ws.tokenizer, [(s, t) for s, t, _ in rows])
-        tasks = [t for _, _, t in rows]
-        counts = {t: tasks.count(t) for t in set(tasks)}
-        M, T = len(rows), len(counts)
-        self.weights = torch.tensor([M / (T * counts[t]) for t in tasks])  # (M,), mean 1
-
-    def __len__(self) -> int:
-        return len(self.encoded)
-
-    def batch(self, idx) -> dict[str, torch.Tensor]:
-        """Collated tensors of the examples `idx`, on the workspace's device."""
-        from lorafuse.data.collate import collate
-
-        t = collate([self.encoded[i] for i in idx], self.ws.pad_id, self.ws.spec.max_length)
-        return {k: v.to(self.ws.device) for k, v in t.items()}
+    validation_max_per_task: int | None = Field(
+        None, ge=1, description="validation examples per task (default: max_examples_per_task)"
+    )
 
 
-def fit_sgd(ws, kind, arg, options) -> dict[str, Any]:
+def fit_sgd(ctx: Context) -> Fitted:
     """Learn l = softmax(theta) by SGD for each lr of the grid; keep the best on validation.
 
-    The options are those of every SGD fit (`fit.sgd.settings_from`: epochs, max_steps,
-    patience, min_delta, eval_every, warmup, ...); the winning rate's run says whether
-    the fit converged.
+    The winning rate's run says whether the fit converged.
     """
     from lorafuse.fit.exact import ensemble_objective
 
-    data = TrainingSet(ws, "train", options.get("max_examples_per_task"))
-    cap = options.get("validation_max_per_task", options.get("max_examples_per_task"))
-    val_options = {**options, "progress": None, "max_examples_per_task": cap}
-    val = train_cache(ws, kind, val_options, split="validation")
+    ws, options, lib = ctx.ws, ctx.options, ctx.library
+    data = TrainingSet(ws, "train", options.max_examples_per_task)
+    val = train_cache(ws, ctx.kind, validation_cap(options), "validation", ctx.cache)
     P_val, w_val = val.logp.double().exp(), val.token_weights()
-    lib = ws.library(kind)
-    fusion = attach(ws.model, lib, "factors")
-    runs, best = [], None
     start = time.perf_counter()
-    try:
-        for lr in lr_grid(options):
+    with attached(ws.model, lib, "factors") as fusion:
+
+        def run(lr: float):
             theta = nn.Parameter(torch.zeros(len(lib)))
 
-            def loss_fn(idx, theta=theta):
+            def loss_fn(idx):
                 t = data.batch(idx)
                 logp = ensemble_logprobs(
                     ws.model, fusion, t, torch.softmax(theta, 0), "probs", ROWS_PER_PASS
@@ -76,35 +63,35 @@ def fit_sgd(ws, kind, arg, options) -> dict[str, Any]:
                 s, c = target_nll(logp, t["labels"])  # (B,)
                 return (data.weights[list(idx)].to(s.device) * s / c).mean()
 
-            def validate(theta=theta):
+            def validate():
                 return ensemble_objective(P_val, torch.softmax(theta.detach(), 0), w_val)
 
-            settings = settings_from(options, lr)
-            res = train({"theta": theta}, loss_fn, len(data), settings, validate)
-            runs.append({"lr": lr, **res.summary(), "history": res.history})
-            if best is None or res.best_val < best[1].best_val:
-                best = (lr, res)
-    finally:
-        fusion.detach()
-    lr, res = best
-    return {
+            return train({"theta": theta}, loss_fn, len(data), options.settings(lr), validate)
+
+        lr, res, runs = search_lr(options.grid(), run)
+    summary = {
         "weights": torch.softmax(res.state["theta"], 0).tolist(),
         "experts_order": lib.names,
         "lr": lr,
-        "validation_objective": res.best_val,
         **res.summary(),
         "runs": runs,
+    }
+    detail = {
+        "validation_objective": res.best_val,
         "seconds": round(time.perf_counter() - start, 3),
     }
+    return Fitted(summary, detail)
 
 
-register(
+METHODS = (
     Method(
         "ensemble-sgd",
         "ensembling",
         "softmax weights learned by SGD with N forward passes per step (the paper's way)",
-        _fitted("ensemble-sgd"),
+        prepare_fitted,
+        options=EnsembleSGDOptions,
         fit=fit_sgd,
-        weights=fitted_weights("ensemble-sgd"),
-    )
+        cost=PER_EXPERT,
+        weights=fitted_weights,
+    ),
 )

@@ -16,24 +16,45 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from lorafuse.evaluate import batch_nll, summarize, target_nll
-from lorafuse.fit.sgd import SGDResult, SGDSettings, lr_grid, settings_from, train
-from lorafuse.methods.ensemble_sgd import TrainingSet
-from lorafuse.model import Fusion, attach
+from lorafuse.fit.data import TrainingSet
+from lorafuse.fit.options import GridOptions
+from lorafuse.fit.sgd import SGDResult, SGDSettings, search_lr, train
+from lorafuse.methods.method import Context
+from lorafuse.model import Fusion, attached
 
 VALIDATION_PER_TASK = 32  # default cap of validation examples per task
+# make_mixers(library, device) -> (mixers, params): one shared mixer or module -> mixer
+MakeMixers = Callable[[Any, torch.device], tuple[Any, dict[str, nn.Parameter]]]
+
+
+class FusedOptions(GridOptions):
+    """Options of a fit through the fused model (merging and routing weights)."""
+
+    validation: bool = Field(True, description="validate (false: none, last weights kept)")
+    validation_max_per_task: int | None = Field(
+        VALIDATION_PER_TASK, ge=1, description="validation examples per task (null: all)"
+    )
+    checkpoint_dir: str | None = Field(
+        None, description="folder of the resumable checkpoints (default <fits>/.ckpt)"
+    )
 
 
 @dataclass
 class FusedFit:
-    """The winning run: its mixers (best weights loaded), learning rate and every run."""
+    """The winning run: its mixers (best weights loaded), learning rate and every run.
+
+    A context manager: `with fit_fused(...) as fit:` detaches `fusion` on every exit path.
+    """
 
     fusion: Fusion
     mixers: Any
@@ -42,17 +63,22 @@ class FusedFit:
     initial_validation: float | None
     runs: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    close: Callable[[], None] | None = None  # detaches the fusion (default: fusion.detach)
 
-    def payload(self) -> dict[str, Any]:
-        """The fit's record shared by every fused method: lr, the winning run's ending
-        (steps, best and final validation loss, stop, converged), every run, seconds."""
-        return {
-            "lr": self.lr,
-            **self.result.summary(),
-            "initial_validation_loss": self.initial_validation,
-            "runs": self.runs,
-            "seconds": self.seconds,
-        }
+    def summary(self) -> dict[str, Any]:
+        """What every fused fit records: lr, the winning run's ending (steps, best and
+        final validation loss, stop, converged) and every run."""
+        return {"lr": self.lr, **self.result.summary(), "runs": self.runs}
+
+    def detail(self) -> dict[str, Any]:
+        """What every fused fit saves besides: the initial validation loss, seconds."""
+        return {"initial_validation_loss": self.initial_validation, "seconds": self.seconds}
+
+    def __enter__(self) -> FusedFit:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        (self.close or self.fusion.detach)()
 
 
 def fused_loss(ws, data: TrainingSet) -> Callable:
@@ -85,70 +111,52 @@ def validation_loss(
     return validate
 
 
-def fit_fused(
-    ws,
-    kind: str,
-    name: str,
-    make_mixers: Callable[[Fusion], tuple[Any, dict[str, nn.Parameter]]],
-    options: dict[str, Any],
-    space: str = "factors",
-) -> FusedFit:
-    """Learn mixers by SGD through the model with the `kind` experts attached.
+def fit_fused(ctx: Context, make_mixers: MakeMixers, space: str = "factors") -> FusedFit:
+    """Learn mixers by SGD through the model with the context's experts attached.
 
-    `make_mixers(fusion)` sets fresh mixers on the fusion and returns (mixers, params).
-    Options: lr / lr_grid, epochs (null: until a plateau), batch_size, seed, max_steps,
-    grad_accum, warmup, patience, min_delta, eval_every (`fit.sgd.settings_from`),
-    max_examples_per_task, validation (False: no validation, last weights kept),
-    validation_max_per_task, progress(step, loss), checkpoint_dir. The winning rate is
-    the one with the lowest validation loss; its run's convergence is the fit's. The
-    fusion stays attached with the winning mixers; the caller detaches it.
+    `make_mixers(library, device)` returns fresh (mixers, params); they are set on the
+    fusion for each rate of `ctx.options.grid()` (FusedOptions). The winning rate is the
+    one with the lowest validation loss; its run's convergence is the fit's. The fusion
+    stays attached with the winning mixers: use the result as a context manager (`with
+    fit_fused(...) as fit:`), which detaches it.
     """
+    ws, options = ctx.ws, ctx.options
     start = time.perf_counter()
-    data = TrainingSet(ws, "train", options.get("max_examples_per_task"))
-    validate = None
-    if options.get("validation", True):
-        cap = options.get("validation_max_per_task", VALIDATION_PER_TASK)
-        validate = validation_loss(ws, cap)
-    ckpt_dir = Path(options.get("checkpoint_dir") or Path(ws.fits_dir) / ".ckpt")
-    fusion = attach(ws.model, ws.library(kind), space)
-    runs, best, ckpts, initial = [], None, [], None
-    try:
-        for i, lr in enumerate(lr_grid(options)):
-            mixers, params = make_mixers(fusion)  # the same start for every rate
-            if i == 0 and validate is not None:
-                initial = validate()
-            settings = settings_from(options, lr)
-            ckpt = ckpt_dir / f"{name}__{kind}__{_digest(name, kind, space, settings, options)}.pt"
+    data = TrainingSet(ws, "train", options.max_examples_per_task)
+    validate = validation_loss(ws, options.validation_max_per_task) if options.validation else None
+    ckpt_dir = Path(options.checkpoint_dir or Path(ws.fits_dir) / ".ckpt")
+    ckpts, initial, winner = [], [], {}
+    with ExitStack() as stack:  # detached here on an error, else by the caller's `with`
+        fusion = stack.enter_context(attached(ws.model, ctx.library, space))
+
+        def run(lr: float) -> SGDResult:
+            mixers, params = make_mixers(ctx.library, ws.device)  # the same start every rate
+            fusion.set_mixers(_as_mixers(fusion, mixers))
+            if not initial:
+                initial.append(validate() if validate is not None else None)
+            settings = options.settings(lr)
+            digest = _digest(ctx.name, ctx.kind, space, settings, options)
+            ckpt = ckpt_dir / f"{ctx.name}__{ctx.kind}__{digest}.pt"
             ckpts.append(ckpt)
             res = train(
-                params, fused_loss(ws, data), len(data), settings, validate, ckpt,
-                options.get("progress"),
-            )  # fmt: skip
+                params, fused_loss(ws, data), len(data), settings, validate, ckpt, ctx.progress
+            )
             with torch.no_grad():
                 for n, p in params.items():
                     p.copy_(res.state[n])
-            runs.append({"lr": lr, **res.summary(), "history": res.history})
-            score = res.best_val if res.best_val is not None else float("inf")
-            if best is None or score < best[0]:
-                best = (score, FusedFit(fusion, mixers, lr, res, initial))
-    except BaseException:
-        fusion.detach()
-        raise
+            winner[lr] = mixers
+            return res
+
+        lr, res, runs = search_lr(options.grid(), run)
+        close = stack.pop_all().close  # kept: dropping it would detach the fusion
     for ckpt in ckpts:
         ckpt.unlink(missing_ok=True)
     if ckpt_dir.is_dir() and not any(ckpt_dir.iterdir()):
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-    fit = best[1]
+    fit = FusedFit(fusion, winner[lr], lr, res, initial[0], runs, close=close)
     fusion.set_mixers(_as_mixers(fusion, fit.mixers))
-    fit.runs, fit.seconds = runs, round(time.perf_counter() - start, 3)
+    fit.seconds = round(time.perf_counter() - start, 3)
     return fit
-
-
-def is_main_process() -> bool:
-    """True in the process that writes outputs (always, outside `accelerate launch`)."""
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
 
 
 def _as_mixers(fusion: Fusion, mixers) -> dict[str, Any]:
@@ -156,7 +164,7 @@ def _as_mixers(fusion: Fusion, mixers) -> dict[str, Any]:
     return mixers if isinstance(mixers, dict) else dict.fromkeys(fusion.layers, mixers)
 
 
-def _digest(name, kind, space, settings: SGDSettings, options: dict[str, Any]) -> str:
-    shown = {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool, list))}
+def _digest(name, kind, space, settings: SGDSettings, options) -> str:
+    shown = options.model_dump(mode="json")
     blob = json.dumps([name, kind, space, vars(settings), shown], sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]

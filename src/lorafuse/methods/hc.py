@@ -8,91 +8,99 @@ Arrow prototypes of the uniformly merged cluster experts.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from contextlib import ExitStack
+from functools import partial
 
 import torch
+from pydantic import Field
 
 from lorafuse.errors import LorafuseError
-from lorafuse.formats.fits import load_fit
-from lorafuse.methods.fused_sgd import fit_fused, is_main_process
-from lorafuse.methods.registry import Method, Prepared, register
+from lorafuse.fit.sgd import is_main_process
+from lorafuse.formats.fits import fit_output, load_fit
+from lorafuse.io import atomic_file
+from lorafuse.methods.fused_sgd import FusedOptions, fit_fused
+from lorafuse.methods.method import Context, Cost, Fitted, Method, Prepared
 from lorafuse.mixers.hierarchical import build_hc_routers
-from lorafuse.model import attach
+from lorafuse.model import attached
 
 
-def default_clusters(n_experts: int) -> int:
-    """About four experts per cluster, at most 10 (the paper's MBC count)."""
-    return max(1, min(10, round(n_experts / 4)))
+class HCOptions(FusedOptions):
+    """The fused fit's options and the number of clusters."""
+
+    clusters: int | None = Field(
+        None, ge=1, description="MBC clusters C of the experts (null: the default for N)"
+    )
 
 
 def _params(routers) -> dict[str, torch.nn.Parameter]:
     return {f"{m}::{n}": p for m, r in routers.items() for n, p in r.named_parameters()}
 
 
-def fit_hc(ws, kind: str, name: str, arrow_init: bool, options: dict[str, Any]) -> dict:
+def _hc_mixers(library, device, labels, arrow_init: bool):
+    routers = build_hc_routers(library, device, labels, arrow_init)
+    return routers, _params(routers)
+
+
+def fit_hc(ctx: Context, arrow_init: bool) -> Fitted:
     """Cluster the experts, then learn merge weights and routers; save the state."""
     from safetensors.torch import save_file
 
-    from lorafuse.select.clustering import mbc_cluster
+    from lorafuse.select.clustering import default_clusters, mbc_cluster
 
-    lib = ws.library(kind)
-    k = int(options.get("clusters") or default_clusters(len(lib)))
-    if not 1 <= k <= len(lib):
-        raise LorafuseError(f"route-hc needs 1 <= clusters <= {len(lib)}; got {k}")
-    labels = torch.as_tensor(mbc_cluster(lib, k=k, seed=options.get("seed", 0)).labels)
-
-    def make(fusion):
-        routers = build_hc_routers(fusion, labels, arrow_init)
-        return routers, _params(routers)
-
-    fit = fit_fused(ws, kind, name, make, options)
-    try:
+    lib, options = ctx.library, ctx.options
+    C = int(options.clusters or default_clusters(len(lib)))
+    if not 1 <= C <= len(lib):
+        raise LorafuseError(f"{ctx.name} needs 1 <= clusters <= {len(lib)}; got {C}")
+    labels = torch.as_tensor(mbc_cluster(lib, k=C, seed=options.seed).labels)
+    make = partial(_hc_mixers, labels=labels, arrow_init=arrow_init)
+    with fit_fused(ctx, make) as fit:
         state = {n: p.detach().cpu().contiguous() for n, p in _params(fit.mixers).items()}
-    finally:
-        fit.fusion.detach()
-    out = Path(ws.fits_dir) / f"{name}__{kind}.safetensors"
+    out = fit_output(ctx.ws, ctx.name, ctx.kind, ".safetensors")
     if is_main_process():
-        tmp = out.with_suffix(".tmp")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(tmp))
-        tmp.replace(out)
-    return {
-        "state": str(out),
-        "labels": labels.tolist(),
-        "clusters": k,
-        "experts_order": lib.names,
-        "arrow_init": arrow_init,
-        **fit.payload(),
-    }
+        with atomic_file(out) as tmp:
+            save_file(state, str(tmp))
+    summary = {"clusters": C, "experts_order": lib.names, **fit.summary()}
+    detail = {"state": str(out), "labels": labels.tolist(), "arrow_init": arrow_init}
+    return Fitted(summary, {**detail, **fit.detail()})
 
 
-def prepare_hc(name: str):
-    def prepare(ws, kind, arg) -> Prepared:
-        from safetensors.torch import load_file
+def prepare_hc(ctx: Context) -> Prepared:
+    """The fitted cluster routers and within-cluster merge weights."""
+    from safetensors.torch import load_file
 
-        fit = load_fit(ws, name, kind)
-        lib = ws.library(kind)
-        fusion = attach(ws.model, lib, "factors")
-        routers = build_hc_routers(fusion, torch.tensor(fit["labels"]), fit["arrow_init"])
-        state = load_file(fit["state"])
-        with torch.no_grad():
-            for n, p in _params(routers).items():
-                p.copy_(state[n])
-        info = {"experts": kind, "clusters": fit["clusters"], "lr": fit.get("lr")}
-        return Prepared(lambda b: ws.logits(b.tensors), fusion.detach, info=info)
+    ws, lib = ctx.ws, ctx.library
+    fit = load_fit(ws, ctx.name, ctx.kind)
+    routers = build_hc_routers(lib, ws.device, torch.tensor(fit["labels"]), fit["arrow_init"])
+    state = load_file(fit["state"])
+    with torch.no_grad():
+        for n, p in _params(routers).items():
+            p.copy_(state[n])
+    with ExitStack() as stack:
+        fusion = stack.enter_context(attached(ws.model, lib, "factors"))
+        fusion.set_mixers(routers)
+        info = {"experts": ctx.kind, "clusters": fit["clusters"], "lr": fit.get("lr")}
+        return Prepared(lambda b: ws.logits(b.tensors), stack.pop_all().close, info=info)
 
-    return prepare
 
-
-for _name, _arrow in (("route-hc", False), ("route-arrow-hc", True)):
-    register(
-        Method(
-            _name,
-            "routing",
-            "per-token routing over MBC clusters of the experts merged with learned weights"
-            + (" (routers started from Arrow)" if _arrow else ""),
-            prepare_hc(_name),
-            fit=lambda ws, kind, arg, options, n=_name, a=_arrow: fit_hc(ws, kind, n, a, options),
-        )
-    )
+_HC = "per-token routing over MBC clusters of the experts merged with learned weights"
+CLUSTERED = Cost(experts="clusters", router="clusters")
+METHODS = (
+    Method(
+        "route-hc",
+        "routing",
+        _HC,
+        prepare_hc,
+        options=HCOptions,
+        fit=partial(fit_hc, arrow_init=False),
+        cost=CLUSTERED,
+    ),
+    Method(
+        "route-arrow-hc",
+        "routing",
+        _HC + " (routers started from Arrow)",
+        prepare_hc,
+        options=HCOptions,
+        fit=partial(fit_hc, arrow_init=True),
+        cost=CLUSTERED,
+    ),
+)

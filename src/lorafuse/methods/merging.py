@@ -11,101 +11,95 @@ coefficients in the fused layer, which is exactly the exported adapter.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from lorafuse.errors import LorafuseError
-from lorafuse.formats.fits import load_fit
+from lorafuse.fit.sgd import is_main_process
+from lorafuse.formats.fits import fit_output, load_fit
 from lorafuse.merge import merge, save_adapter
-from lorafuse.methods.fused_sgd import fit_fused, is_main_process
-from lorafuse.methods.registry import Method, Prepared, register
+from lorafuse.methods.fused_sgd import FusedOptions, fit_fused
+from lorafuse.methods.method import Context, Cost, Fitted, Method, Prepared
 from lorafuse.mixers.static import Learned
-from lorafuse.model import attach
+from lorafuse.model import attached
 
 SPACE = "factors"
 
 
 def adapter_dir(ws, name: str, kind: str) -> Path:
     """Where the merged PEFT adapter of fit `name` over the `kind` experts is saved."""
-    return Path(ws.fits_dir) / f"{name}__{kind}"
+    return fit_output(ws, name, kind)
 
 
-def _make_mixers(layerwise: bool):
-    def make(fusion):
-        N = fusion.num_experts
-        device = next(iter(fusion.layers.values())).A_cat.device
-        if layerwise:
-            mixers = {m: Learned(N).to(device) for m in fusion.layers}
-            fusion.set_mixers(mixers)
-            return mixers, {f"{m}.logits": mix.logits for m, mix in mixers.items()}
-        shared = Learned(N).to(device)
-        fusion.set_mixer(shared)
-        return shared, {"logits": shared.logits}
-
-    return make
+def global_mixer(library, device):
+    """make_mixers for `fit_fused`: one softmax weight vector shared by every layer."""
+    shared = Learned(len(library)).to(device)
+    return shared, {"logits": shared.logits}
 
 
-def fit_merge(ws, kind: str, name: str, layerwise: bool, options: dict[str, Any]) -> dict:
+def layer_mixers(library, device):
+    """make_mixers for `fit_fused`: one softmax weight vector per fused layer."""
+    mixers = {m: Learned(len(library)).to(device) for m in library.modules}
+    return mixers, {f"{m}.logits": mix.logits for m, mix in mixers.items()}
+
+
+def fit_merge(ctx: Context, layerwise: bool) -> Fitted:
     """Learn global or per-layer merge weights; save the merged adapter; return the fit."""
-    fit = fit_fused(ws, kind, name, _make_mixers(layerwise), options, SPACE)
-    try:
+    make = layer_mixers if layerwise else global_mixer
+    with fit_fused(ctx, make, SPACE) as fit:
         lib = fit.fusion.library
         if layerwise:
             weights = {m: mix.weights().detach().cpu() for m, mix in fit.mixers.items()}
         else:
             weights = dict.fromkeys(fit.fusion.layers, fit.mixers.weights().detach().cpu())
-    finally:
-        fit.fusion.detach()
     merged = merge(lib, weights if layerwise else next(iter(weights.values())), SPACE)
-    merged.meta["method"] = name
-    out = adapter_dir(ws, name, kind)
+    merged.meta["method"] = ctx.name
+    out = adapter_dir(ctx.ws, ctx.name, ctx.kind)
     if is_main_process():  # under accelerate launch: one writer
         save_adapter(merged, out, force=True)
-    payload = {
+    summary = {
         "weights": {m: w.tolist() for m, w in weights.items()},
         "experts_order": lib.names,
-        "space": SPACE,
         "adapter": str(out),
-        **fit.payload(),
+        **fit.summary(),
     }
+    detail = {"space": SPACE, **fit.detail()}
     if not layerwise:
-        payload["global_weights"] = next(iter(weights.values())).tolist()
-    return payload
+        detail["global_weights"] = next(iter(weights.values())).tolist()
+    return Fitted(summary, detail)
 
 
-def prepare_merge_sgd(name: str):
-    """prepare(ws, kind, arg): the fitted weights as fixed per-layer coefficients."""
-
-    def prepare(ws, kind, arg) -> Prepared:
-        fit = load_fit(ws, name, kind)
-        lib = ws.library(kind)
-        fusion = attach(ws.model, lib, fit.get("space", SPACE))
-        try:
-            fusion.set_coefficients({m: torch.tensor(w) for m, w in fit["weights"].items()})
-        except LorafuseError:
-            fusion.detach()
-            raise
-
-        info = {"experts": kind, "lr": fit.get("lr")}
-        return Prepared(lambda b: ws.logits(b.tensors), fusion.detach, info=info)
-
-    return prepare
+def prepare_merge_sgd(ctx: Context) -> Prepared:
+    """The fitted weights as fixed per-layer coefficients."""
+    ws = ctx.ws
+    fit = load_fit(ws, ctx.name, ctx.kind)
+    with ExitStack() as stack:
+        fusion = stack.enter_context(attached(ws.model, ctx.library, fit.get("space", SPACE)))
+        fusion.set_coefficients({m: torch.tensor(w) for m, w in fit["weights"].items()})
+        info = {"experts": ctx.kind, "lr": fit.get("lr")}
+        return Prepared(lambda b: ws.logits(b.tensors), stack.pop_all().close, info=info)
 
 
-for _name, _layerwise, _what in (
-    ("merge-sgd-global", False, "one softmax weight vector shared by all layers"),
-    ("merge-sgd-layer", True, "one softmax weight vector per layer"),
-):
-    register(
-        Method(
-            _name,
-            "merging",
-            f"{_what}, learned by SGD through the frozen model (factors merged)",
-            prepare_merge_sgd(_name),
-            fit=lambda ws, kind, arg, options, n=_name, lw=_layerwise: fit_merge(
-                ws, kind, n, lw, options
-            ),
-        )
-    )
+_LEARNED = "learned by SGD through the frozen model (factors merged)"
+METHODS = (
+    Method(
+        "merge-sgd-global",
+        "merging",
+        f"one softmax weight vector shared by all layers, {_LEARNED}",
+        prepare_merge_sgd,
+        options=FusedOptions,
+        fit=partial(fit_merge, layerwise=False),
+        cost=Cost(experts=0, folded=True),
+    ),
+    Method(
+        "merge-sgd-layer",
+        "merging",
+        f"one softmax weight vector per layer, {_LEARNED}",
+        prepare_merge_sgd,
+        options=FusedOptions,
+        fit=partial(fit_merge, layerwise=True),
+        cost=Cost(experts=0, folded=True),
+    ),
+)

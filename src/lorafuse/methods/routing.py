@@ -14,93 +14,96 @@ A top-k above the number of experts is clamped to N (recorded as `top_k` in the 
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from lorafuse.errors import LorafuseError
 from lorafuse.evaluate import Result, standard_error
-from lorafuse.formats.fits import load_fit
+from lorafuse.fit.sgd import is_main_process
+from lorafuse.formats.fits import fit_output, load_fit
 from lorafuse.formats.routed import load_routed, save_routed
 from lorafuse.layer import check_space
-from lorafuse.methods.fused_sgd import fit_fused, is_main_process
-from lorafuse.methods.registry import Method, Prepared, register
+from lorafuse.methods.fused_sgd import FusedOptions, fit_fused
+from lorafuse.methods.method import Context, Cost, Fitted, Method, Prepared
 from lorafuse.mixers.routers import build_routers, router_parameters
-from lorafuse.model import attach
+from lorafuse.model import attached
 
 SPACE = "factors"
 TOP_KS = (1, 2, 4)
+ROUTED = Cost(experts="top_k", router="experts")  # router + the top-k (or all) experts
+
+
+class RouteOptions(FusedOptions):
+    """The fused fit's options and the routers' space and temperature."""
+
+    space: Literal["factors", "deltas"] = Field(SPACE, description="mixing space")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of the routers")
 
 
 def routed_dir(ws, name: str, kind: str) -> Path:
     """Where the routed model of fit `name` over the `kind` experts is saved."""
-    return Path(ws.fits_dir) / f"{name}__{kind}"
+    return fit_output(ws, name, kind)
 
 
 def route_sgd_mixers(init: str = "uniform", temperature: float = 1.0):
-    """make_mixers(fusion) for `fit_fused`: fresh linear routers on every fused layer."""
-
-    def make(fusion):
-        routers = build_routers(fusion, "linear", init=init, temperature=temperature)
-        return routers, router_parameters(routers)
-
-    return make
+    """make_mixers(library, device) for `fit_fused`: fresh linear routers on every module."""
+    return partial(_linear_routers, init=init, temperature=temperature)
 
 
-def fit_route_sgd(ws, kind: str, name: str, init: str, options: dict[str, Any]) -> dict:
+def _linear_routers(library, device, init: str, temperature: float):
+    routers = build_routers(library, device, "linear", init=init, temperature=temperature)
+    return routers, router_parameters(routers)
+
+
+def fit_route_sgd(ctx: Context, init: str) -> Fitted:
     """Train per-layer linear routers; save the routed model; return the fit."""
-    space = check_space(options.get("space", SPACE))
-    temperature = float(options.get("temperature", 1.0))
-    fit = fit_fused(ws, kind, name, route_sgd_mixers(init, temperature), options, space)
-    try:
-        settings = {"method": name, "init": init, "lr": fit.lr, "steps": fit.result.steps}
-        out = routed_dir(ws, name, kind)
+    options = ctx.options
+    space = check_space(options.space)
+    with fit_fused(ctx, route_sgd_mixers(init, options.temperature), space) as fit:
+        settings = {"method": ctx.name, "init": init, "lr": fit.lr, "steps": fit.result.steps}
+        out = routed_dir(ctx.ws, ctx.name, ctx.kind)
         if is_main_process():  # under accelerate launch: one writer
             save_routed(fit.fusion, out, settings, force=True)
         n_params = sum(p.numel() for p in router_parameters(fit.mixers).values())
         names = fit.fusion.library.names
-    finally:
-        fit.fusion.detach()
-    return {
-        "routed": str(out),
-        "experts_order": names,
-        "space": space,
-        "init": init,
-        "router_parameters": int(n_params),
-        **fit.payload(),
-    }
+    summary = {"routed": str(out), "experts_order": names, **fit.summary()}
+    detail = {"space": space, "init": init, "router_parameters": int(n_params), **fit.detail()}
+    return Fitted(summary, detail)
 
 
-def prepare_route_sgd(name: str, top_k: int | None):
-    """prepare(ws, kind, arg): the routed model of fit `name`, dense or top-k."""
-
-    def prepare(ws, kind, arg) -> Prepared:
-        fit = load_fit(ws, name, kind)
-        lib = ws.library(kind)
-        k = _clamp(top_k, len(lib))
-        fusion = load_routed(ws.model, fit["routed"], library=lib, top_k=k)
-        info = {"experts": kind, "top_k": k, "init": fit.get("init"), "lr": fit.get("lr")}
-        return Prepared(_forward(ws), fusion.detach, info=info)
-
-    return prepare
+def prepare_route_sgd(ctx: Context, fit_name: str, top_k: int | None) -> Prepared:
+    """The routed model of fit `fit_name`, dense or top-k."""
+    ws, lib = ctx.ws, ctx.library
+    fit = load_fit(ws, fit_name, ctx.kind)
+    k = _clamp(top_k, len(lib))
+    fusion = load_routed(ws.model, fit["routed"], library=lib, top_k=k)
+    info = {"experts": ctx.kind, "top_k": k, "init": fit.get("init"), "lr": fit.get("lr")}
+    return Prepared(_forward(ws), fusion.detach, info=info)
 
 
 def arrow_prepared(
-    ws, kind: str, top_k: int | None = None, space: str = SPACE, temperature: float = 1.0
+    ctx: Context, top_k: int | None = None, space: str = SPACE, temperature: float = 1.0
 ) -> Prepared:
-    """Arrow routing over the `kind` experts (top_k None: all experts).
+    """Arrow routing over the context's experts (top_k None: all experts).
 
     Raises LorafuseError for an unknown space or a temperature <= 0.
     """
-    lib = ws.library(kind)
+    ws, lib = ctx.ws, ctx.library
     k = _clamp(top_k, len(lib))
-    fusion = attach(ws.model, lib, check_space(space))
-    try:
-        build_routers(fusion, "arrow", top_k=k, temperature=temperature)
-    except LorafuseError:
-        fusion.detach()
-        raise
-    info = {"experts": kind, "top_k": k, "space": space, "temperature": temperature}
-    return Prepared(_forward(ws), fusion.detach, info=info)
+    with ExitStack() as stack:
+        fusion = stack.enter_context(attached(ws.model, lib, check_space(space)))
+        fusion.set_mixers(build_routers(lib, ws.device, "arrow", top_k=k, temperature=temperature))
+        info = {"experts": ctx.kind, "top_k": k, "space": space, "temperature": temperature}
+        return Prepared(_forward(ws), stack.pop_all().close, info=info)
+
+
+def prepare_arrow_with(ctx: Context) -> Prepared:
+    """Arrow with the settings of the argument (`arrow-with:k=4,space=deltas`)."""
+    return arrow_prepared(ctx, **parse_arrow_arg(ctx.arg or ""))
 
 
 def parse_arrow_arg(arg: str) -> dict[str, Any]:
@@ -146,52 +149,60 @@ def _clamp(k: int | None, n: int) -> int | None:
     return None if k is None else min(int(k), n)
 
 
-for _name, _init in (("route-sgd", "uniform"), ("route-sgd-arrow", "arrow")):
-    _start = "uniform coefficients" if _init == "uniform" else "dense Arrow"
-    register(
-        Method(
-            _name,
-            "routing",
-            f"per-token linear routers per layer learned by SGD, started from {_start}",
-            prepare_route_sgd(_name, None),
-            fit=lambda ws, kind, arg, options, n=_name, i=_init: fit_route_sgd(
-                ws, kind, n, i, options
-            ),
-        )
+def _route_sgd(name: str, init: str, start: str) -> tuple[Method, ...]:
+    """route-sgd-like methods: the fitted dense router and its top-k variants."""
+    dense = Method(
+        name,
+        "routing",
+        f"per-token linear routers per layer learned by SGD, started from {start}",
+        partial(prepare_route_sgd, fit_name=name, top_k=None),
+        options=RouteOptions,
+        fit=partial(fit_route_sgd, init=init),
+        cost=ROUTED,
     )
-    for _k in TOP_KS:
-        register(
-            Method(
-                f"{_name}-top{_k}",
-                "routing",
-                f"the {_name} fit keeping the top {_k} coefficients per token (renormalised)",
-                prepare_route_sgd(_name, _k),
-                fitted_by=_name,
-            )
+    tops = tuple(
+        Method(
+            f"{name}-top{k}",
+            "routing",
+            f"the {name} fit keeping the top {k} coefficients per token (renormalised)",
+            partial(prepare_route_sgd, fit_name=name, top_k=k),
+            options=RouteOptions,  # passed on to the fit of `name` when it is not listed
+            fitted_by=name,
+            cost=ROUTED,
         )
-register(
+        for k in TOP_KS
+    )
+    return (dense, *tops)
+
+
+def _arrow_top(k: int) -> Method:
+    return Method(
+        f"arrow-top{k}",
+        "baseline",
+        f"Arrow keeping the top {k} experts per token (factors space, temperature 1)",
+        partial(arrow_prepared, top_k=k),
+        cost=ROUTED,
+    )
+
+
+# Arrow is zero-shot: the study counts it among the baselines (its cost is routing's).
+METHODS = (
+    *_route_sgd("route-sgd", "uniform", "uniform coefficients"),
+    *_route_sgd("route-sgd-arrow", "arrow", "dense Arrow"),
     Method(
         "arrow",
-        "routing",
+        "baseline",
         "Arrow: zero-shot softmax of |x . v_i| over all experts",
-        lambda ws, kind, arg: arrow_prepared(ws, kind),
-    )
-)
-for _k in TOP_KS:
-    register(
-        Method(
-            f"arrow-top{_k}",
-            "routing",
-            f"Arrow keeping the top {_k} experts per token (factors space, temperature 1)",
-            lambda ws, kind, arg, k=_k: arrow_prepared(ws, kind, k),
-        )
-    )
-register(
+        arrow_prepared,
+        cost=ROUTED,
+    ),
+    *(_arrow_top(k) for k in TOP_KS),
     Method(
         "arrow-with",
-        "routing",
+        "baseline",
         "Arrow with settings: arrow-with:k=4,space=deltas,temperature=0.5",
-        lambda ws, kind, arg: arrow_prepared(ws, kind, **parse_arrow_arg(arg)),
+        prepare_arrow_with,
+        cost=ROUTED,
         needs_arg=True,
-    )
+    ),
 )

@@ -1,13 +1,41 @@
-"""Evaluate one named method on one split of a workspace."""
+"""Evaluate or fit one method of the table by name, on a workspace."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from lorafuse.errors import LorafuseError
 from lorafuse.evaluate import Result, batch_nll, summarize
+from lorafuse.methods.method import Context, Fitted, Method
 from lorafuse.methods.registry import resolve
+
+
+def method_context(
+    ws,
+    name: str,
+    kind: str = "private",
+    options: dict[str, Any] | None = None,
+    progress: Callable[..., None] | None = None,
+    cache_dir: str | None = None,
+) -> tuple[Method, Context]:
+    """(method, context) of `name` over the `kind` experts (a method with fixed experts,
+    `shared`, uses its own) with `options` validated against the method's options model.
+
+    Raises LorafuseError for an unknown method or an unknown or invalid option.
+    """
+    method, arg = resolve(name)
+    ctx = Context(
+        ws,
+        name,  # as called: a fit is saved under its argument too (`ensemble-sparse:4`)
+        method.experts or kind,
+        arg,
+        method.parse_options(options),
+        progress,
+        cache_dir,
+    )
+    return method, ctx
 
 
 def evaluate_method(
@@ -23,15 +51,12 @@ def evaluate_method(
     `kind` picks the expert library (private, mbc, ...). Raises LorafuseError for an
     unknown method, kind, split or task map problem.
     """
-    method, arg = resolve(name)
+    method, ctx = method_context(ws, name, kind)
     batches = ws.batches(split, max_per_task)
     tasks = [t for b in batches for t in b.tasks]
     start = time.perf_counter()
-    prepared = method.prepare(ws, kind, arg)
-    try:
+    with method.prepare(ctx) as prepared:
         sums, counts = batch_nll(prepared.forward, batches, progress)
-    finally:
-        prepared.close()
     settings = {
         "experts": kind,
         "max_examples_per_task": max_per_task,
@@ -49,14 +74,24 @@ def total_rows(ws, split: str, max_per_task: int | None) -> int:
     return len(ws.examples(split, max_per_task))
 
 
-def fit_method(ws, name: str, kind: str = "private", options: dict | None = None) -> dict:
-    """Fit method `name` over the `kind` experts and save its coefficients; return the fit.
+def fit_method(
+    ws,
+    name: str,
+    kind: str = "private",
+    options: dict[str, Any] | None = None,
+    progress: Callable[..., None] | None = None,
+    cache_dir: str | None = None,
+) -> Fitted:
+    """Fit method `name` over the `kind` experts and save its fit file; return the fit.
 
-    Raises LorafuseError for an unknown method or one that has nothing to fit.
+    `options` are validated against the method's options model. `progress` is called as
+    the fit advances; `cache_dir` holds the experts' cached passes (default
+    `<fits>/.cache`). Raises LorafuseError for an unknown method, an unknown or bad
+    option, or a method that has nothing to fit.
     """
     from lorafuse.formats.fits import save_fit
 
-    method, arg = resolve(name)
+    method, _ = resolve(name)
     if method.fitted_by is not None:
         raise LorafuseError(
             f"method {method.name} evaluates the fit of {method.fitted_by}; fit "
@@ -64,18 +99,13 @@ def fit_method(ws, name: str, kind: str = "private", options: dict | None = None
         )
     if method.fit is None:
         raise LorafuseError(f"method {method.name} has nothing to fit; evaluate it directly")
+    _, ctx = method_context(ws, name, kind, options, progress, cache_dir)
     start = time.perf_counter()
-    payload = method.fit(ws, kind, arg, dict(options or {}))
-    payload["fit_seconds"] = round(time.perf_counter() - start, 3)
-    payload["options"] = {
-        k: v for k, v in (options or {}).items() if k not in ("progress",) and _jsonable(v)
-    }
-    save_fit(ws, name, kind, payload)
-    return payload
-
-
-def _jsonable(v) -> bool:
-    return isinstance(v, (int, float, str, bool, list, tuple, type(None)))
+    fitted = method.fit(ctx)
+    fitted.summary["fit_seconds"] = round(time.perf_counter() - start, 3)
+    fitted.detail["options"] = ctx.options.model_dump(mode="json", exclude_unset=True)
+    save_fit(ws, name, kind, fitted.payload)
+    return fitted
 
 
 def evaluate_cached(ws, name: str, cached, kind: str = "private", split: str = "test") -> Result:
@@ -90,15 +120,15 @@ def evaluate_cached(ws, name: str, cached, kind: str = "private", split: str = "
 
     import torch
 
-    method, arg = resolve(name)
+    method, ctx = method_context(ws, name, kind)
     if method.weights is None:
         raise LorafuseError(f"method {name} is not a probability-level ensemble")
     start = time.perf_counter()
-    w = method.weights(ws, kind, arg).double()  # (N,)
+    w = method.weights(ctx).double()  # (N,)
     if list(cached.experts) != ws.library(kind).names or w.numel() != len(cached.experts):
         raise LorafuseError(f"the cached log-probabilities are not those of the {kind} experts")
     logw = torch.where(w > 0, w.clamp_min(1e-300).log(), torch.full_like(w, -math.inf))
-    logq = torch.logsumexp(cached.logp.double() + logw, dim=1)  # (K,)
+    logq = torch.logsumexp(cached.logp.double() + logw, dim=1)  # (target tokens,)
     M = len(cached.tasks)
     sums = torch.zeros(M, dtype=torch.float64).index_add_(0, cached.example, -logq)  # (M,)
     counts = torch.bincount(cached.example, minlength=M)  # (M,)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lorafuse.errors import LorafuseError
-from lorafuse.library import StackedModule
+from lorafuse.factors import StackedModule
 from lorafuse.mixers.routers import LinearRouter, arrow_prototypes
 
 
@@ -26,18 +26,13 @@ def within_cluster_softmax(theta: Tensor, labels: Tensor, clusters: int) -> Tens
 
 def merged_clusters(stacked: StackedModule, labels: Tensor, clusters: int) -> StackedModule:
     """The uniform merge of each cluster's experts (factors space): C merged experts."""
-    counts = torch.bincount(labels, minlength=clusters).to(stacked.A.dtype)  # (C,)
-    A = torch.zeros(clusters, *stacked.A.shape[1:], dtype=stacked.A.dtype)
-    A.index_add_(0, labels, stacked.A)  # (C, R, D)
-    sB = stacked.B * stacked.scale.to(stacked.B.dtype)[:, None, None]  # (N, O, R)
-    B = torch.zeros(clusters, *stacked.B.shape[1:], dtype=stacked.B.dtype)
-    B.index_add_(0, labels, sB)  # (C, O, R)
+    members = torch.nn.functional.one_hot(labels, clusters).T.float()  # (C, N)
+    A, B = stacked.fold_factors(members / members.sum(1, keepdim=True))  # (C, R, D), (C, O, R)
     rank = torch.zeros(clusters, dtype=torch.long).scatter_reduce(
         0, labels, stacked.rank, reduce="amax"
     )  # (C,)
-    return StackedModule(
-        A / counts[:, None, None], B / counts[:, None, None], torch.ones(clusters), rank
-    )
+    dtype = stacked.A.dtype
+    return StackedModule(A.to(dtype), B.to(dtype), torch.ones(clusters), rank)
 
 
 class HCRouter(nn.Module):
@@ -74,15 +69,20 @@ class HCRouter(nn.Module):
         return r[..., self.labels] * self.within()  # (B, T, N)
 
 
-def build_hc_routers(fusion, labels: Tensor, arrow_init: bool = False) -> dict[str, HCRouter]:
-    """One HCRouter per fused layer (set as the fusion's mixers); Arrow init optional."""
+def build_hc_routers(
+    library, device: torch.device | str, labels: Tensor, arrow_init: bool = False
+) -> dict[str, HCRouter]:
+    """One HCRouter per module of `library` (module path -> router), on `device`.
+
+    `labels` (N,) is each expert's cluster; with `arrow_init` the routers start from the
+    Arrow prototypes of the uniformly merged clusters. Set them on a fusion of the same
+    library with `fusion.set_mixers(routers)`.
+    """
     labels = torch.as_tensor(labels, dtype=torch.long)
     C = int(labels.max()) + 1
     routers = {}
-    for name, layer in fusion.layers.items():
-        stacked = fusion.library.modules[name]
+    for name, stacked in library.modules.items():
         init = arrow_prototypes(merged_clusters(stacked, labels, C)) if arrow_init else None
         D = stacked.shape[2]
-        routers[name] = HCRouter(D, labels, init).to(layer.A_cat.device)
-    fusion.set_mixers(routers)
+        routers[name] = HCRouter(D, labels, init).to(device)
     return routers

@@ -24,11 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from lorafuse.errors import LorafuseError
-from lorafuse.library import StackedModule
-from lorafuse.mixers.topk import topk_renormalize, topk_softmax
+from lorafuse.factors import StackedModule
+from lorafuse.mixers.topk import check_k, topk_renormalize, topk_softmax
 
 if TYPE_CHECKING:
-    from lorafuse.model import Fusion
+    from lorafuse.library import ExpertLibrary
 
 ROUTERS = ("linear", "arrow")
 INITS = ("uniform", "arrow")
@@ -71,7 +71,7 @@ class ArrowRouter(nn.Module):
             raise LorafuseError(f"prototypes must be (N, D); got {tuple(prototypes.shape)}")
         self.register_buffer("prototypes", prototypes.detach().float().clone())  # (N, D)
         self.num_experts = prototypes.shape[0]
-        self.top_k = _check_k(top_k, self.num_experts)
+        self.top_k = check_k(top_k, self.num_experts)
         if not temperature > 0:
             raise LorafuseError(f"the Arrow temperature must be > 0; got {temperature}")
         self.temperature = float(temperature)
@@ -118,7 +118,7 @@ class LinearRouter(nn.Module):
     ):
         super().__init__()
         self.num_experts = num_experts
-        self.top_k = _check_k(top_k, num_experts)
+        self.top_k = check_k(top_k, num_experts)
         self.absolute = init is not None if absolute is None else bool(absolute)
         weight = torch.zeros(num_experts, in_features)  # (N, D)
         if init is not None:
@@ -162,48 +162,42 @@ class LinearRouter(nn.Module):
 
 
 def build_routers(
-    fusion: Fusion,
+    library: ExpertLibrary,
+    device: torch.device | str = "cpu",
     router: str = "linear",
     init: str = "uniform",
     top_k: int | None = None,
     temperature: float = 1.0,
 ) -> dict[str, nn.Module]:
-    """One router per fused layer of `fusion` (module path -> router), set as its mixers.
+    """One router per module of `library` (module path -> router), on `device`.
 
     `router`: "linear" (learned; `init` "uniform" or "arrow") or "arrow" (zero-shot, with
-    `top_k` and `temperature`). Prototypes come from the fusion's library; each router
-    lives on its layer's device. Raises LorafuseError for an unknown router or init.
+    `top_k` and `temperature`). Prototypes come from the library's factors. Set them on
+    a fusion of the same library with `fusion.set_mixers(routers)`. Raises
+    LorafuseError for an unknown router or init.
     """
     if router not in ROUTERS:
         raise LorafuseError(f"unknown router {router!r}; choose one of {', '.join(ROUTERS)}")
     if init not in INITS:
         raise LorafuseError(f"unknown router init {init!r}; choose one of {', '.join(INITS)}")
     routers: dict[str, nn.Module] = {}
-    for name, layer in fusion.layers.items():
-        stacked = fusion.library.modules[name]
+    for name, stacked in library.modules.items():
         N, _, D, _ = stacked.shape
         if router == "arrow":
             r = ArrowRouter(arrow_prototypes(stacked), top_k, temperature)
         else:
             protos = arrow_prototypes(stacked) if init == "arrow" else None
             r = LinearRouter(D, N, protos, top_k, temperature=temperature)
-        routers[name] = r.to(layer.A_cat.device)
-    fusion.set_mixers(routers)
+        routers[name] = r.to(device)
     return routers
 
 
 def set_top_k(routers: dict[str, nn.Module], top_k: int | None) -> None:
     """Set the top-k of every router (None: dense); raises LorafuseError for a bad k."""
     for r in routers.values():
-        r.top_k = _check_k(top_k, r.num_experts)
+        r.top_k = check_k(top_k, r.num_experts)
 
 
 def router_parameters(routers: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
     """Trainable parameters by name `<module path>.<parameter>` (for the training loop)."""
     return {f"{m}.{n}": p for m, r in routers.items() for n, p in r.named_parameters()}
-
-
-def _check_k(k: int | None, n: int) -> int | None:
-    if k is not None and not 1 <= int(k) <= n:
-        raise LorafuseError(f"top-k needs 1 <= k <= N={n} (or None for all); got k={k}")
-    return None if k is None else int(k)

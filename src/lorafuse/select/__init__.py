@@ -4,14 +4,12 @@ from lorafuse.select.clustering import (
     Clustering,
     expert_vectors,
     mbc_cluster,
-    plot_similarity,
     similarity_matrix,
 )
 from lorafuse.select.greedy import (
     GreedySelection,
     greedy_select,
     not_best_on_own_task,
-    plot_greedy,
     private_oracle_loss,
 )
 
@@ -22,8 +20,6 @@ __all__ = [
     "greedy_select",
     "mbc_cluster",
     "not_best_on_own_task",
-    "plot_greedy",
-    "plot_similarity",
     "private_oracle_loss",
     "similarity_matrix",
 ]

@@ -10,16 +10,13 @@ cluster on the union of its tasks.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from lorafuse.errors import LorafuseError
-from lorafuse.io import save_png
 from lorafuse.library import ExpertLibrary
 
 
@@ -83,6 +80,11 @@ def similarity_matrix(
     return E @ E.T, E
 
 
+def default_clusters(n_experts: int) -> int:
+    """About four experts per cluster, at most 10 (the paper's MBC count)."""
+    return max(1, min(10, round(n_experts / 4)))
+
+
 def mbc_cluster(
     source,
     k: int = 10,
@@ -113,56 +115,6 @@ def mbc_cluster(
     labels = rank[inverse]  # (N,)
     clusters = [np.flatnonzero(labels == c).tolist() for c in range(int(labels.max()) + 1)]
     return Clustering(labels, S, clusters, E)
-
-
-def plot_similarity(
-    result: Clustering,
-    path: str | os.PathLike,
-    names: Sequence[str] | None = None,
-    title: str | None = None,
-) -> Path:
-    """Heat map of S with experts grouped by cluster and each cluster's block outlined.
-
-    The colour scale spans the off-diagonal similarities (their 1st to 99th percentile;
-    the diagonal is 1 by construction and would wash the structure out), with a colour
-    bar. `names` (N,) labels the axes when given (up to 80 experts). The PNG is written
-    atomically; returns the path.
-    """
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-
-    order = np.argsort(result.labels, kind="stable")  # (N,)
-    S = result.similarity[np.ix_(order, order)]  # (N, N)
-    N = len(order)
-    off = S[~np.eye(N, dtype=bool)]  # (N*(N-1),)
-    lo, hi = np.percentile(off, [1, 99]) if off.size else (-1.0, 1.0)
-    if hi - lo < 1e-6:
-        lo, hi = lo - 0.05, hi + 0.05
-    side = min(14.0, max(6.0, 2.5 + 0.16 * N))
-    fig = Figure(figsize=(side + 1.2, side))
-    ax = fig.add_subplot()
-    im = ax.imshow(S, cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
-    fig.colorbar(
-        im, ax=ax, extend="both", shrink=0.8, label="cosine similarity (off-diagonal range)"
-    )
-    edges = np.concatenate([[0], np.cumsum([len(c) for c in result.clusters])])  # (C+1,)
-    for e in edges[1:-1]:
-        ax.axhline(e - 0.5, color="white", lw=0.6, alpha=0.7)
-        ax.axvline(e - 0.5, color="white", lw=0.6, alpha=0.7)
-    for c, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
-        box = Rectangle((a - 0.5, a - 0.5), b - a, b - a, fill=False, ec="red", lw=1.8)
-        ax.add_patch(box)
-        ax.text(b - 0.5, a - 0.5, f" c{c}", color="red", fontsize=8, ha="left", va="bottom")
-    if names is not None and len(names) == N and N <= 80:
-        ticks = [names[i] for i in order]
-        size = 7 if N <= 40 else 5
-        ax.set_xticks(range(N), ticks, rotation=90, fontsize=size)
-        ax.set_yticks(range(N), ticks, fontsize=size)
-    else:
-        ax.set_xlabel("experts, ordered by cluster")
-    ax.set_title(title or f"MBC: {len(result.clusters)} clusters of {N} experts", pad=14)
-    fig.tight_layout()
-    return save_png(fig, path)
 
 
 def _factors(source) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

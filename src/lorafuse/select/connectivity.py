@@ -10,15 +10,14 @@ coefficients through the fused layer).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from lorafuse.ensemble import chunks, coefficient_rows
 from lorafuse.errors import LorafuseError
 from lorafuse.evaluate import per_task_means, standard_error, target_nll
-from lorafuse.io import save_png
-from lorafuse.model import attach
+from lorafuse.model import attached
 
 
 def _protocol(per_example: list[float], tasks: list[str]) -> tuple[float, float]:
@@ -56,19 +55,17 @@ def connectivity(
     grid = sorted(set(alphas) | {0.0, 1.0})
     coeff = torch.tensor([[1 - a, a] for a in grid])  # (G, 2)
     batches = [b for b in ws.batches(split, max_per_task) if set(b.tasks) & set(tasks)]
-    fusion = attach(ws.model, sub, "factors")
     nll: list[torch.Tensor] = []  # per batch (G, B')
     row_tasks: list[str] = []
-    try:
+    with attached(ws.model, sub, "factors") as fusion:
         for b in batches:
             keep = [i for i, t in enumerate(b.tasks) if t in tasks]
             t = {k: v[keep].to(ws.device) for k, v in b.tensors.items()}
             B = len(keep)
-            n = max(1, rows_per_pass // B)
             parts = []
-            for g0 in range(0, len(grid), n):
-                g = coeff[g0 : g0 + n]  # (n, 2)
-                fusion.set_coefficients(g.repeat_interleave(B, 0))  # (n*B, 2)
+            for chunk in chunks(list(range(len(grid))), B, rows_per_pass):
+                g = coeff[chunk]  # (n, 2)
+                fusion.set_coefficients(coefficient_rows(g, B))  # (n*B, 2)
                 with torch.inference_mode():
                     logits = ws.model(
                         input_ids=t["input_ids"].repeat(len(g), 1),
@@ -78,8 +75,6 @@ def connectivity(
                 parts.append((s / c).view(len(g), B).cpu())
             nll.append(torch.cat(parts))
             row_tasks += [b.tasks[i] for i in keep]
-    finally:
-        fusion.detach()
     per_alpha = torch.cat(nll, 1)  # (G, M)
     oracle = torch.minimum(per_alpha[0], per_alpha[-1]).tolist()  # endpoints: the experts
     curve = [_protocol(row.tolist(), row_tasks) for row in per_alpha]
@@ -93,26 +88,3 @@ def connectivity(
         "oracle": _protocol(oracle, row_tasks)[0],
         "n_examples": len(row_tasks),
     }
-
-
-def plot_connectivity(curves: list[dict[str, Any]], path: str | Path) -> Path:
-    """Figure 3: one panel per pair, loss along alpha next to the per-input oracle."""
-    from matplotlib.figure import Figure
-
-    n = len(curves)
-    cols = min(3, n)
-    rows = (n + cols - 1) // cols
-    fig = Figure(figsize=(4.2 * cols, 3.2 * rows))
-    for i, c in enumerate(curves):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        ax.plot(c["alphas"], c["loss"], marker=".", color="tab:blue", label="interpolation")
-        ax.axhline(c["oracle"], color="tab:pink", lw=2, label="per-input oracle")
-        same = c.get("same_family")
-        kin = "" if same is None else (" (same family)" if same else " (other families)")
-        ax.set_title(f"{c['pair'][0]} -> {c['pair'][1]}{kin}", fontsize=9)
-        ax.set_xlabel("alpha")
-        ax.set_ylabel("loss on both tasks")
-        if i == 0:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save_png(fig, path)

@@ -9,15 +9,12 @@ and 58 of 256 experts are not the best on their own task.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from lorafuse.errors import LorafuseError
-from lorafuse.io import save_png
 from lorafuse.matrix import as_loss_matrix
 
 
@@ -96,37 +93,6 @@ def not_best_on_own_task(L, own: Sequence[int | None]) -> list[int]:
     experts = idx[tasks]  # (T',)
     worse = L[experts, tasks] > L[:, tasks].min(0)  # (T',)
     return sorted(set(experts[worse].tolist()))
-
-
-def plot_greedy(
-    sel: GreedySelection,
-    path: str | os.PathLike,
-    oracle: float | None = None,
-    title: str | None = None,
-) -> Path:
-    """Figure 7: mean task loss against the number of experts; PNG written atomically.
-
-    Draws a horizontal line at `sel.target` (and at `oracle` when given) and marks
-    `sel.k_reached`. Returns the written path.
-    """
-    from matplotlib.figure import Figure
-
-    k = np.arange(1, len(sel.curve) + 1)  # (K,)
-    fig = Figure(figsize=(6, 3.5))
-    ax = fig.add_subplot()
-    ax.plot(k, sel.curve, marker=".", color="tab:blue", label="greedy selection")
-    ax.axhline(sel.target, color="tab:gray", ls="--", label=f"target {sel.target:.4f}")
-    if oracle is not None:
-        ax.axhline(oracle, color="tab:red", ls=":", label=f"private oracle {oracle:.4f}")
-    if sel.k_reached is not None:
-        ax.axvline(sel.k_reached, color="tab:green", ls=":", label=f"k = {sel.k_reached}")
-    ax.set_xlabel("number of experts k")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_ylabel("mean task loss")
-    ax.set_title(title or "Greedy task-level expert selection")
-    ax.legend()
-    fig.tight_layout()
-    return save_png(fig, path)
 
 
 def _own(own: Sequence[int | None], shape: tuple[int, int]) -> np.ndarray:

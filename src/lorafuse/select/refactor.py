@@ -6,23 +6,20 @@ selection needs to recover the private-oracle loss.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from lorafuse.io import atomic_dir, write_json
 from lorafuse.select.greedy import (
     greedy_select,
     not_best_on_own_task,
-    plot_greedy,
     private_oracle_loss,
 )
 
 REPORT = "refactor.json"
-PLOT = "greedy_selection.png"
+PLOT = "greedy_selection.png"  # the greedy curve `lorafuse refactor` draws beside REPORT
 
 
-def refactor(matrix, out: str | Path | None = None, force: bool = False) -> dict[str, Any]:
-    """Analyse a LossMatrix; with `out`, write refactor.json and the greedy curve plot.
+def refactor(matrix) -> dict[str, Any]:
+    """Analyse a LossMatrix: the experts not best on their own task, the greedy curve.
 
     The greedy target is the private-oracle loss when every task has its own expert,
     else the full-library value (each task's best expert).
@@ -48,10 +45,4 @@ def refactor(matrix, out: str | Path | None = None, force: bool = False) -> dict
         ],
         "meta": matrix.meta,
     }
-    if out is not None:
-        with atomic_dir(out, force) as tmp:
-            write_json(tmp / REPORT, report)
-            plot_greedy(
-                sel, tmp / PLOT, oracle=oracle, title=f"greedy selection ({len(L)} experts)"
-            )
     return report

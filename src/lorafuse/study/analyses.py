@@ -10,6 +10,7 @@ An analysis that fails is recorded with its error; the study goes on.
 
 from __future__ import annotations
 
+import json
 import random
 import traceback
 from pathlib import Path
@@ -56,8 +57,8 @@ def run_analyses(ctx) -> tuple[dict[str, Any], dict[str, str]]:
 def _clusters(ctx) -> dict[str, Any]:
     from sklearn.metrics import adjusted_rand_score
 
-    from lorafuse.methods.hc import default_clusters
-    from lorafuse.select.clustering import mbc_cluster, plot_similarity
+    from lorafuse.select.clustering import default_clusters, mbc_cluster
+    from lorafuse.study.figures import plot_similarity
 
     lib = ctx.ws.library(ctx.cfg.experts)
     k = ctx.cfg.analyses.clusters or default_clusters(len(lib))
@@ -93,7 +94,8 @@ def _family_of_expert(ctx, lib) -> dict[str, str] | None:
 
 
 def _connectivity(ctx) -> dict[str, Any]:
-    from lorafuse.select.connectivity import connectivity, plot_connectivity
+    from lorafuse.select.connectivity import connectivity
+    from lorafuse.study.figures import plot_connectivity
 
     conf = ctx.cfg.analyses.connectivity
     lib = ctx.ws.library(ctx.cfg.experts)
@@ -136,12 +138,8 @@ def _auto_pairs(names: list[str], families: dict[str, str] | None, seed: int) ->
 def _greedy(ctx) -> dict[str, Any]:
     from lorafuse.matrix import expert_task_matrix
     from lorafuse.methods.ensembles import ROWS_PER_PASS
-    from lorafuse.select.greedy import (
-        greedy_select,
-        not_best_on_own_task,
-        plot_greedy,
-        private_oracle_loss,
-    )
+    from lorafuse.select.greedy import greedy_select, not_best_on_own_task, private_oracle_loss
+    from lorafuse.study.figures import plot_greedy
 
     kind = ctx.cfg.experts
     m = expert_task_matrix(
@@ -154,7 +152,8 @@ def _greedy(ctx) -> dict[str, Any]:
     oracle = private_oracle_loss(L, own) if has_own else None
     sel = greedy_select(L, target=oracle)
     figure = f"{FIGURES}/greedy.png"
-    plot_greedy(sel, ctx.out / figure, oracle=oracle, title=f"greedy selection ({len(L)} experts)")
+    title = f"greedy selection ({len(L)} experts)"
+    plot_greedy(sel.curve, sel.target, ctx.out / figure, sel.k_reached, oracle, title)
     bad = not_best_on_own_task(L, own) if any(i is not None for i in own) else []
     return {
         "sizes": list(range(1, len(sel.curve) + 1)),
@@ -172,12 +171,17 @@ def _greedy(ctx) -> dict[str, Any]:
 
 
 def _fit_figures(ctx, figures: dict[str, str]) -> None:
-    """Copy figures the fits drew (the minimax coefficients) into the figures folder."""
-    import shutil
+    """Draw the figures of the study's fits (the minimax LP's coefficients, Figure 6)."""
+    from lorafuse.formats.fits import fit_path
+    from lorafuse.study.figures import plot_minimax
 
-    fits = Path(ctx.ws.fits_dir)
-    for png in sorted(fits.glob("ensemble-minimax__*.png")):
-        target = ctx.out / FIGURES / png.name.replace("__", "_")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(png, target)
-        figures.setdefault("minimax", str(target.relative_to(ctx.out)))
+    for kind in dict.fromkeys(
+        [ctx.cfg.experts, *(m.experts or ctx.cfg.experts for m in ctx.cfg.methods)]
+    ):
+        fit = fit_path(ctx.ws, "ensemble-minimax", kind)
+        if not fit.is_file():
+            continue
+        weights = json.loads(fit.read_text())["weights"]
+        figure = f"{FIGURES}/ensemble-minimax_{kind}.png"
+        plot_minimax(weights, ctx.out / figure, f"Minimax LP coefficients ({kind} experts)")
+        figures.setdefault("minimax", figure)

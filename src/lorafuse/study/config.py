@@ -167,14 +167,27 @@ class StudyConfig(_Strict):
         return p if p.is_absolute() else Path(self.root) / p
 
     def method_list(self) -> list[MethodConfig]:
-        """The methods as MethodConfig, kinds filled in, fit defaults under their options."""
+        """The methods as MethodConfig, kinds filled in, under their options the fit
+        defaults each method declares (a default it has no option for does not reach it)."""
         out = []
         for m in self.methods:
-            options = {**self.fit_defaults, **m.options}
+            declares = _declared(m.name)
+            defaults = {k: v for k, v in self.fit_defaults.items() if declares(k)}
+            options = {**defaults, **m.options}
             out.append(
                 MethodConfig(name=m.name, experts=m.experts or self.experts, options=options)
             )
         return out
+
+
+def _declared(name: str):
+    """declares(key) of method `name` (an unknown name declares every key: it fails later)."""
+    from lorafuse.methods.registry import resolve
+
+    try:
+        return resolve(name)[0].declares
+    except LorafuseError:
+        return lambda key: True
 
 
 def load_config(source: str | Path) -> StudyConfig:
@@ -200,7 +213,9 @@ def preset_config(preset: str) -> StudyConfig:
     """The shipped study config of a benchmark preset (builds into runs/<preset>)."""
     if preset not in PRESETS:
         raise LorafuseError(f"unknown study preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return StudyConfig(**_preset_data(preset))
+    config = StudyConfig(**_preset_data(preset))
+    _check_methods(config, Path(f"{preset}.yaml"), {})
+    return config
 
 
 def _preset_data(preset: str) -> dict[str, Any]:
@@ -214,15 +229,43 @@ def _preset_data(preset: str) -> dict[str, Any]:
 
 
 def _check_methods(config: StudyConfig, src: Path, lines: dict[str, int]) -> None:
-    from lorafuse.methods import resolve
+    """Every method known and its options valid: LorafuseError names the method, the bad
+    key, the allowed keys and the YAML line. A fit default must be an option of one of
+    the study's methods (else it is a typo that would be silently ignored)."""
+    from pydantic import ValidationError
 
-    for i, m in enumerate(config.method_list()):
+    from lorafuse.methods.registry import resolve
+
+    def where(*keys: str) -> str:
+        line = next((lines[k] for k in keys if k in lines), None)
+        return f" (line {line})" if line else ""
+
+    methods = []
+    for i, m in enumerate(config.methods):
         try:
-            resolve(m.name)
+            method = resolve(m.name)[0]
         except LorafuseError as e:
-            line = lines.get(f"methods.{i}.name", lines.get(f"methods.{i}"))
-            where = f" (line {line})" if line else ""
-            raise LorafuseError(f"{src}: methods.{i}{where}: {e}") from None
+            raise LorafuseError(
+                f"{src}: methods.{i}{where(f'methods.{i}.name', f'methods.{i}')}: {e}"
+            ) from None
+        methods.append(method)
+        defaults = {k: v for k, v in config.fit_defaults.items() if method.declares(k)}
+        for own, values in ((False, defaults), (True, config.method_list()[i].options)):
+            try:  # the defaults alone first: a bad default is one even where overridden
+                method.options(**values)
+            except ValidationError as e:
+                key, text = method.problems(e)[0]
+                own = own and key in m.options
+                path = f"methods.{i}.options.{key}" if own else f"fit_defaults.{key}"
+                near = where(path, f"methods.{i}.options", f"methods.{i}") if own else where(path)
+                raise LorafuseError(f"{src}: {path}{near}: {text} ({method.allowed()})") from None
+    for key in config.fit_defaults:
+        if not any(method.declares(key) for method in methods):
+            known = sorted({k for method in methods for k in method.option_names()})
+            raise LorafuseError(
+                f"{src}: fit_defaults.{key}{where(f'fit_defaults.{key}')}: no method of the "
+                f"study has the option {key!r} (options of its methods: {', '.join(known)})"
+            )
 
 
 def with_seeds(config: StudyConfig, seeds: list[int]) -> StudyConfig:

@@ -16,7 +16,10 @@ outputs O and rank R:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lorafuse.methods.method import Cost
 
 
 @dataclass(frozen=True)
@@ -59,27 +62,26 @@ def library_shapes(model, library) -> Shapes:
     return Shapes(modules, len(library), 2.0 * weights)
 
 
-def method_cost(name: str, family: str, settings: dict[str, Any], shapes: Shapes) -> dict:
+def method_cost(cost: Cost, settings: dict[str, Any], shapes: Shapes) -> dict:
     """{"passes", "added_flops_per_token", "relative_flops", "rule"} of one evaluated method.
 
-    `settings` is the method's evaluation settings (passes, top_k, nonzero, clusters ...).
+    `cost` is what the method declares in the table; `settings` its evaluation settings
+    (passes, top_k, clusters ...), which say how many passes, experts or clusters it used.
     """
-    base, _, arg = name.partition(":")
     passes = int(settings.get("passes", 1) or 1)
     N = shapes.experts
-    if base == "base":
-        added, rule = 0.0, "the base model"
-    elif family == "merging":
-        added, rule = 0.0, "merge folded into the weights"
-    elif family == "ensembling" and base != "ensemble-distill":
-        added, rule = shapes.lora(), f"{passes} passes, one expert each"
-    elif base in ("route-hc", "route-arrow-hc"):
+    if cost.folded or cost.experts == 0:
+        added = 0.0
+        rule = "merge folded into the weights" if cost.folded else "the base model"
+    elif cost.router == "clusters":
         C = int(settings.get("clusters") or N)
         added, rule = shapes.lora(C) + shapes.router(C), f"router over {C} merged clusters"
-    elif family == "routing" or base.startswith("arrow"):
-        k = int(settings.get("top_k") or _top_k(base) or N)
-        added = shapes.lora(min(k, N)) + shapes.router(N)
-        rule = f"router + {min(k, N)} of {N} experts per token"
+    elif cost.router == "experts":
+        k = min(int(settings.get("top_k") or N), N) if cost.experts == "top_k" else N
+        added = shapes.lora(k) + shapes.router(N)
+        rule = f"router + {k} of {N} experts per token"
+    elif cost.passes == "per expert":
+        added, rule = shapes.lora(), f"{passes} passes, one expert each"
     else:  # oracle, shared, single, distill: one LoRA
         added, rule = shapes.lora(), "one LoRA"
     relative = passes * (shapes.base_flops + added) / shapes.base_flops
@@ -89,8 +91,3 @@ def method_cost(name: str, family: str, settings: dict[str, Any], shapes: Shapes
         "relative_flops": relative,
         "rule": rule,
     }
-
-
-def _top_k(name: str) -> int | None:
-    tail = name.rsplit("-top", 1)
-    return int(tail[1]) if len(tail) == 2 and tail[1].isdigit() else None

@@ -1,4 +1,5 @@
-"""The study's figures, drawn from a results dict (no model code).
+"""Every figure lorafuse draws: the study's, from a results dict (no model code), and
+the analyses' (similarity heat map, mode connectivity, greedy selection, minimax LP).
 
 Every function writes one PNG atomically (`lorafuse.io.save_png`, ~150 dpi) and returns
 its path, or returns None without writing when the results lack its data. Figures are
@@ -9,14 +10,20 @@ no global state is touched.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lorafuse.io import save_png
 from lorafuse.study.claims import lookup, paired, study_kinds, usable
 
-FAMILIES = ("baseline", "ensembling", "merging", "routing")
+if TYPE_CHECKING:
+    from lorafuse.select.clustering import Clustering
+
+from lorafuse.study.labels import FAMILIES, cost_text, kind_title, method_label, ordered
+
 FAMILY_TITLES = dict(zip(FAMILIES, ("baselines", "ensembling", "merging", "routing")))
 COLOURS = {
     "baseline": "tab:gray",
@@ -26,43 +33,6 @@ COLOURS = {
 }
 KIND_COLOURS = ("tab:purple", "tab:cyan")  # the study's experts kind, its cluster kind
 FIG4_METHODS = ("oracle", "ensemble-uniform", "merge-uniform", "arrow-top4")
-
-
-def ordered(results: dict) -> list[dict]:
-    """The methods grouped by family (baselines, ensembling, merging, routing, others),
-    each family in results order, the study's experts kind before other kinds."""
-    rank = {f: i for i, f in enumerate(FAMILIES)}
-    main = study_kinds(results)[0]
-    methods = results.get("methods") or []
-
-    def key(i: int) -> tuple:
-        m = methods[i]
-        return rank.get(m.get("family"), len(FAMILIES)), (m.get("experts") or "private") != main, i
-
-    return [methods[i] for i in sorted(range(len(methods)), key=key)]
-
-
-def kind_title(kind: str) -> str:
-    """'private experts', 'cluster (MBC) experts' or '<kind> experts'."""
-    return {"mbc": "cluster (MBC) experts"}.get(kind, f"{kind} experts")
-
-
-def cost_text(m: dict) -> str:
-    """'1 pass, 1.004x FLOPs' from a method's "cost" (relative FLOPs per token)."""
-    cost = m.get("cost") or {}
-    passes, rel = cost.get("passes"), cost.get("relative_flops")
-    parts = []
-    if passes is not None:
-        parts.append(f"{passes} pass" + ("" if passes == 1 else "es"))
-    if rel is not None:
-        parts.append(f"{rel:.3f}x FLOPs" if rel < 10 else f"{rel:.1f}x FLOPs")
-    return ", ".join(parts) or "cost n/a"
-
-
-def method_label(m: dict, main: str = "private") -> str:
-    """The method's name, with its experts kind when that is not `main`."""
-    kind = m.get("experts") or "private"
-    return m["name"] if kind == main else f"{m['name']} [{kind}]"
 
 
 def figure2(results: dict, path: str | os.PathLike) -> Path | None:
@@ -271,3 +241,135 @@ def _library_text(results: dict) -> str:
     base = str(lib.get("base_model") or "?")
     base = Path(base).name if base.startswith(("/", ".", "~")) else base  # a local folder
     return f"{base}, {n} {main} experts, {len(lib.get('tasks') or [])} tasks"
+
+
+def plot_similarity(
+    result: Clustering,
+    path: str | os.PathLike,
+    names: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Heat map of S with experts grouped by cluster and each cluster's block outlined.
+
+    The colour scale spans the off-diagonal similarities (their 1st to 99th percentile;
+    the diagonal is 1 by construction and would wash the structure out), with a colour
+    bar. `names` (N,) labels the axes when given (up to 80 experts). The PNG is written
+    atomically; returns the path.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    order = np.argsort(result.labels, kind="stable")  # (N,)
+    S = result.similarity[np.ix_(order, order)]  # (N, N)
+    N = len(order)
+    off = S[~np.eye(N, dtype=bool)]  # (N*(N-1),)
+    lo, hi = np.percentile(off, [1, 99]) if off.size else (-1.0, 1.0)
+    if hi - lo < 1e-6:
+        lo, hi = lo - 0.05, hi + 0.05
+    side = min(14.0, max(6.0, 2.5 + 0.16 * N))
+    fig = Figure(figsize=(side + 1.2, side))
+    ax = fig.add_subplot()
+    im = ax.imshow(S, cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
+    fig.colorbar(
+        im, ax=ax, extend="both", shrink=0.8, label="cosine similarity (off-diagonal range)"
+    )
+    edges = np.concatenate([[0], np.cumsum([len(c) for c in result.clusters])])  # (C+1,)
+    for e in edges[1:-1]:
+        ax.axhline(e - 0.5, color="white", lw=0.6, alpha=0.7)
+        ax.axvline(e - 0.5, color="white", lw=0.6, alpha=0.7)
+    for c, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
+        box = Rectangle((a - 0.5, a - 0.5), b - a, b - a, fill=False, ec="red", lw=1.8)
+        ax.add_patch(box)
+        ax.text(b - 0.5, a - 0.5, f" c{c}", color="red", fontsize=8, ha="left", va="bottom")
+    if names is not None and len(names) == N and N <= 80:
+        ticks = [names[i] for i in order]
+        size = 7 if N <= 40 else 5
+        ax.set_xticks(range(N), ticks, rotation=90, fontsize=size)
+        ax.set_yticks(range(N), ticks, fontsize=size)
+    else:
+        ax.set_xlabel("experts, ordered by cluster")
+    ax.set_title(title or f"MBC: {len(result.clusters)} clusters of {N} experts", pad=14)
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def plot_connectivity(curves: list[dict[str, Any]], path: str | Path) -> Path:
+    """Figure 3: one panel per pair, loss along alpha next to the per-input oracle."""
+    from matplotlib.figure import Figure
+
+    n = len(curves)
+    cols = min(3, n)
+    rows = (n + cols - 1) // cols
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows))
+    for i, c in enumerate(curves):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.plot(c["alphas"], c["loss"], marker=".", color="tab:blue", label="interpolation")
+        ax.axhline(c["oracle"], color="tab:pink", lw=2, label="per-input oracle")
+        same = c.get("same_family")
+        kin = "" if same is None else (" (same family)" if same else " (other families)")
+        ax.set_title(f"{c['pair'][0]} -> {c['pair'][1]}{kin}", fontsize=9)
+        ax.set_xlabel("alpha")
+        ax.set_ylabel("loss on both tasks")
+        if i == 0:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def plot_greedy(
+    curve: Sequence[float],
+    target: float,
+    path: str | os.PathLike,
+    k_reached: int | None = None,
+    oracle: float | None = None,
+    title: str | None = None,
+) -> Path:
+    """Figure 7: mean task loss against the number of experts k; PNG written atomically.
+
+    `curve` (K,) is greedy selection's loss with k = 1..K experts (lorafuse.select.greedy).
+    Draws a horizontal line at `target` (and at `oracle` when given) and marks
+    `k_reached`. Returns the written path.
+    """
+    from matplotlib.figure import Figure
+
+    k = np.arange(1, len(curve) + 1)  # (K,)
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.add_subplot()
+    ax.plot(k, curve, marker=".", color="tab:blue", label="greedy selection")
+    ax.axhline(target, color="tab:gray", ls="--", label=f"target {target:.4f}")
+    if oracle is not None:
+        ax.axhline(oracle, color="tab:red", ls=":", label=f"private oracle {oracle:.4f}")
+    if k_reached is not None:
+        ax.axvline(k_reached, color="tab:green", ls=":", label=f"k = {k_reached}")
+    ax.set_xlabel("number of experts k")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel("mean task loss")
+    ax.set_title(title or "Greedy task-level expert selection")
+    ax.legend()
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def plot_minimax(
+    weights: Sequence[float], path: str | os.PathLike, title: str | None = None
+) -> Path:
+    """Figure 6: the minimax LP's coefficients (N,) sorted from largest, as bars.
+
+    The title states the fraction of nonzero coefficients (> lorafuse.fit.minimax's
+    NONZERO). The PNG is written atomically; returns the written path.
+    """
+    from matplotlib.figure import Figure
+
+    from lorafuse.fit.minimax import NONZERO
+
+    w = np.sort(np.asarray(weights, dtype=float))[::-1]  # (N,)
+    frac_nonzero = float((w > NONZERO).mean())
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.add_subplot()
+    ax.bar(np.arange(1, len(w) + 1), w, width=1.0, color="tab:blue")
+    ax.set_xlabel("expert (sorted by coefficient)")
+    ax.set_ylabel("coefficient $\\lambda_i$")
+    head = title or "Minimax LP ensemble coefficients"
+    ax.set_title(f"{head}: {frac_nonzero:.0%} nonzero (> {NONZERO:g})")
+    fig.tight_layout()
+    return save_png(fig, path)

@@ -17,29 +17,10 @@ from typing import Any
 
 from lorafuse.errors import LorafuseError
 from lorafuse.study.config import MethodConfig, StudyConfig
-from lorafuse.study.stages import FIT_RULES, StageCache, stage_key
+from lorafuse.study.stages import FIT_RULES, Progress, StageCache, setup_key, stage_key
 
 RESULTS = "results.json"
 FORMAT = "lorafuse-study/1"
-
-
-class Progress:
-    """Progress callbacks of a study (the CLI draws bars; the default does nothing)."""
-
-    def plan(self, stages: list[str]) -> None:
-        """The stages about to run, in order."""
-
-    def start(self, stage: str, total: int | None) -> None:
-        """A stage begins; `total` units of work (None: unknown)."""
-
-    def advance(self, n: int = 1) -> None:
-        """`n` units of the current stage are done."""
-
-    def update(self, done: int, total: int) -> None:
-        """The current stage is at `done` of `total`."""
-
-    def finish(self, stage: str, cached: bool) -> None:
-        """A stage ended (`cached`: its stored result was reused)."""
 
 
 @dataclass
@@ -143,11 +124,11 @@ def _seed_context(cfg, seed: int, out: Path, caps, first, bar: Progress) -> _Con
             _build(cfg, root, seed if cfg.build_per_seed else cfg.seed, cache, bar, tag)
         bar.start("load" + tag, None)
         ws = _workspace(cfg, root, folder)
-        library = _library_key(ws)
+        key = setup_key(ws)
         bar.finish("load" + tag, False)
     else:
-        ws, library = _with_fits(first.ws, folder / "fits"), first.library
-    ctx = _Context(cfg.model_copy(update={"seed": seed}), ws, folder, caps, library, cache, bar)
+        ws, key = _with_fits(first.ws, folder / "fits"), first.setup_key
+    ctx = _Context(cfg.model_copy(update={"seed": seed}), ws, folder, caps, key, cache, bar)
     ctx.tag = tag
     if not own:  # the experts' cached passes do not depend on the seed: share them
         ctx.cache_dir = first.cache_dir
@@ -225,17 +206,6 @@ def _with_fits(ws, fits: Path):
     return other
 
 
-def _library_key(ws) -> str:
-    """Identity of the setup: the spec and each expert file's size and mtime."""
-    files = []
-    for kind, folder in sorted(ws.spec.experts.items()):
-        for f in sorted(Path(ws.spec.path(folder)).rglob("adapter_model.*")):
-            st = f.stat()
-            files.append([kind, str(f), st.st_size, st.st_mtime_ns])
-    spec = ws.spec.model_dump(exclude={"fits"})
-    return stage_key(spec, files, ws.base_id, str(ws.device), str(ws.dtype))
-
-
 def _library_info(ws, cfg: StudyConfig) -> dict[str, Any]:
     import json
 
@@ -268,34 +238,38 @@ def _library_info(ws, cfg: StudyConfig) -> dict[str, Any]:
 class _Context:
     """The shared state of one run: workspace, caps, caches, stage keys."""
 
-    def __init__(self, cfg, ws, out, caps, library, cache, bar):
+    def __init__(self, cfg, ws, out, caps, setup_key, cache, bar):
         self.cfg, self.ws, self.out, self.caps = cfg, ws, Path(out), caps
-        self.library, self.cache, self.bar = library, cache, bar
+        self.setup_key, self.cache, self.bar = setup_key, cache, bar  # the setup's hash
         self.cache_dir = str(Path(ws.fits_dir) / ".cache")
         self.tag = ""  # " seed <k>" on the progress of every seed but the first
         self._test_cache: dict[str, Any] = {}
         self._shapes: dict[str, Any] = {}
 
+    @property
+    def library(self) -> str:
+        """The setup's hash under analyses.py's old name (until it reads `setup_key`)."""
+        return self.setup_key
+
     # ---- methods ------------------------------------------------------------------------
-    def options(self, m: MethodConfig) -> dict[str, Any]:
-        """Fit options: the config's, plus caps, seed and the shared cache folder."""
-        return {
+    def options(self, m: MethodConfig, method) -> dict[str, Any]:
+        """Fit options: the config's, over the caps and seed that the method declares."""
+        study = {
             "max_examples_per_task": self.caps["fit"],
             "validation_max_per_task": self.caps["validation"],
             "seed": self.cfg.seed,
-            **m.options,
-            "cache_dir": self.cache_dir,
         }
+        return {**{k: v for k, v in study.items() if method.declares(k)}, **m.options}
 
     def method(self, m: MethodConfig) -> dict[str, Any]:
         """Fit (when needed) and evaluate one method; a failure is recorded, not raised."""
-        from lorafuse.methods import resolve
+        from lorafuse.methods.registry import resolve
 
         stage = f"{m.name}@{m.experts}{self.tag}"
         record: dict[str, Any] = {"name": m.name, "experts": m.experts, "status": "ok"}
         try:
             method, _ = resolve(m.name)
-            record["family"] = "baseline" if m.name.startswith("arrow") else method.family
+            record["family"] = method.role
             self.bar.start(stage, None)
             fit, fit_key, fit_seconds = self.fit(m, method)
             result, cached = self.evaluate(m, method, fit_key)
@@ -311,18 +285,14 @@ class _Context:
             examples=sum(v["n_examples"] for v in result["per_task"].values()),
             token_mean=result.get("token_mean"),
             settings=result["settings"],
-            cost=self.cost(m, record["family"], result["settings"]),
+            cost=self.cost(m, method, result["settings"]),
             seconds={"fit": fit_seconds, "eval": result["settings"].get("seconds")},
-            fit=_fit_summary(fit),
+            fit=fit,
         )
         self.bar.finish(stage, cached)
         return record
 
     def _failed(self, record, stage, error: str, tb: str | None = None) -> dict[str, Any]:
-        from lorafuse.model import detach_all
-
-        if "model" in vars(self.ws):  # loaded: leave no fused layer behind for the next method
-            detach_all(self.ws.model)
         record.update(status="failed", error=error, mean=None, se=None, per_task={})
         if tb:
             record["traceback"] = tb
@@ -333,7 +303,7 @@ class _Context:
     def fit(self, m: MethodConfig, method) -> tuple[dict | None, str, float | None]:
         """The method's fit (cached by its settings); for top-k variants, their parent's."""
         from lorafuse.formats.fits import fit_path
-        from lorafuse.methods import resolve
+        from lorafuse.methods.registry import resolve
         from lorafuse.methods.run import fit_method
 
         if method.fitted_by is not None:
@@ -344,21 +314,19 @@ class _Context:
                     parent = other
             return self.fit(parent, resolve(parent_name)[0])
         if method.fit is None:
-            return None, self.library, None
-        options = self.options(m)
-        key = stage_key(
-            self.library, "fit", FIT_RULES, m.name, m.experts, _plain(options), self.caps
-        )
+            return None, self.setup_key, None
+        options = self.options(m, method)
+        key = stage_key(self.setup_key, "fit", FIT_RULES, m.name, m.experts, options, self.caps)
         stage = f"fit:{m.name}@{m.experts}"
         fit = self.cache.get(stage, key)
         if fit is not None and fit_path(self.ws, m.name, m.experts).is_file():
             return fit, key, self.cache.timings[stage]["seconds"]
         start = time.perf_counter()
         tick = _tick(self.bar)
-        fit = fit_method(self.ws, m.name, m.experts, {**options, "progress": tick})
+        fitted = fit_method(self.ws, m.name, m.experts, options, tick, self.cache_dir)
         seconds = time.perf_counter() - start
-        self.cache.put(stage, key, fit, seconds)
-        return fit, key, round(seconds, 3)
+        self.cache.put(stage, key, fitted.summary, seconds)
+        return fitted.summary, key, round(seconds, 3)
 
     def evaluate(self, m: MethodConfig, method, fit_key: str) -> tuple[dict, bool]:
         """The method's test result (cached by its fit and the test cap)."""
@@ -394,14 +362,14 @@ class _Context:
             )  # fmt: skip
         return self._test_cache[kind]
 
-    def cost(self, m: MethodConfig, family: str, settings: dict) -> dict[str, Any]:
-        """Passes and added FLOPs per token of the evaluated method."""
+    def cost(self, m: MethodConfig, method, settings: dict) -> dict[str, Any]:
+        """Passes and added FLOPs per token of the evaluated method (as it declares)."""
         from lorafuse.study.cost import library_shapes, method_cost
 
-        kind = "shared" if m.name == "shared" else m.experts
+        kind = method.experts or m.experts
         if kind not in self._shapes:
             self._shapes[kind] = library_shapes(self.ws.model, self.ws.library(kind))
-        return method_cost(m.name, family, settings, self._shapes[kind])
+        return method_cost(method.cost, settings, self._shapes[kind])
 
     # ---- analyses -----------------------------------------------------------------------
     def analyses(self) -> tuple[dict[str, Any], dict[str, str]]:
@@ -418,19 +386,3 @@ def _tick(bar: Progress) -> Callable[..., None]:
         bar.advance(int(args[0]) if len(args) == 1 else 1)
 
     return tick
-
-
-def _fit_summary(fit: dict | None) -> dict | None:
-    if fit is None:
-        return None
-    keep = (
-        "weights", "experts_order", "curve", "order", "k", "nonzero_fraction", "value", "lr",
-        "validation_loss", "steps", "gap", "converged", "iterations", "clusters", "plot",
-        "routed", "adapter", "fit_seconds", "cache_seconds", "solve_seconds", "runs",
-        "final_validation_loss", "best_step", "stop",
-    )  # fmt: skip
-    return {k: v for k, v in fit.items() if k in keep}
-
-
-def _plain(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in options.items() if k not in ("progress", "cache_dir")}

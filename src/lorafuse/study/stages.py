@@ -79,3 +79,33 @@ class StageCache:
         value = compute()
         self.put(stage, key, value, time.perf_counter() - start)
         return value
+
+
+def setup_key(ws) -> str:
+    """Identity of the setup: the spec and each expert file's size and mtime."""
+    files = []
+    for kind, folder in sorted(ws.spec.experts.items()):
+        for f in sorted(Path(ws.spec.path(folder)).rglob("adapter_model.*")):
+            st = f.stat()
+            files.append([kind, str(f), st.st_size, st.st_mtime_ns])
+    spec = ws.spec.model_dump(exclude={"fits"})
+    return stage_key(spec, files, ws.base_id, str(ws.device), str(ws.dtype))
+
+
+class Progress:
+    """Progress callbacks of a study (the CLI draws bars; the default does nothing)."""
+
+    def plan(self, stages: list[str]) -> None:
+        """The stages about to run, in order."""
+
+    def start(self, stage: str, total: int | None) -> None:
+        """A stage begins; `total` units of work (None: unknown)."""
+
+    def advance(self, n: int = 1) -> None:
+        """`n` units of the current stage are done."""
+
+    def update(self, done: int, total: int) -> None:
+        """The current stage is at `done` of `total`."""
+
+    def finish(self, stage: str, cached: bool) -> None:
+        """A stage ended (`cached`: its stored result was reused)."""
