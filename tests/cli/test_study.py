@@ -18,6 +18,19 @@ def test_bad_config_names_key_and_line(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_mistyped_method_option_exits_2_naming_it_and_writing_nothing(tmp_path):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(
+        "library: x\nmethods:\n  - base\n  - {name: route-sgd, options: {max_step: 10}}\n"
+    )
+    r = runner.invoke(app, ["study", "--config", str(cfg), "--out", str(tmp_path / "o")])
+    printed = " ".join(r.output.split())  # the console wraps long lines
+    assert r.exit_code == 2, r.output
+    assert "route-sgd" in printed and "'max_step'" in printed and "line 4" in printed
+    assert "allowed options:" in printed and "max_steps" in printed
+    assert not (tmp_path / "o").exists()
+
+
 def test_preset_or_config_not_both(tmp_path):
     r = runner.invoke(app, ["study", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "either --preset" in r.output
