@@ -11,7 +11,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# The compiled CPU kernels (lorafuse.kernels) build into a cache of this session's own.
+# The compiled CPU kernels (lorafuse.fast.kernels) build into a cache of this session's own.
 os.environ.setdefault("LORAFUSE_CACHE", tempfile.mkdtemp(prefix="lorafuse-test-cache-"))
 torch.set_num_threads(1)  # tiny models: one thread is fastest, and robust on a busy CPU
 

@@ -12,7 +12,7 @@ The fused layer then computes p inside its own GEMM, so x is read once (the rout
 lorafuse.mixers.routers do this); gradients still reach `projection`. If moreover its
 coefficients are exactly softmax(q + b) with q = |p| (`absolute` true) or q = p, it
 exposes the bias as `softmax_bias` (N,) (None otherwise), and the layer trains the whole
-thing as one autograd Function (lorafuse.layer_grad.Routed).
+thing as one autograd Function (lorafuse.fast.functions.Routed).
 """
 
 from __future__ import annotations
