@@ -16,7 +16,7 @@ The rule, in one place (`choose`, called once when a FusedLoRALinear is built):
   stored (D, O)) keeps its own product, and only the experts' and a router's rows
   share one.
 Per call, the JointPath declines (returns None, and the reference runs) under autocast
-and when x's dtype or device is not the layer's. Everything else it decides per call
+and when x's dtype is not the layer's. Everything else it decides per call
 from the mixer (lorafuse.mixers.protocol), grad mode and shapes (see joint.py), and from
 two switches read at each call, so that a benchmark can flip them between rounds:
 LORAFUSE_ONEDNN (gemm.py, float32 CPU products) and LORAFUSE_CPU_KERNELS (kernels.py,

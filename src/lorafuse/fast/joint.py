@@ -40,8 +40,8 @@ class JointPath(nn.Module):
     """The fast forward of one FusedLoRALinear (see the module doc); `forward` may decline.
 
     `forward(layer, x, mixer)` returns the layer's output (..., O), or None when this path
-    does not take the call (autocast, or x's dtype or device not the layer's): the layer
-    then runs its reference formula. `join_base`: the base layer's rows join the GEMM.
+    does not take the call (autocast, or x's dtype not the layer's): the layer then runs
+    its reference formula. `join_base`: the base layer's rows join the GEMM.
     """
 
     def __init__(self, layer: nn.Module, join_base: bool):
@@ -51,19 +51,18 @@ class JointPath(nn.Module):
         self.row_bias: Tensor | None = None  # (top + N*R + N,): [b ; 0], with W only
         self.top = 0  # O when W's rows are in the buffer, else 0
         self.room = layer.num_experts  # rows for a projected mixer's map (P <= N)
-        self._A_at = 0  # the address of the A rows, to notice a replaced A buffer
         self._plans: dict = {}  # (fuse_base, P) -> the GEMM's rows, see _rows
         self._synced: tuple | None = None  # the projection copied last, see _projection
         self._kind: tuple = (None, False, False)  # (mixer, projected, softmax router)
         self._build(layer)
 
     def forward(self, layer: nn.Module, x: Tensor, mixer) -> Tensor | None:
-        B_cat = layer.B_cat
-        if x.dtype != B_cat.dtype or x.device != B_cat.device:
+        if self.rows is None:  # dropped by a move: build it again from the base layer
+            self._build(layer)
+        if x.dtype != self.rows.dtype or torch.is_autocast_enabled(x.device.type):
             return None
-        if torch.is_autocast_enabled(x.device.type):
-            return None
-        joined = self._sync(layer)
+        base, B_cat = layer.base, layer.B_cat
+        w, b = base.weight, base.bias
         N, R, O, space = layer.num_experts, layer.rank, layer.out_features, layer.space
         lead = x.shape[:-1]
         proj = self._projection(mixer, x)  # (P, D) or None: then the mixer runs on x
@@ -72,11 +71,11 @@ class JointPath(nn.Module):
             c = mixer(x)
             if sparse.applies(c, x, N):
                 d = sparse.delta(layer, x, c.to(x.dtype))  # (B, T, O)
-                y = self._base(layer, x)
+                y = self._base(base, x)
                 return y + d if y.requires_grad or c.requires_grad else y.add_(d)
         x2 = x.reshape(-1, x.shape[-1])  # (M, D)
         P = 0 if proj is None else proj.shape[0]
-        fuse_base = joined and self._base_joins(layer, x2, P)
+        fuse_base = self._joined(w, b) and self._base_joins(layer, w, b, x2, P)
         weight, bias, widths = self._rows(fuse_base, P)
         grad = torch.is_grad_enabled() and (x.requires_grad or (P and proj.requires_grad))
         rbias = self._softmax_bias(mixer, x) if grad and fuse_base and P == N else None
@@ -90,7 +89,7 @@ class JointPath(nn.Module):
             y, u, p = joint.split_with_sizes(widths, -1)
         # y (M, O) (width 0 if the base runs apart), u (M, R*N), p (M, P)
         if not fuse_base:
-            y = layer.base(x).reshape(-1, O)  # (M, O)
+            y = base(x).reshape(-1, O)  # (M, O)
         if not torch.is_grad_enabled() and P == N:  # a softmax router, by the kernels?
             z = self._kernel_mix(mixer, joint, widths, B_cat, space)  # (M, R*N) or None
             if z is not None:
@@ -124,19 +123,15 @@ class JointPath(nn.Module):
                     b.data = row_bias[:O]
             layer.A_rows = rows[self.top : self.top + A.shape[0]]
         self.rows, self.row_bias = rows, row_bias
-        self._A_at = layer.A_rows.data_ptr()
         self._plans, self._synced = {}, None
 
-    def _sync(self, layer: nn.Module) -> bool:
-        # Rebuild the buffer if it was dropped (a move) or the A rows were replaced;
-        # return whether the base layer's weight and bias are still its first rows.
-        if self.rows is None or layer.A_rows.data_ptr() != self._A_at:
-            self._build(layer)
-        if not self.top:
+    __call__ = forward  # no module hooks: it runs on every call of the layer
+
+    def _joined(self, w: Tensor, b: Tensor | None) -> bool:
+        # Whether the base layer's weight w and bias b are still the buffer's first rows
+        # (not replaced, released or taken by another fused layer).
+        if not self.top or w.data_ptr() != self.rows.data_ptr():
             return False
-        w, b = layer.base.weight, layer.base.bias
-        if w.data_ptr() != self.rows.data_ptr():
-            return False  # replaced, released or taken by another fused layer
         return b is None or (self.row_bias is not None and b.data_ptr() == self.row_bias.data_ptr())
 
     def _apply(self, fn, recurse=True):
@@ -203,21 +198,19 @@ class JointPath(nn.Module):
             return None
         return kernels.forward(kern, joint, rbias, widths, space, bool(mixer.absolute))[2]
 
-    def _base(self, layer: nn.Module, x: Tensor) -> Tensor:
+    def _base(self, base: nn.Module, x: Tensor) -> Tensor:
         # base(x); without autograd a plain nn.Linear's product is fast.gemm's (oneDNN
         # where MKL is slow), as the joint GEMM's is.
-        base = layer.base
         plain = type(base) is nn.Linear and x.dtype == base.weight.dtype
         if not plain or torch.is_grad_enabled():
             return base(x)
         y = gemm.linear(x.reshape(-1, x.shape[-1]), base.weight, base.bias)  # (M, O)
-        return y.view(*x.shape[:-1], layer.out_features)
+        return y.view(*x.shape[:-1], base.weight.shape[0])
 
-    def _base_joins(self, layer: nn.Module, x2: Tensor, P: int) -> bool:
-        # Whether the base layer (whose rows are in the buffer) joins this call's GEMM:
-        # not when it trains (autograd must see its own parameters), nor when it does not pay.
-        base = layer.base
-        w, b = base.weight, base.bias
+    def _base_joins(self, layer: nn.Module, w: Tensor, b: Tensor | None, x2: Tensor, P: int):
+        # Whether the base layer (weight w, bias b; its rows are in the buffer) joins this
+        # call's GEMM: not when it trains (autograd must see its own parameters), nor when
+        # it does not pay.
         if torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad)):
             return False
         # On a multi-threaded CPU MKL threads a GEMM past M*D*O ~ SERIAL_GEMM, and each
