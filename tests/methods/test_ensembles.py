@@ -41,6 +41,33 @@ def test_exact_fit_is_optimal_and_matches_evaluation(ws):
     assert res.settings["passes"] == int((weights > 0).sum())
 
 
+def test_cached_sgd_loss_is_the_model_forward_loss(ws):
+    """ensemble-sgd's loss read from the cache equals the ensemble run through the model,
+    for the same examples (the cache orders examples by its batches, so pick by task)."""
+    from lorafuse.ensemble import ensemble_logprobs
+    from lorafuse.evaluate import target_nll
+    from lorafuse.fit.data import TrainingSet
+    from lorafuse.methods.ensemble_sgd import CachedEnsembleLoss
+    from lorafuse.model import attached
+
+    raw = train_cache(ws, "private", 4)
+    cached, data = CachedEnsembleLoss(raw), TrainingSet(ws, "train", 4)
+    assert len(cached) == len(data) and sorted(raw.tasks) == sorted(data.tasks)
+    theta = torch.tensor([0.4, -0.2, 0.1], requires_grad=True)  # the fit's parameters
+    for chosen in (set(data.tasks[:1]), set(data.tasks)):  # one task's examples, then all
+        idx = [i for i, t in enumerate(data.tasks) if t in chosen]
+        l = theta.softmax(0)
+        with attached(ws.model, ws.library("private"), "factors") as fusion:
+            t = data.batch(idx)
+            s, c = target_nll(ensemble_logprobs(ws.model, fusion, t, l, "probs"), t["labels"])
+            direct = (data.weights[idx] * s / c).mean()
+        (g_direct,) = torch.autograd.grad(direct, theta)
+        loss = cached(theta.softmax(0), [i for i, t in enumerate(raw.tasks) if t in chosen])
+        (g_cached,) = torch.autograd.grad(loss, theta)
+        assert loss.item() == pytest.approx(direct.item(), rel=1e-5)
+        assert torch.allclose(g_cached, g_direct, rtol=1e-4, atol=1e-6)
+
+
 def test_sparse_sgd_minimax_and_distill(ws):
     sparse = fit_method(ws, "ensemble-sparse:1", "private").payload
     assert sum(x > 0 for x in sparse["weights"]) == 1

@@ -1,8 +1,14 @@
 """ensemble-sgd: the paper's way of learning ensemble weights (Section 3.2.1).
 
-l = softmax(theta), trained by the shared loop with N expert forward passes per step on
-training data of all tasks (no task ids), for each learning rate of a grid; the rate with
-the lowest validation loss wins. Validation uses the cached validation probabilities.
+l = softmax(theta), trained by the shared loop on training data of all tasks (no task
+ids), for each learning rate of a grid; the rate with the lowest validation loss wins.
+
+The experts are frozen and run without dropout, so the ensemble's loss on a batch needs
+only each expert's log-probability of each target token: the loop reads them from the
+cached pass over the training data that ensemble-exact also uses (`train_cache`) instead
+of running the N experts' forwards at every step. The gradient is the same as with N
+forward passes per step (a test checks the loss against the model's forward), and a step
+costs microseconds, so the fit runs to its plateau within the cap.
 """
 
 from __future__ import annotations
@@ -11,23 +17,20 @@ import time
 
 import torch
 from pydantic import Field
-from torch import nn
+from torch import Tensor, nn
 
-from lorafuse.ensemble import ensemble_logprobs
-from lorafuse.evaluate import target_nll
-from lorafuse.fit.data import TrainingSet
+from lorafuse.cache import TargetLogprobs
+from lorafuse.fit.data import task_balanced_weights
 from lorafuse.fit.options import GridOptions
 from lorafuse.fit.sgd import search_lr, train
 from lorafuse.methods.ensembles import (
     PER_EXPERT,
-    ROWS_PER_PASS,
     fitted_weights,
     prepare_fitted,
     train_cache,
     validation_cap,
 )
 from lorafuse.methods.method import Context, Fitted, Method
-from lorafuse.model import attached
 
 
 class EnsembleSGDOptions(GridOptions):
@@ -38,6 +41,36 @@ class EnsembleSGDOptions(GridOptions):
     )
 
 
+class CachedEnsembleLoss:
+    """The probability-level ensemble's training loss from cached target log-probabilities.
+
+    loss(l, idx) = mean over examples i in idx of w_i * (-1/c_i) sum_{k of i}
+    log sum_n l_n p_n(y_k), with w_i the task-balanced weight of example i (mean 1, as
+    `TrainingSet`) and c_i its number of target tokens: what `ensemble_logprobs` and
+    `target_nll` give through the model for the same examples.
+    """
+
+    def __init__(self, cached: TargetLogprobs):
+        self.logp = cached.logp  # (K, N)
+        self.example = cached.example  # (K,)
+        M = len(cached.tasks)
+        counts = torch.bincount(self.example, minlength=M).clamp(min=1)  # (M,)
+        weights = task_balanced_weights(cached.tasks)  # (M,)
+        self.token_scale = (weights / counts)[self.example]  # (K,): w_i / c_i of its example
+        self.n = M
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __call__(self, l: Tensor, idx) -> Tensor:
+        """The mean weighted NLL over the examples `idx` of the ensemble `l` (N,)."""
+        idx = torch.as_tensor(list(idx), dtype=torch.long)
+        tokens = torch.isin(self.example, idx)  # (K,)
+        logp = self.logp[tokens]  # (k, N)
+        nll = -torch.logsumexp(logp + l.log()[None, :], 1)  # (k,)
+        return (self.token_scale[tokens] * nll).sum() / len(idx)
+
+
 def fit_sgd(ctx: Context) -> Fitted:
     """Learn l = softmax(theta) by SGD for each lr of the grid; keep the best on validation.
 
@@ -46,35 +79,33 @@ def fit_sgd(ctx: Context) -> Fitted:
     from lorafuse.fit.exact import ensemble_objective
 
     ws, options, lib = ctx.ws, ctx.options, ctx.library
-    data = TrainingSet(ws, "train", options.max_examples_per_task)
+    start = time.perf_counter()
+    data = CachedEnsembleLoss(
+        train_cache(ws, ctx.kind, options.max_examples_per_task, "train", ctx.cache, ctx.progress)
+    )
     val = train_cache(ws, ctx.kind, validation_cap(options), "validation", ctx.cache)
     P_val, w_val = val.logp.double().exp(), val.token_weights()
-    start = time.perf_counter()
-    with attached(ws.model, lib, "factors") as fusion:
+    cache_s = time.perf_counter() - start
 
-        def run(lr: float):
-            theta = nn.Parameter(torch.zeros(len(lib)))
+    def run(lr: float):
+        theta = nn.Parameter(torch.zeros(len(lib)))
 
-            def loss_fn(idx):
-                t = data.batch(idx)
-                logp = ensemble_logprobs(
-                    ws.model, fusion, t, torch.softmax(theta, 0), "probs", ROWS_PER_PASS
-                )  # (B, T, V)
-                s, c = target_nll(logp, t["labels"])  # (B,)
-                return (data.weights[list(idx)].to(s.device) * s / c).mean()
+        def loss_fn(idx):
+            return data(torch.softmax(theta, 0), idx)
 
-            def validate():
-                return ensemble_objective(P_val, torch.softmax(theta.detach(), 0), w_val)
+        def validate():
+            return ensemble_objective(P_val, torch.softmax(theta.detach(), 0), w_val)
 
-            return train({"theta": theta}, loss_fn, len(data), options.settings(lr), validate)
+        return train({"theta": theta}, loss_fn, len(data), options.settings(lr), validate)
 
-        lr, res, runs = search_lr(options.grid(), run)
+    lr, res, runs = search_lr(options.grid(), run)
     summary = {
         "weights": torch.softmax(res.state["theta"], 0).tolist(),
         "experts_order": lib.names,
         "lr": lr,
         **res.summary(),
         "runs": runs,
+        "cache_seconds": round(cache_s, 3),
     }
     detail = {
         "validation_objective": res.best_val,
@@ -87,7 +118,7 @@ METHODS = (
     Method(
         "ensemble-sgd",
         "ensembling",
-        "softmax weights learned by SGD with N forward passes per step (the paper's way)",
+        "softmax weights learned by SGD (the paper's way), on cached expert probabilities",
         prepare_fitted,
         options=EnsembleSGDOptions,
         fit=fit_sgd,

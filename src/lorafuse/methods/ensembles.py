@@ -2,7 +2,8 @@
 
 - ensemble-uniform / ensemble-uniform-logits: l = 1/N, probabilities or logits mixed.
 - ensemble-exact: the training objective solved to optimality on cached probabilities.
-- ensemble-sgd: the paper's way, SGD with N forward passes per step (ensemble_sgd.py).
+- ensemble-sgd: the paper's way, SGD on softmax weights, on cached probabilities
+  (ensemble_sgd.py).
 - ensemble-minimax: B.5's LP over the validation loss matrix.
 - ensemble-sparse:<k>: the best ensemble of at most k experts (greedy, re-optimised).
 - ensemble-distill: one LoRA trained to match the fitted ensemble (methods/distill.py).
