@@ -71,9 +71,20 @@ FOLDED = Cost(experts=0, folded=True)
 
 METHODS = (
     Method("base", "baseline", "the base model, no expert", prepare_base, cost=Cost(experts=0)),
-    Method("oracle", "baseline", "each input routed to its task's expert", prepare_oracle),
     Method(
-        "shared", "baseline", "the expert trained on all tasks", prepare_shared, experts="shared"
+        "oracle",
+        "baseline",
+        "each input routed to its task's expert",
+        prepare_oracle,
+        paper=("fig2", "fig4"),
+    ),
+    Method(
+        "shared",
+        "baseline",
+        "the expert trained on all tasks",
+        prepare_shared,
+        experts="shared",
+        paper=("fig2",),
     ),
     Method("single", "baseline", "one named expert", prepare_single, needs_arg=True),
     Method(
@@ -82,6 +93,7 @@ METHODS = (
         "uniform merge of the factors: A = mean A_i, B = mean s_i B_i",
         prepare_merge_uniform,
         cost=FOLDED,
+        paper=("fig2", "fig4", "B.2"),
     ),
     Method(
         "merge-uniform-full",
@@ -89,5 +101,6 @@ METHODS = (
         "uniform merge of the full-rank deltas: mean s_i B_i A_i",
         prepare_merge_uniform_full,
         cost=FOLDED,
+        paper=("B.2",),
     ),
 )

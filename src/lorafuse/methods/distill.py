@@ -163,5 +163,6 @@ METHODS = (
         prepare_distill,
         options=DistillOptions,
         fit=fit_distill,
+        paper=("fig2",),
     ),
 )

@@ -124,5 +124,6 @@ METHODS = (
         fit=fit_sgd,
         cost=PER_EXPERT,
         weights=fitted_weights,
+        paper=("fig2",),
     ),
 )

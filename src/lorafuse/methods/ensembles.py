@@ -188,6 +188,7 @@ METHODS = (
         prepare_uniform,
         cost=PER_EXPERT,
         weights=uniform_weights,
+        paper=("fig2", "fig4", "B.3"),
     ),
     Method(
         "ensemble-uniform-logits",
@@ -195,6 +196,7 @@ METHODS = (
         "softmax of the mean of the experts' logits",
         prepare_uniform_logits,
         cost=PER_EXPERT,
+        paper=("B.3",),
     ),
     Method(
         "ensemble-exact",
@@ -215,6 +217,7 @@ METHODS = (
         fit=fit_minimax,
         cost=PER_EXPERT,
         weights=fitted_weights,
+        paper=("B.5",),
     ),
     Method(
         "ensemble-sparse",

@@ -93,6 +93,8 @@ METHODS = (
         options=HCOptions,
         fit=partial(fit_hc, arrow_init=False),
         cost=CLUSTERED,
+        paper=("fig2",),
+        study_experts="private",
     ),
     Method(
         "route-arrow-hc",
@@ -102,5 +104,7 @@ METHODS = (
         options=HCOptions,
         fit=partial(fit_hc, arrow_init=True),
         cost=CLUSTERED,
+        paper=("fig2",),
+        study_experts="private",
     ),
 )

@@ -92,6 +92,7 @@ METHODS = (
         options=FusedOptions,
         fit=partial(fit_merge, layerwise=False),
         cost=Cost(experts=0, folded=True),
+        paper=("fig2",),
     ),
     Method(
         "merge-sgd-layer",
@@ -101,5 +102,6 @@ METHODS = (
         options=FusedOptions,
         fit=partial(fit_merge, layerwise=True),
         cost=Cost(experts=0, folded=True),
+        paper=("fig2",),
     ),
 )

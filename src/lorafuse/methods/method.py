@@ -21,6 +21,15 @@ from lorafuse.fit.options import Options
 
 Role = Literal["baseline", "ensembling", "merging", "routing"]
 ROLES: tuple[Role, ...] = ("baseline", "ensembling", "merging", "routing")
+# Where the paper shows a method: Figure 2 (the main comparison), Figure 4 (private vs
+# cluster experts) and the appendices' variants (B.2 full-rank merging, B.3 logits, B.4
+# top-k routing, B.5 the minimax LP). A method with no tag is lorafuse's own or context.
+Tag = Literal["fig2", "fig4", "B.2", "B.3", "B.4", "B.5"]
+TAGS: tuple[Tag, ...] = ("fig2", "fig4", "B.2", "B.3", "B.4", "B.5")
+# Which of a study's two expert kinds a method mixes when the study does not say: the
+# cluster experts (Sections 3-4: Figure 2 and the appendices) or the private experts
+# (Section 5: HC clusters the private experts).
+StudyExperts = Literal["cluster", "private"]
 
 
 class NoOptions(Options):
@@ -140,7 +149,9 @@ class Method:
     `prepare(ctx) -> Prepared`; `fit(ctx) -> Fitted` when it learns something;
     `fitted_by` names the method whose fit it evaluates (a top-k variant); `weights(ctx)
     -> (N,)` for a probability-level ensemble (scored from cached passes); `experts` a
-    fixed expert kind (the shared expert) instead of the caller's.
+    fixed expert kind (the shared expert) instead of the caller's; `paper` the figures
+    and appendices of the paper that show it (the claims select methods by role and tag);
+    `study_experts` which of a study's kinds it mixes by default (cluster or private).
     """
 
     name: str
@@ -154,6 +165,8 @@ class Method:
     fitted_by: str | None = None
     weights: Callable[[Context], Tensor] | None = None
     experts: str | None = None
+    paper: tuple[Tag, ...] = ()
+    study_experts: StudyExperts = "cluster"
 
     def option_names(self) -> list[str]:
         """The option keys this method declares."""
