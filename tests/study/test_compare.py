@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 
 from lorafuse.errors import LorafuseError
-from lorafuse.study.claims import FAILS, HOLDS, MISSING, claims
+from lorafuse.study.claims import FAILS, HOLDS, MISSING, TABLE, claims
 from lorafuse.study.compare import DIFFERS, NOT_COMPARABLE, SAME, compare, write_compare
 from lorafuse.study.seeds import MIXED, add_seeds
 
 TASKS = [f"t{i}" for i in range(10)]
-MERGE = "Global SGD merging beats layer-wise SGD merging"
-PROBS = "Probability-level ensembling beats logit-level ensembling"
-LOWRANK = "Low-rank (A, B) uniform merging is about as good as full-rank uniform merging"
+CLAIM = {c.id: c.claim for c in TABLE}
+MERGE, PROBS, LOWRANK = CLAIM[8], CLAIM[9], CLAIM[10]  # global vs layer, probs vs logits, B.2
 
 
 def _methods(global_minus_layer: float, seed: int) -> list[dict]:

@@ -74,7 +74,7 @@ def test_render_without_data(tmp_path):
     assert set(out) == {"report.md", "report.html"}
     md = out["report.md"].read_text()
     assert "not measured" in md and "lorafuse study" in md
-    assert "No method ran with both private experts and cluster (MBC) experts" in md
+    assert "both private experts: no Figure 4 comparison" in md
     assert not (tmp_path / "out" / "figures").exists()
 
 
@@ -126,7 +126,7 @@ def test_summary_table_lists_every_method():
 def _with_fits(res):
     """realistic_results with three kinds of fit: converged, stopped by its cap, none."""
     for m in res["methods"]:
-        if (m["name"], m["experts"]) == ("route-sgd", "private"):
+        if (m["name"], m["experts"]) == ("route-sgd", "mbc"):
             m["fit"] = {"steps": 40, "validation_loss": 0.912345, "converged": False,
                         "stop": "step cap", "final_validation_loss": 0.912345}  # fmt: skip
         if m["name"] == "merge-sgd-global":
@@ -146,13 +146,13 @@ def test_figure2_table_shows_how_each_fit_ended(tmp_path):
     head = _md_row(md, "method", "family", "experts")
     col = {h: i for i, h in enumerate(head)}
     assert {"steps", "val loss", "converged"} <= set(col)
-    cells = _md_row(md, "route-sgd", "routing", "private")
+    cells = _md_row(md, "route-sgd", "routing", "mbc")
     assert [cells[col[k]] for k in ("steps", "val loss", "converged")] == ["40", "0.9123", "no"]
-    cells = _md_row(md, "merge-sgd-global", "merging", "private")
+    cells = _md_row(md, "merge-sgd-global", "merging", "mbc")
     assert [cells[col[k]] for k in ("steps", "val loss", "converged")] == ["17", "1.5000", "yes"]
-    cells = _md_row(md, "base", "baseline", "private")  # no fit at all
+    cells = _md_row(md, "base", "baseline", "mbc")  # no fit at all
     assert [cells[col[k]] for k in ("steps", "val loss", "converged")] == ["-", "-", "-"]
-    cells = _md_row(md, "ensemble-minimax", "ensembling", "private")  # a fit, no convergence
+    cells = _md_row(md, "ensemble-minimax", "ensembling", "mbc")  # a fit, no convergence
     assert cells[col["converged"]] == "-"
 
 
@@ -165,7 +165,7 @@ def test_unconverged_fit_shows_in_claims_and_console(tmp_path):
     console.print(summary_table(res))
     lines = console.export_text().splitlines()
     assert "converged" in next(x for x in lines if "method" in x and "status" in x)
-    route = next(x for x in lines if "route-sgd " in x and "private" in x and "0.9" in x)
+    route = next(x for x in lines if "route-sgd " in x and "mbc" in x and "0.9" in x)
     merge = next(x for x in lines if "merge-sgd-global" in x)
     assert " no " in route and " yes " in merge
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lorafuse.errors import LorafuseError
-from lorafuse.study.claims import FAILS, HOLDS, MISSING, UNSURE
+from lorafuse.study.claims import FAILS, HOLDS, MISSING, TABLE, UNSURE
 from lorafuse.study.config import Analyses, MethodConfig, load_config, preset_config, with_seeds
 from lorafuse.study.runner import RESULTS, StudyRun, run_study
 from lorafuse.study.seeds import MIXED, add_seeds, combine, robust
@@ -81,9 +81,10 @@ def test_per_seed_claims_and_robust_verdicts_on_hand_made_results():
     add_seeds(results, runs, per_build=False)
     assert list(results["seeds"]) == ["0", "1", "2"]
     by_claim = {r["claim"]: r for r in results["robust_claims"]}
-    merge = by_claim["Global SGD merging beats layer-wise SGD merging"]
+    claim = {c.id: c.claim for c in TABLE}
+    merge = by_claim[claim[8]]
     assert merge["verdicts"] == {"0": HOLDS, "1": FAILS, "2": HOLDS} and merge["verdict"] == MIXED
-    probs = by_claim["Probability-level ensembling beats logit-level ensembling"]
+    probs = by_claim[claim[9]]
     assert probs["verdicts"] == {"0": HOLDS, "1": HOLDS, "2": HOLDS} and probs["verdict"] == HOLDS
     for entry in results["seeds"].values():  # each seed's claims are its own numbers
         row = next(r for r in entry["claims"] if r["claim"] == merge["claim"])
@@ -178,14 +179,14 @@ def test_each_seed_has_its_numbers_and_claims(two_seeds):
 def test_seeded_fits_differ_and_unseeded_stages_are_shared(two_seeds):
     _, out, results = two_seeds
     s0, s1 = (_by(results["seeds"][k]["methods"]) for k in ("0", "1"))
-    distill = ("ensemble-distill", "private")  # its adapter's initialisation is seeded
+    distill = ("ensemble-distill", "mbc")  # its adapter's initialisation is seeded
     assert s0[distill]["per_task"] != s1[distill]["per_task"]
-    assert s0[("base", "private")]["per_task"] == s1[("base", "private")]["per_task"]
+    assert s0[("base", "mbc")]["per_task"] == s1[("base", "mbc")]["per_task"]
     stages = results["seeds"]["1"]["stages"]
-    assert stages["eval:base@private"]["cached"]  # served from seed 0's cache
-    assert not (out / "seeds" / "1" / "stages" / "eval_base@private.json").exists()
-    assert not stages["fit:ensemble-distill@private"]["cached"]
-    assert (out / "seeds" / "1" / "stages" / "fit_ensemble-distill@private.json").is_file()
+    assert stages["eval:base@mbc"]["cached"]  # served from seed 0's cache
+    assert not (out / "seeds" / "1" / "stages" / "eval_base@mbc.json").exists()
+    assert not stages["fit:ensemble-distill@mbc"]["cached"]
+    assert (out / "seeds" / "1" / "stages" / "fit_ensemble-distill@mbc.json").is_file()
     assert list((out / "seeds" / "1" / "fits").glob("ensemble-distill*"))
     assert "build" not in stages and "analysis:clusters" not in stages  # once, on seed 0
 

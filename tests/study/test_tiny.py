@@ -8,6 +8,37 @@ import math
 from typer.testing import CliRunner
 
 from lorafuse.cli import app
+from lorafuse.methods.registry import BY_NAME, METHODS
+
+
+def _check_protocol(results: dict) -> None:
+    """The paper's protocol, read from results.json: every Figure-2 method mixed the cluster
+    experts (HC the private ones), Figure 4 ran over both, and each claim compared exactly
+    the (method, kind) pairs its table row selects, which ran."""
+    ran = {(m["name"], m["experts"]) for m in results["methods"] if m["status"] == "ok"}
+    cluster, private = results["config"]["experts"], results["config"]["private_experts"]
+    assert (cluster, private) == ("mbc", "private")
+    for m in METHODS:
+        if "fig2" in m.paper:
+            kind = private if m.study_experts == "private" else cluster
+            assert (m.name, kind) in ran, m.name
+            if m.name in ("route-hc", "route-arrow-hc"):
+                assert (m.name, cluster) not in ran
+        if "fig4" in m.paper:
+            assert {(m.name, cluster), (m.name, private)} <= ran, m.name
+    assert ("route-sgd", private) not in ran  # Figure 2's routing is over the cluster experts
+    rows = {r["id"]: r for r in results["claims"]}
+    for r in rows.values():
+        assert {tuple(k) for k in r["methods"]} <= ran, r["id"]
+    fig2 = {(n, BY_NAME[n].study_experts) for n in BY_NAME if "fig2" in BY_NAME[n].paper}
+    expected_3 = {(n, cluster) for n, s in fig2 if BY_NAME[n].role in ("ensembling", "merging")}
+    assert {tuple(k) for k in rows[3]["methods"]} == expected_3
+    assert {tuple(k) for k in rows[11]["methods"]} == {
+        ("route-sgd", cluster),
+        ("route-hc", private),
+    }
+    assert {k for _, k in map(tuple, rows[16]["methods"])} == {cluster}  # B.4 over clusters
+    assert {k for _, k in map(tuple, rows[2]["methods"])} == {cluster}
 
 
 def test_tiny_study_end_to_end(tmp_path, monkeypatch):
@@ -32,6 +63,7 @@ def test_tiny_study_end_to_end(tmp_path, monkeypatch):
     assert {c["verdict"] for c in results.get("claims", [])} <= {
         "holds", "does not hold", "inconclusive", "inconclusive (not converged)", "not measured",
     }  # fmt: skip
+    _check_protocol(results)
     report = (tmp_path / "runs/study/report.md").read_text()
     assert "ensemble-uniform" in report and "route-sgd" in report and "converged" in report
     assert (tmp_path / "runs/study/report.html").is_file()

@@ -5,6 +5,9 @@
 - connectivity: Figure 3's interpolation curves for same- and cross-family pairs;
 - greedy: the expert x task validation matrix, how many experts are not the best on
   their own task, and the greedy selection that recovers the private-oracle loss.
+Every analysis uses the study's private experts (`private_experts`), as Section 5 does.
+The greedy matrix is measured once, on the full validation split: a benchmark build's
+structure stage already holds it (structure.json), so the study reads it from there.
 An analysis that fails is recorded with its error; the study goes on.
 """
 
@@ -20,6 +23,7 @@ from lorafuse.errors import LorafuseError
 from lorafuse.study.stages import stage_key
 
 FIGURES = "figures"
+GREEDY_SPLIT = ("validation", None)  # the split and cap of the greedy matrix: all of it
 
 
 def run_analyses(ctx) -> tuple[dict[str, Any], dict[str, str]]:
@@ -36,8 +40,8 @@ def run_analyses(ctx) -> tuple[dict[str, Any], dict[str, str]]:
         if not enabled:
             analyses[name] = None
             continue
-        key = stage_key(ctx.library, name, ctx.cfg.experts, ctx.caps, ctx.cfg.seed,
-                        cfg.model_dump(mode="json"))  # fmt: skip
+        key = stage_key(ctx.setup_key, name, ctx.cfg.private_experts, ctx.caps, ctx.cfg.seed,
+                        cfg.model_dump(mode="json"), GREEDY_SPLIT)  # fmt: skip
         try:
             value = ctx.cache.run(f"analysis:{name}", key, lambda job=job: job(ctx))
         except LorafuseError as e:
@@ -60,7 +64,7 @@ def _clusters(ctx) -> dict[str, Any]:
     from lorafuse.select.clustering import default_clusters, mbc_cluster
     from lorafuse.study.figures import plot_similarity
 
-    lib = ctx.ws.library(ctx.cfg.experts)
+    lib = ctx.ws.library(ctx.cfg.private_experts)
     k = ctx.cfg.analyses.clusters or default_clusters(len(lib))
     if not 1 <= k <= len(lib):
         raise LorafuseError(f"analyses.clusters = {k} needs 1 <= k <= {len(lib)} experts")
@@ -98,14 +102,14 @@ def _connectivity(ctx) -> dict[str, Any]:
     from lorafuse.study.figures import plot_connectivity
 
     conf = ctx.cfg.analyses.connectivity
-    lib = ctx.ws.library(ctx.cfg.experts)
+    lib = ctx.ws.library(ctx.cfg.private_experts)
     families = _family_of_expert(ctx, lib)
     pairs = conf.pairs if conf.pairs != "auto" else _auto_pairs(lib.names, families, ctx.cfg.seed)
     pairs = pairs[: conf.max_pairs]
     alphas = [i / (conf.alphas - 1) for i in range(conf.alphas)]
     curves = []
     for a, b in pairs:
-        c = connectivity(ctx.ws, ctx.cfg.experts, (a, b), alphas, "test", ctx.caps["test"])
+        c = connectivity(ctx.ws, ctx.cfg.private_experts, (a, b), alphas, "test", ctx.caps["test"])
         c["same_family"] = None if families is None else families[a] == families[b]
         c["oracle_se"] = None
         curves.append(c)
@@ -141,11 +145,13 @@ def _greedy(ctx) -> dict[str, Any]:
     from lorafuse.select.greedy import greedy_select, not_best_on_own_task, private_oracle_loss
     from lorafuse.study.figures import plot_greedy
 
-    kind = ctx.cfg.experts
-    m = expert_task_matrix(
-        ctx.ws, kind, "validation", ctx.caps["validation"], ROWS_PER_PASS, ctx.cache_dir,
-        ctx.bar.advance,
-    )  # fmt: skip
+    kind = ctx.cfg.private_experts
+    m = _built_matrix(ctx.ws, kind)
+    if m is None:
+        split, cap = GREEDY_SPLIT
+        m = expert_task_matrix(
+            ctx.ws, kind, split, cap, ROWS_PER_PASS, ctx.cache_dir, ctx.bar.advance
+        )
     L = m.losses.numpy()  # (N, T)
     own = m.own_index()
     has_own = all(i is not None for i in own)
@@ -161,6 +167,9 @@ def _greedy(ctx) -> dict[str, Any]:
         "private_oracle": oracle,
         "recovers_at": sel.k_reached,
         "n_experts": len(m.experts),
+        "split": GREEDY_SPLIT[0],
+        "max_examples_per_task": GREEDY_SPLIT[1],
+        "from": m.meta.get("from", "measured by the study"),
         "figure": figure,
         "not_best": {
             "count": len(bad),
@@ -168,6 +177,34 @@ def _greedy(ctx) -> dict[str, Any]:
             "experts": [m.experts[i] for i in bad],
         },
     }
+
+
+def _built_matrix(ws, kind: str):
+    """The private expert x task matrix of a benchmark build's structure stage, when it
+    was measured on the full validation split over exactly `kind`'s experts and the
+    study's tasks (else None: the study measures it)."""
+    from lorafuse.matrix import LossMatrix
+
+    path = Path(ws.spec.root) / "structure.json"
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        d = saved["matrix"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if saved.get("split") != GREEDY_SPLIT[0] or saved.get("max_examples_per_task") is not None:
+        return None
+    if d.get("experts") != ws.library(kind).names or sorted(d.get("tasks", [])) != sorted(ws.tasks):
+        return None
+    import torch
+
+    m = LossMatrix(
+        torch.tensor(d["losses"], dtype=torch.float64), d["experts"], d["tasks"],
+        d["n_examples"], d.get("own", {}),
+    )  # fmt: skip
+    m.meta = {**d.get("meta", {}), "from": str(path)}
+    return m
 
 
 def _fit_figures(ctx, figures: dict[str, str]) -> None:

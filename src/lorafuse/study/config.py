@@ -5,14 +5,16 @@
     seeds: [0, 1, 2]                          # optional: fits and evaluations per seed
     build_per_seed: false                     # optional: one build per seed, <out>-seed<k>
     build: {preset: small, out: runs/small}   # or `library:` a built folder / a YAML spec
-    experts: private                          # the kind every method mixes
-    cluster_experts: mbc                      # Figure 4 and routing over cluster experts
+    experts: mbc                              # the kind Figure 2's methods mix (the paper:
+                                              #   its 10 MBC cluster experts)
+    private_experts: private                  # Section 5's kind: HC, connectivity,
+                                              #   refactoring, greedy; Figure 4's other side
     examples: {fit: 16, validation: 8, test: 20}   # caps per task (null: all)
     fit_defaults: {lr_grid: [0.001], max_steps: 40}
     methods:
       - base
       - {name: route-sgd, options: {max_steps: 60}}
-      - {name: oracle, experts: mbc}
+      - {name: oracle, experts: private}
     analyses: {clusters: 8, connectivity: {pairs: auto, alphas: 11}, greedy: true}
 
 Unknown keys are rejected naming the key and its line; relative paths are read against
@@ -109,8 +111,8 @@ class StudyConfig(_Strict):
     library: str | None = None
     build: BuildConfig | None = None
     build_per_seed: bool = False  # build one benchmark per seed into <build.out>-seed<k>
-    experts: str = "private"
-    cluster_experts: str | None = "mbc"
+    experts: str = "private"  # the kind methods mix by default (Figure 2's)
+    private_experts: str = "private"  # Section 5's kind (HC methods, the analyses)
     device: str | None = None
     dtype: str | None = None
     examples: Examples = Field(default_factory=Examples)
@@ -166,28 +168,35 @@ class StudyConfig(_Strict):
         p = Path(value)
         return p if p.is_absolute() else Path(self.root) / p
 
+    def kind_of(self, study_experts: str) -> str:
+        """The study's kind for a method's `study_experts` ("cluster": `experts`,
+        "private": `private_experts`)."""
+        return self.private_experts if study_experts == "private" else self.experts
+
     def method_list(self) -> list[MethodConfig]:
-        """The methods as MethodConfig, kinds filled in, under their options the fit
-        defaults each method declares (a default it has no option for does not reach it)."""
+        """The methods as MethodConfig, kinds filled in (a method's own `experts`, else
+        the kind its table row names: `experts`, or `private_experts` for HC), under their
+        options the fit defaults each method declares (a default it has no option for does
+        not reach it)."""
         out = []
         for m in self.methods:
-            declares = _declared(m.name)
+            method = _method(m.name)
+            declares = method.declares if method else (lambda key: True)
             defaults = {k: v for k, v in self.fit_defaults.items() if declares(k)}
             options = {**defaults, **m.options}
-            out.append(
-                MethodConfig(name=m.name, experts=m.experts or self.experts, options=options)
-            )
+            kind = m.experts or self.kind_of(method.study_experts if method else "cluster")
+            out.append(MethodConfig(name=m.name, experts=kind, options=options))
         return out
 
 
-def _declared(name: str):
-    """declares(key) of method `name` (an unknown name declares every key: it fails later)."""
+def _method(name: str):
+    """The table row of method `name` (None for an unknown name: it fails later)."""
     from lorafuse.methods.registry import resolve
 
     try:
-        return resolve(name)[0].declares
+        return resolve(name)[0]
     except LorafuseError:
-        return lambda key: True
+        return None
 
 
 def load_config(source: str | Path) -> StudyConfig:

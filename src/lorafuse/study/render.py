@@ -202,12 +202,16 @@ def fit_cells(fit: dict | None) -> list[str]:
 
 
 def _kinds_table(results: dict) -> Block:
+    # Figure 4: each method over the private and over the cluster experts, paired.
     idx = lookup(results)
-    main, cluster = study_kinds(results)
-    names = list(dict.fromkeys(n for n, k in idx if k == cluster and (n, main) in idx))
+    cluster, private = study_kinds(results)
+    if cluster == private:
+        return ("p", f"The study's cluster and private experts are both {kind_title(private)}: "
+                     "no Figure 4 comparison.")  # fmt: skip
+    names = list(dict.fromkeys(n for n, k in idx if k == private and (n, cluster) in idx))
     rows = []
     for name in names:
-        a, b = idx[(name, main)], idx[(name, cluster)]
+        a, b = idx[(name, private)], idx[(name, cluster)]
         diff = "n/a"
         if usable(a) and usable(b):
             s = paired(b, a)
@@ -215,8 +219,8 @@ def _kinds_table(results: dict) -> Block:
             diff = f"{s['diff']:+.4f} ± {se} ({s['n_tasks']} tasks)"
         rows.append([name, _loss(a), _loss(b), diff])
     if not rows:
-        return ("p", f"No method ran with both {kind_title(main)} and {kind_title(cluster)}.")
-    head = ["method", kind_title(main), kind_title(cluster), f"{cluster} - {main} (paired)"]
+        return ("p", f"No method ran with both {kind_title(private)} and {kind_title(cluster)}.")
+    head = ["method", kind_title(private), kind_title(cluster), f"{cluster} - {private} (paired)"]
     return ("table", head, rows)
 
 

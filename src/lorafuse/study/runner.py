@@ -246,11 +246,6 @@ class _Context:
         self._test_cache: dict[str, Any] = {}
         self._shapes: dict[str, Any] = {}
 
-    @property
-    def library(self) -> str:
-        """The setup's hash under analyses.py's old name (until it reads `setup_key`)."""
-        return self.setup_key
-
     # ---- methods ------------------------------------------------------------------------
     def options(self, m: MethodConfig, method) -> dict[str, Any]:
         """Fit options: the config's, over the caps and seed that the method declares."""

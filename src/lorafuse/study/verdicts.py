@@ -2,41 +2,50 @@
 
 Every comparison of two methods A and B is PAIRED over the tasks both were evaluated on:
 d_t = loss_A(t) - loss_B(t), diff = mean_t d_t, se = std(d, ddof=1) / sqrt(n_tasks).
-- "A beats B" holds if diff + 2 se < 0, does not hold if diff - 2 se > 0, else it is
+The rules (each a `Rule`):
+- BEATS, "A beats B": holds if diff + 2 se < 0, does not hold if diff - 2 se > 0, else
   inconclusive (fewer than two common tasks is inconclusive too).
-- "A is about as good as B" holds if |diff| <= 2 se, else it does not hold.
+- WITHIN, "A is within 2 se of B": holds if |diff| <= 2 se, else does not hold (used for
+  "slightly": a student within noise of its teacher).
+- NOT_BEATEN, "B does not beat A": holds unless diff - 2 se > 0 (an exception to
+  "underperforms": A is not significantly worse than B).
+- EQUIVALENT, "A is about as good as B": an equivalence test with margin
+  m = EQUIVALENCE_MARGIN x mean loss of B: holds if |diff| + 2 se <= m (the interval lies
+  inside the margin), does not hold if |diff| - 2 se > m, else inconclusive. Noise alone
+  cannot pass it.
 - A comparison that rests on a method whose fit did not converge (its fit records
   `converged: false`: an SGD run stopped by its step cap or epochs while still
   improving, an exact solve short of its tolerance) is "inconclusive (not converged)"
   whatever its numbers say; they are still shown and the method is named.
-- A claim over several comparisons holds if all of them hold; it does not hold if any
-  does not hold; otherwise it is "not measured" when a named method is missing, failed,
-  skipped or has a non-finite loss, else "inconclusive (not converged)" when a
-  comparison rests on such a fit, else inconclusive.
-Methods are identified by (name, experts kind); claims use the study's experts kind
-(config "experts", "private" by default) unless the claim names the cluster kind (config
-"cluster_experts", "mbc" by default): routing over MBC experts and Figure 4.
+- A claim over several comparisons (or parts) holds if all of them hold; it does not
+  hold if any does not hold; otherwise it is "not measured" when a named method is
+  missing, failed, skipped or has a non-finite loss, else "inconclusive (not converged)"
+  when a comparison rests on such a fit, else inconclusive.
+Methods are identified by (name, experts kind): Figure 2's methods over the study's
+`experts` (the cluster experts, as the paper's Sections 3-4), HC and Figure 4's other
+side over its `private_experts`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+EQUIVALENCE_MARGIN = 0.05  # "about as good": within 5% of the reference method's loss
 RULE = (
     "Paired over common tasks: diff = mean_t(loss_A - loss_B), se = std(diff, ddof=1)/sqrt(n). "
     "'A beats B' holds if diff + 2 se < 0, does not hold if diff - 2 se > 0, else inconclusive; "
-    "'about as good' holds if |diff| <= 2 se. A claim over several comparisons holds if all "
-    "hold and does not hold if any does not hold. A comparison resting on a fit that did not "
-    "converge (stopped by its step cap or epochs while still improving) is 'inconclusive "
+    "'within 2 se' holds if |diff| <= 2 se; 'B does not beat A' holds unless diff - 2 se > 0; "
+    f"'about as good' (equivalence, margin m = {EQUIVALENCE_MARGIN:.0%} of B's mean loss) "
+    "holds if |diff| + 2 se <= m, does not hold if |diff| - 2 se > m. A claim holds if all its "
+    "parts hold and does not hold if any does not hold. A comparison resting on a fit that did "
+    "not converge (stopped by its step cap or epochs while still improving) is 'inconclusive "
     "(not converged)'."
 )
-BASELINES = ("base", "shared", "arrow-top4")
-# Appendix variants that are not among Figure 2's ensembling methods (B.3, B.5).
-APPENDIX_ENSEMBLES = ("ensemble-uniform-logits", "ensemble-minimax", "ensemble-sparse")
 HOLDS, FAILS, UNSURE, MISSING = "holds", "does not hold", "inconclusive", "not measured"
 NOT_CONVERGED = "inconclusive (not converged)"
 
@@ -52,10 +61,10 @@ def lookup(results: dict) -> dict[Key, dict]:
 
 
 def study_kinds(results: dict) -> tuple[str, str]:
-    """(experts kind, cluster experts kind) of the study: config "experts" and
-    "cluster_experts", defaulting to ("private", "mbc")."""
+    """(Figure 2's kind, Section 5's private kind) of the study: config "experts" and
+    "private_experts", each "private" by default."""
     cfg = results.get("config") or {}
-    return cfg.get("experts") or "private", cfg.get("cluster_experts") or "mbc"
+    return cfg.get("experts") or "private", cfg.get("private_experts") or "private"
 
 
 def usable(m: dict | None) -> bool:
@@ -103,11 +112,66 @@ def beats(diff: float | None, se: float | None) -> str:
     return FAILS if diff - 2 * se > 0 else UNSURE
 
 
-def about_as_good(diff: float | None, se: float | None) -> str:
-    """The verdict of "A is about as good as B": |diff| <= 2 se."""
+def within_2se(diff: float | None, se: float | None) -> str:
+    """The verdict of "A is within 2 se of B": |diff| <= 2 se."""
     if diff is None or se is None:
         return UNSURE
     return HOLDS if abs(diff) <= 2 * se else FAILS
+
+
+def not_beaten(diff: float | None, se: float | None) -> str:
+    """The verdict of "B does not beat A" from diff = A - B: holds unless diff - 2 se > 0."""
+    if diff is None or se is None:
+        return UNSURE
+    return FAILS if diff - 2 * se > 0 else HOLDS
+
+
+def about_as_good(diff: float | None, se: float | None, margin: float | None) -> str:
+    """The verdict of "A is about as good as B", an equivalence test with `margin` (in
+    loss units): holds if |diff| + 2 se <= margin, does not hold if |diff| - 2 se >
+    margin, else inconclusive."""
+    if diff is None or se is None or margin is None:
+        return UNSURE
+    if abs(diff) + 2 * se <= margin:
+        return HOLDS
+    return FAILS if abs(diff) - 2 * se > margin else UNSURE
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one paired comparison is decided: `name`, the operator shown between the two
+    methods (`op`), and `decide(diff, se, scale)` with `scale` the mean loss of B."""
+
+    name: str
+    op: str
+    decide: Callable[[float | None, float | None, float | None], str]
+
+    def __call__(self, diff, se, scale=None) -> str:
+        return self.decide(diff, se, scale)
+
+
+BEATS = Rule("beats", "-", lambda d, s, _: beats(d, s))
+WITHIN = Rule("within 2 se", "-", lambda d, s, _: within_2se(d, s))
+NOT_BEATEN = Rule("not beaten", "-", lambda d, s, _: not_beaten(d, s))
+EQUIVALENT = Rule(
+    "equivalent",
+    "~",
+    lambda d, s, scale: about_as_good(
+        d, s, None if scale is None else EQUIVALENCE_MARGIN * abs(scale)
+    ),
+)
+
+
+def combine(verdicts: list[str]) -> str:
+    """One verdict from several (comparisons or parts): all hold -> holds; any does not
+    hold -> does not hold; else not measured, not converged, inconclusive in that order."""
+    if FAILS in verdicts:
+        return FAILS
+    if MISSING in verdicts or not verdicts:
+        return MISSING
+    if NOT_CONVERGED in verdicts:
+        return NOT_CONVERGED
+    return UNSURE if UNSURE in verdicts else HOLDS
 
 
 def _label(key: Key, kind: str) -> str:
@@ -129,7 +193,7 @@ def _fmt(x: float | None, sign: bool = False) -> str:
     return f"{x:+.3f}" if sign else f"{x:.3f}"
 
 
-def _compare(idx, pairs: Iterable[tuple[Key, Key]], kind: str, rule=beats) -> dict[str, Any]:
+def _compare(idx, pairs: Iterable[tuple[Key, Key]], kind: str, rule=BEATS) -> dict[str, Any]:
     comps, missing, unfit = [], [], []
     for a, b in pairs:
         bad = [_why(idx, k) for k in (a, b) if not usable(idx.get(k))]
@@ -138,7 +202,8 @@ def _compare(idx, pairs: Iterable[tuple[Key, Key]], kind: str, rule=beats) -> di
             continue
         s = paired(idx[a], idx[b])
         comps.append({"a": _label(a, kind), "b": _label(b, kind), **s})
-        comps[-1]["verdict"] = rule(s["diff"], s["se"]) if s["n_tasks"] else MISSING
+        scale = idx[b].get("mean")
+        comps[-1]["verdict"] = rule(s["diff"], s["se"], scale) if s["n_tasks"] else MISSING
         if not s["n_tasks"]:
             missing.append(f"{comps[-1]['a']} vs {comps[-1]['b']} (no common tasks)")
         late = [f"{_label(k, kind)} ({why})" for k in (a, b) if (why := not_converged(idx[k]))]
@@ -146,14 +211,7 @@ def _compare(idx, pairs: Iterable[tuple[Key, Key]], kind: str, rule=beats) -> di
             comps[-1].update(verdict=NOT_CONVERGED, not_converged=late)
             unfit.extend(x for x in late if x not in unfit)
     verdicts = [c["verdict"] for c in comps]
-    if FAILS in verdicts:
-        verdict = FAILS
-    elif missing or not comps:
-        verdict = MISSING
-    elif NOT_CONVERGED in verdicts:
-        verdict = NOT_CONVERGED
-    else:
-        verdict = UNSURE if UNSURE in verdicts else HOLDS
+    verdict = combine(verdicts + ([MISSING] if missing else []))
     return {"verdict": verdict, "comparisons": comps, "missing": missing, "not_converged": unfit}
 
 
