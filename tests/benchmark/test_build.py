@@ -39,7 +39,7 @@ def test_manifest_lists_tasks_experts_and_stages(built):
     names = [t["name"] for t in manifest["tasks"]]
     assert len(names) == 4 and len(manifest["families"]) == 2
     assert set(manifest["stages"]) == {
-        "data", "base", "private", "structure", "shared", "mbc", "evaluate"
+        "data", "base", "private", "structure", "shared", "mbc", "offtask", "evaluate"
     }  # fmt: skip
     private = [e for e in manifest["experts"] if e["kind"] == "private"]
     assert [e["tasks"] for e in private] == [[n] for n in names]
@@ -108,6 +108,45 @@ def test_structure_statistics_match_plain_peft(built):
     assert saved["greedy_experts"] == k
     assert saved["greedy_share"] == pytest.approx(k / len(names), abs=1e-4)
     assert manifest["stages"]["structure"]["not_best_share"] == saved["not_best_share"]
+    # the off-task ratio, written out: expert i's loss on the other tasks over the base's
+    base = reference_task_losses(root, "validation")
+    ratios = [
+        sum(L[i][j] / base[t] for j, t in enumerate(names) if j != i) / (len(names) - 1)
+        for i in range(len(names))
+    ]
+    assert saved["max_examples_per_task"] is None  # the full validation split
+    assert saved["off_task_ratio"] == pytest.approx(sum(ratios) / len(ratios), abs=1e-4)
+    assert saved["kinds"]["private"]["ratio"] == saved["off_task_ratio"]
+    # the cluster experts' ratio (offtask stage): each over the tasks outside its cluster
+    clusters = {e["name"]: e["tasks"] for e in manifest["experts"] if e["kind"] == "mbc"}
+    per = []
+    for name, own in clusters.items():
+        other = [t for t in names if t not in own]
+        if other:
+            loss = reference_task_losses(root, "validation", root / "experts" / "mbc" / name)
+            per.append(sum(loss[t] / base[t] for t in other) / len(other))
+    got = manifest["stages"]["offtask"]["kinds"]["mbc"]["ratio"]
+    assert got == pytest.approx(sum(per) / len(per), abs=1e-4)
+    assert saved["kinds"]["mbc"]["ratio"] == got
+
+
+def test_cluster_experts_train_the_private_steps_per_task(built):
+    from lorafuse.benchmark.build import training_budget
+
+    root, manifest = built
+    steps = manifest["settings"]["expert"]["steps"]
+    for e in manifest["experts"]:
+        meta = json.loads((root / e["path"] / "lorafuse_expert.json").read_text())
+        if e["kind"] == "mbc":
+            assert meta["steps"] == steps * len(e["tasks"])
+        elif e["kind"] == "private":
+            assert meta["steps"] == steps
+    budget = training_budget(manifest)
+    b = manifest["settings"]["expert"]["batch_size"]
+    assert budget["private"]["examples_per_task"] == steps * b
+    assert budget["mbc"]["examples_per_task"] == steps * b  # as often as a private expert
+    shared = manifest["settings"]["shared_steps"] * b / len(manifest["tasks"])
+    assert budget["shared"]["examples_per_task"] == pytest.approx(shared, abs=0.1)
 
 
 def test_cli_build_prints_the_structure(built):
@@ -116,6 +155,7 @@ def test_cli_build_prints_the_structure(built):
     assert result.exit_code == 0, result.output
     assert "not the best expert on their own task" in result.output
     assert "greedy selection recovers the private oracle" in result.output
+    assert "off-task loss / base model's: private" in result.output
 
 
 def test_interrupted_build_resumes_to_the_same_result(built, tmp_path):

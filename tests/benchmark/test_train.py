@@ -8,7 +8,14 @@ import json
 import pytest
 import torch
 
-from lorafuse.benchmark.train import ExpertJob, ExpertSettings, Sampler, stable_seed, train_experts
+from lorafuse.benchmark.train import (
+    ExpertJob,
+    ExpertSettings,
+    Sampler,
+    job_groups,
+    stable_seed,
+    train_experts,
+)
 from lorafuse.data.errors import DataError
 from lorafuse.data.synthetic import generate, make_tasks
 
@@ -56,8 +63,9 @@ def _settings(**kw):
     )
 
 
-def _peft_alone(base_dir, train, job, settings):
-    """The reference: one expert, plain PEFT model, the transformers loss, same batches."""
+def _peft_alone(base_dir, train, job, settings, replay=None):
+    """The reference: one expert, plain PEFT model, the transformers loss, same batches
+    (`settings.replay` of each batch from `replay`, for `job.steps` when it has them)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -81,16 +89,18 @@ def _peft_alone(base_dir, train, job, settings):
             inner.get_submodule(name).lora_A["default"].weight.copy_(A)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(settings.warmup, settings.steps))
+    steps = job.steps or settings.steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(settings.warmup, steps))
     examples = [e for t in job.tasks for e in encode(tok, train[t])]
     sampler = Sampler(len(examples), stable_seed(SEED, "data", job.name))
+    n_replay = round(settings.replay * settings.batch_size)
+    replayed = encode(tok, replay) if n_replay else []
+    replays = Sampler(len(replayed), stable_seed(SEED, "replay", job.name)) if n_replay else None
     model.train()
-    for _ in range(settings.steps):
-        batch = collate(
-            [examples[i] for i in sampler.take(settings.batch_size)],
-            tok.pad_token_id,
-            settings.max_length,
-        )
+    for _ in range(steps):
+        rows = [examples[i] for i in sampler.take(settings.batch_size - n_replay)]
+        rows += [replayed[i] for i in replays.take(n_replay)] if n_replay else []
+        batch = collate(rows, tok.pad_token_id, settings.max_length)
         model(**batch).loss.backward()
         opt.step()
         sched.step()
@@ -123,6 +133,32 @@ def test_batched_experts_equal_plain_peft_training_alone(pico, tmp_path):
             torch.testing.assert_close(saved[f"{key}.lora_A.weight"], A, atol=2e-5, rtol=1e-4)
             torch.testing.assert_close(saved[f"{key}.lora_B.weight"], B, atol=2e-5, rtol=1e-4)
         assert B.abs().max() > 1e-4  # the expert did move
+
+
+def test_replay_and_own_steps_equal_plain_peft_training_alone(pico, tmp_path):
+    # Half of each batch replays a corpus; a job with its own steps trains in its own group.
+    root, train = pico
+    tasks = list(train)
+    replay = [(s, t) for t in tasks[2:] for s, t in train[t]]  # any (source, target) pairs
+    jobs = [ExpertJob(f"e{i}", [t], tmp_path / f"e{i}") for i, t in enumerate(tasks[:2])]
+    jobs.append(ExpertJob("long", tasks[:2], tmp_path / "long", kind="mbc", steps=5))
+    settings = _settings(replay=0.5)
+    assert [[j.name for j in g] for g in job_groups(jobs, 8, settings.steps)] == [
+        ["e0", "e1"], ["long"]
+    ]  # fmt: skip
+    done = train_experts(root / "base", train, jobs, settings, SEED, 8, replay=replay)
+    assert [done[j.name]["steps"] for j in jobs] == [3, 3, 5]
+    for job in jobs:
+        ref = _peft_alone(root / "base", train, job, settings, replay)
+        saved = _saved(job.out)
+        for name, (A, B) in ref.items():
+            key = f"base_model.model.{name}"
+            torch.testing.assert_close(saved[f"{key}.lora_A.weight"], A, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(saved[f"{key}.lora_B.weight"], B, atol=2e-5, rtol=1e-4)
+    with pytest.raises(DataError, match="replay corpus"):
+        train_experts(root / "base", train, jobs[:1], settings, SEED, resume=False)
+    with pytest.raises(DataError, match="replay"):
+        ExpertSettings(replay=1.0)
 
 
 def test_saved_expert_reloads_with_plain_peft(pico, tmp_path):

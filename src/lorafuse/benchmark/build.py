@@ -8,8 +8,12 @@ an uninterrupted build. `manifest.json` records the tasks, families, experts (na
 kind, path, tasks), seeds, settings and the completed stages with their durations.
 
 The `mbc` stage clusters the private experts (MBC, `lorafuse.select.clustering`) and trains
-one expert per cluster on the union of its tasks (`experts/mbc/cluster_<i>`). The clusters
-are saved in `clusters.json` before training, so a resumed stage trains the same experts.
+one expert per cluster on the union of its tasks (`experts/mbc/cluster_<i>`), for the
+private experts' steps per task of its cluster, so that it sees each of its tasks'
+examples as often as a private expert sees its own. The clusters are saved in
+`clusters.json` before training, so a resumed stage trains the same experts. The
+`structure` and `offtask` stages measure the experts' structure on the full validation
+split (`benchmark.structure`). `training_budget` states each kind's budget per task.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from lorafuse.benchmark.pretrain import BaseSettings
@@ -27,8 +31,9 @@ from lorafuse.data.errors import DataError
 from lorafuse.data.synthetic import get_preset, make_tasks
 
 MANIFEST = "manifest.json"
-STAGES = ("data", "base", "private", "structure", "shared", "mbc", "evaluate")
+STAGES = ("data", "base", "private", "structure", "shared", "mbc", "offtask", "evaluate")
 CLUSTERS = "clusters.json"
+REPLAY_SHARE = 0.5  # design "replay": the share of an expert's batch replayed from pretraining
 Progress = Callable[[str, int, int], None]
 
 
@@ -44,6 +49,9 @@ class BuildSettings:
     threads: int = 2
     eval_batch_size: int = 64
     clusters: int = 8  # k of the MBC clustering behind the cluster experts
+    # a cluster expert trains `expert.steps` per task of its cluster, so it sees each of its
+    # tasks' examples as often as a private expert sees its own (False: `expert.steps`)
+    cluster_steps_per_task: bool = True
 
     def __post_init__(self):
         p = get_preset(self.preset)
@@ -64,23 +72,28 @@ class BuildSettings:
 
 
 def preset_settings(preset: str) -> BuildSettings:
-    """The build settings of a preset (micro, tiny, small, full; `<size>-interference`
-    trains like `<size>`); DataError if unknown."""
-    get_preset(preset)
-    size = preset.removesuffix("-interference")
+    """The build settings of a preset (micro, tiny, small, full; `<size>-<design>` trains
+    like `<size>`, and a "replay" design replays pretraining data in `REPLAY_SHARE` of each
+    expert batch); DataError if unknown."""
+    p = get_preset(preset)
+    size = preset.split("-")[0]
     if size == "micro":  # for tests: a few seconds end to end
         base = BaseSettings(hidden=32, layers=2, heads=2, intermediate=64, steps=20, batch_size=8)
         expert = ExpertSettings(steps=6, batch_size=4, warmup=2)
-        return BuildSettings(
+        out = BuildSettings(
             preset, base, expert, 6, group_size=2, threads=1, eval_batch_size=16, clusters=2
         )
-    if size == "tiny":
+    elif size == "tiny":
         base = BaseSettings(steps=180)
         expert = ExpertSettings(steps=30, warmup=8)
-        return BuildSettings(preset, base, expert, shared_steps=60, clusters=4)
-    if size == "small":
-        return BuildSettings(preset, BaseSettings(steps=800), ExpertSettings(), 300, clusters=8)
-    return BuildSettings(preset, BaseSettings(steps=4000), ExpertSettings(), 2000, clusters=10)
+        out = BuildSettings(preset, base, expert, shared_steps=60, clusters=4)
+    elif size == "small":
+        out = BuildSettings(preset, BaseSettings(steps=800), ExpertSettings(), 300, clusters=8)
+    else:
+        out = BuildSettings(preset, BaseSettings(steps=4000), ExpertSettings(), 2000, clusters=10)
+    if p.design == "replay":
+        out.expert = replace(out.expert, replay=REPLAY_SHARE)
+    return out
 
 
 def expert_plan(root: Path, tasks: list[str], clusters: list[list[str]] | None = None) -> list:
@@ -94,6 +107,44 @@ def expert_plan(root: Path, tasks: list[str], clusters: list[list[str]] | None =
         name = f"cluster_{i}"
         jobs.append(ExpertJob(name, list(members), root / "experts" / "mbc" / name, "mbc"))
     return jobs
+
+
+def cluster_steps(jobs: list, settings: BuildSettings) -> list:
+    """The mbc jobs with their steps: `expert.steps` per task of the cluster (when
+    `cluster_steps_per_task`), longest first so that equal budgets train together."""
+    if not settings.cluster_steps_per_task:
+        return jobs
+    per_task = settings.expert.steps
+    jobs = [replace(j, steps=per_task * len(j.tasks)) for j in jobs]
+    return sorted(jobs, key=lambda j: -j.steps)
+
+
+def training_budget(manifest: dict) -> dict[str, dict]:
+    """Each expert kind's training budget from a build manifest: {kind: {"experts",
+    "steps" (per expert, mean), "examples_per_task" (training rows drawn per task of an
+    expert, mean), "replay" (share of each batch replayed from pretraining)}}."""
+    st = manifest.get("settings", {})
+    es = st.get("expert", {})
+    b, replay = es.get("batch_size", 16), es.get("replay", 0.0)
+    own_rows = b - round(replay * b)  # an expert's own rows per step
+    per_task_steps = st.get("cluster_steps_per_task", False)
+    out: dict[str, dict] = {}
+    for e in manifest.get("experts", []):
+        n = max(1, len(e["tasks"]))
+        steps = es.get("steps", 0)
+        if e["kind"] == "shared":
+            steps = st.get("shared_steps", steps)
+        elif e["kind"] == "mbc" and per_task_steps:
+            steps *= n
+        k = out.setdefault(e["kind"], {"experts": 0, "steps": 0.0, "examples_per_task": 0.0})
+        k["experts"] += 1
+        k["steps"] += steps
+        k["examples_per_task"] += steps * own_rows / n
+    for k in out.values():
+        k["steps"] = round(k["steps"] / k["experts"], 1)
+        k["examples_per_task"] = round(k["examples_per_task"] / k["experts"], 1)
+        k["replay"] = replay
+    return out
 
 
 def saved_clusters(root: Path) -> dict | None:
@@ -265,34 +316,47 @@ def _run_stage(stage, root, settings, seed, tasks, report, on_expert) -> dict:
     if stage == "mbc":
         saved = saved_clusters(root) or _cluster(root, settings, seed, tasks)
         jobs = expert_plan(root, names, [c["tasks"] for c in saved["clusters"]])
-        jobs = [j for j in jobs if j.kind == "mbc"]
+        jobs = cluster_steps([j for j in jobs if j.kind == "mbc"], settings)
         _train(stage, root, jobs, settings.expert, settings, seed, report, on_expert)
         ari = saved["adjusted_rand_index"]
         return {"experts": len(jobs), "adjusted_rand_index": ari, "clusters": saved["clusters"]}
+    if stage == "offtask":  # the cluster experts' off-task ratio, beside the private one
+        from lorafuse.benchmark.structure import measure_kind
+
+        return {"kinds": {"mbc": measure_kind(root, names, settings, "mbc", report)}}
     from lorafuse.benchmark.check import evaluate_build
 
     return evaluate_build(root, names, settings, report)
 
 
 def _train(stage, root, jobs, es, settings, seed, report, on_expert) -> None:
-    from lorafuse.benchmark.train import train_experts
+    from lorafuse.benchmark.train import job_groups, train_experts
     from lorafuse.data.flan import examples, load_flan
 
     names = sorted({t for j in jobs for t in j.tasks})
     train = examples(load_flan(root / "data", tasks=names, splits=("train",)), "train", names)
-    total, done = len(jobs) * es.steps, [0]
-    size = min(settings.group_size, len(jobs))
+    total, done = sum(j.steps or es.steps for j in jobs), [0]
+    size = {g[0].name: len(g) for g in job_groups(jobs, settings.group_size, es.steps)}
 
-    def step(_name: str, _i: int) -> None:
-        done[0] += size
+    def step(name: str, _i: int) -> None:  # name: the group's first expert
+        done[0] += size.get(name, 1)
         report(stage, min(done[0], total), total)
 
     def saved(job, _metrics) -> None:
         if on_expert is not None:
             on_expert(job.name)
 
+    replay = None
+    if es.replay > 0:  # the base model's own pretraining data, as it saw it
+        from lorafuse.data.synthetic import pretraining_examples
+
+        b = settings.base
+        families = get_preset(settings.preset).families
+        replay = pretraining_examples(families, b.steps * b.batch_size, seed, b.shuffled)
     report(stage, 0, total)
-    train_experts(root / "base", train, jobs, es, seed, settings.group_size, step, saved)
+    train_experts(
+        root / "base", train, jobs, es, seed, settings.group_size, step, saved, replay=replay
+    )
     report(stage, total, total)
 
 

@@ -1,15 +1,20 @@
-"""The build's structure check: how much the private experts transfer (paper Sec. 5.1).
+"""The build's structure check: how much the experts transfer (paper Sec. 5.1).
 
-Two statistics of the expert x task loss matrix on the validation split, the ones the
-paper reports for its 256 Flan experts:
+Three statistics, each measured once on the full validation split and reused by the
+build, the study's claims and the README:
 - `not_best_share`: the share of private experts that are not the best expert on their
-  own task (the paper: 58 of 256, 23%);
+  own task (the paper: "58 out of 256 experts (about 30%)");
 - `greedy_share`: the share of experts greedy task-level selection needs to recover the
-  private-oracle loss (the paper: 150 of 256, 59%).
+  private-oracle loss (the paper: "150 of 256 experts (about 60%)");
+- `off_task_ratio`: each expert's mean loss on the other tasks relative to the base
+  model's (`select.offtask`), per kind (private here; the cluster experts' is added by the
+  build's `offtask` stage). Near 1, experts forget little (the paper's Phi-2 experts);
+  far above, they are confidently wrong off their task and every probability mixture
+  pays for it.
 A library whose experts transfer a lot has many of the first and needs few of the second.
-The built-in presets' generators are calibrated on these two numbers only (their target
-ranges are `NOT_BEST_RANGE` and `GREEDY_RANGE`), never on which of the paper's claims hold.
-Written to `structure.json` in the build folder, with the matrix itself.
+The built-in presets' designs are calibrated on these three numbers only (target ranges
+`NOT_BEST_RANGE`, `GREEDY_RANGE`, `OFF_TASK_RANGE`), never on which of the paper's claims
+hold. Written to `structure.json` in the build folder, with the matrices.
 """
 
 from __future__ import annotations
@@ -18,10 +23,15 @@ from pathlib import Path
 from typing import Any
 
 STRUCTURE = "structure.json"
-VALIDATION_PER_TASK = 32  # validation examples per task behind the matrix
-NOT_BEST_RANGE = (0.15, 0.35)  # the paper: 0.23
-GREEDY_RANGE = (0.40, 0.75)  # the paper: 0.59
+VALIDATION_PER_TASK = None  # validation examples per task behind the matrix: all of them
+NOT_BEST_RANGE = (0.15, 0.35)  # the paper: 58 of 256
+GREEDY_RANGE = (0.40, 0.75)  # the paper: 150 of 256
+OFF_TASK_RANGE = (0.0, 1.10)  # experts that forget little: within 10% of the base model
 PAPER = {"not_best_share": 58 / 256, "greedy_share": 150 / 256}
+PAPER_WORDS = {
+    "not_best_share": "58 out of 256 experts (about 30%)",
+    "greedy_share": "150 of 256 experts (about 60%)",
+}
 
 
 def structure_stats(refactor_report: dict[str, Any]) -> dict[str, Any]:
@@ -48,46 +58,122 @@ def in_range(stats: dict[str, Any]) -> dict[str, bool]:
     return {
         "not_best_share": inside(stats.get("not_best_share"), NOT_BEST_RANGE),
         "greedy_share": inside(stats.get("greedy_share"), GREEDY_RANGE),
+        "off_task_ratio": inside(stats.get("off_task_ratio"), OFF_TASK_RANGE),
     }
 
 
-def measure_structure(root: Path, tasks: list[str], settings, report=None) -> dict[str, Any]:
-    """Loss matrix of the private experts on validation -> `root/structure.json`.
+def base_losses(ws, tasks: list[str], split: str = "validation") -> list[float]:
+    """The base model's mean NLL on each of `tasks` (full `split`)."""
+    from lorafuse.methods.run import evaluate_method
 
-    Returns the statistics (see `structure_stats`) and whether they are in range.
-    """
-    from lorafuse.io import write_json
-    from lorafuse.matrix import expert_task_matrix
-    from lorafuse.select.refactor import refactor
+    r = evaluate_method(ws, "base", split, kind=ws.kinds[0], max_per_task=VALIDATION_PER_TASK)
+    return [float(r.per_task[t]["loss"]) for t in tasks]
+
+
+def off_task(matrix, base: list[float], kind_tasks: dict[str, list[str]]) -> dict[str, Any]:
+    """`select.offtask.off_task_ratio` of a LossMatrix, each expert's own tasks given by
+    `kind_tasks` ({expert: its tasks}); rounded for the reports."""
+    from lorafuse.select.offtask import off_task_ratio
+
+    col = {t: j for j, t in enumerate(matrix.tasks)}
+    own = [{col[t] for t in kind_tasks.get(e, []) if t in col} for e in matrix.experts]
+    r = off_task_ratio(matrix.losses.numpy(), base, own)
+    out = {k: (None if v is None else round(v, 4)) for k, v in r.items() if k != "per_expert"}
+    out["per_expert"] = dict(
+        zip(matrix.experts, [None if v is None else round(v, 4) for v in r["per_expert"]])
+    )
+    return out
+
+
+def _expert_tasks(ws, kind: str) -> dict[str, list[str]]:
+    return {e.name: list(e.tasks) for e in ws.library(kind).experts}
+
+
+def _workspace(root: Path, tasks: list[str], settings):
     from lorafuse.spec import load_spec
     from lorafuse.workspace import Workspace
 
-    report = report or (lambda stage, done, total: None)
     spec = load_spec(root).model_copy(update={"tasks": list(tasks)})
     spec = spec.model_copy(update={"batch_size": settings.eval_batch_size})
-    ws = Workspace(spec)
-    total = len(ws.library("private")) * len(ws.examples("validation", VALIDATION_PER_TASK))
+    return Workspace(spec)
+
+
+def _matrix(ws, kind: str, stage: str, report):
+    from lorafuse.matrix import expert_task_matrix
+
+    total = len(ws.library(kind)) * len(ws.examples("validation", VALIDATION_PER_TASK))
     done = [0]
 
     def progress(k: int) -> None:  # k expert-examples more
         done[0] += k
-        report("structure", min(done[0], total), total)
+        report(stage, min(done[0], total), total)
 
-    report("structure", 0, total)
-    matrix = expert_task_matrix(ws, "private", "validation", VALIDATION_PER_TASK, progress=progress)
-    stats = structure_stats(refactor(matrix))
-    report("structure", total, total)
+    report(stage, 0, total)
+    m = expert_task_matrix(ws, kind, "validation", VALIDATION_PER_TASK, progress=progress)
+    report(stage, total, total)
+    return m
+
+
+def measure_structure(root: Path, tasks: list[str], settings, report=None) -> dict[str, Any]:
+    """Loss matrix of the private experts and the base model's losses on the full
+    validation split -> `root/structure.json`.
+
+    Returns the statistics (see `structure_stats`, plus `off_task_ratio` and `kinds`:
+    {"private": the `off_task` statistics}) and whether they are in range.
+    """
+    from lorafuse.io import write_json
+    from lorafuse.select.refactor import refactor
+
+    report = report or (lambda stage, done, total: None)
+    ws = _workspace(root, tasks, settings)
+    matrix = _matrix(ws, "private", "structure", report)
+    base = base_losses(ws, matrix.tasks)
+    private = off_task(matrix, base, _expert_tasks(ws, "private"))
+    stats = {**structure_stats(refactor(matrix)), "off_task_ratio": private["ratio"]}
     saved = {
         **stats,
+        "kinds": {"private": {k: v for k, v in private.items() if k != "per_expert"}},
         "in_range": in_range(stats),
         "target_ranges": {
             "not_best_share": list(NOT_BEST_RANGE),
             "greedy_share": list(GREEDY_RANGE),
+            "off_task_ratio": list(OFF_TASK_RANGE),
         },
         "paper": PAPER,
+        "paper_words": PAPER_WORDS,
         "split": "validation",
         "max_examples_per_task": VALIDATION_PER_TASK,
+        "base_losses": dict(zip(matrix.tasks, base)),
+        "off_task_per_expert": {"private": private["per_expert"]},
         "matrix": matrix.to_dict(),
     }
     write_json(Path(root) / STRUCTURE, saved)
-    return {k: v for k, v in saved.items() if k != "matrix"}
+    return {k: v for k, v in saved.items() if k not in SAVED_ONLY}
+
+
+SAVED_ONLY = ("matrix", "matrices", "base_losses", "off_task_per_expert")
+
+
+def measure_kind(root: Path, tasks: list[str], settings, kind: str, report=None) -> dict:
+    """The off-task statistics of the experts of `kind` (e.g. the cluster experts) on the
+    full validation split, added to `root/structure.json` (`kinds`, and the matrix under
+    `matrices`); returns them. LorafuseError if the structure stage has not run."""
+    import json
+
+    from lorafuse.errors import LorafuseError
+    from lorafuse.io import write_json
+
+    path = Path(root) / STRUCTURE
+    if not path.is_file():
+        raise LorafuseError(f"{path} is missing: run the build's structure stage first")
+    saved = json.loads(path.read_text())
+    report = report or (lambda stage, done, total: None)
+    ws = _workspace(root, tasks, settings)
+    matrix = _matrix(ws, kind, "offtask", report)
+    base = [saved["base_losses"][t] for t in matrix.tasks]
+    stats = off_task(matrix, base, _expert_tasks(ws, kind))
+    saved["kinds"][kind] = {k: v for k, v in stats.items() if k != "per_expert"}
+    saved["off_task_per_expert"][kind] = stats["per_expert"]
+    saved.setdefault("matrices", {})[kind] = matrix.to_dict()
+    write_json(path, saved)
+    return saved["kinds"][kind]

@@ -35,6 +35,9 @@ class ExpertSettings:
     weight_decay: float = 0.0
     max_length: int = 128
     targets: tuple[str, ...] = TARGETS
+    # share of each step's examples drawn from a replay corpus (the base model's
+    # pretraining data, see `train_experts`): 0 trains on the expert's own tasks only
+    replay: float = 0.0
 
     def __post_init__(self):
         self.targets = tuple(self.targets)
@@ -47,19 +50,23 @@ class ExpertSettings:
             raise DataError(f"expert settings must be positive integers; got {bad}")
         if not 0 <= self.dropout < 1 or self.lr <= 0:
             raise DataError(f"need 0 <= dropout < 1 and lr > 0; got {self.dropout}, {self.lr}")
+        if not 0 <= self.replay < 1:
+            raise DataError(f"replay={self.replay} must lie in [0, 1) (a share of each batch)")
         if not self.targets:
             raise DataError("expert settings need at least one target module (e.g. q_proj)")
 
 
 @dataclass
 class ExpertJob:
-    """One expert to train: its name, its tasks and where it is saved."""
+    """One expert to train: its name, its tasks, where it is saved and, when it trains
+    longer than the settings say (a cluster expert, one budget per task), its steps."""
 
     name: str
     tasks: list[str]
     out: Path
     kind: str = "private"
     meta: dict = field(default_factory=dict)
+    steps: int | None = None  # None: the settings' steps
 
 
 def stable_seed(*parts) -> int:
@@ -180,17 +187,21 @@ def train_experts(
     on_saved: Callable[[ExpertJob, dict], None] | None = None,
     resume: bool = True,
     device: str = "cpu",
+    replay: list[tuple[str, str]] | None = None,
 ) -> dict[str, dict]:
     """Train `jobs` in groups of `group_size` experts sharing one batched model.
 
     `train` is {task: [(source, target), ...]} (the train split). Groups are consecutive
-    jobs. With `resume`, a group whose experts are all saved already is skipped, and a
-    partly saved group is retrained whole (so a resumed run gives the same experts as an
-    uninterrupted one) but only its missing experts are written; without it every expert
-    is trained and its folder replaced. Every expert starts from the same LoRA
-    init (from `seed`) and draws its batches from its own generator. `on_step(name,
-    step)` reports progress (name of the group's first expert); `on_saved(job, metrics)`
-    runs after each expert is written. Returns {expert name: metrics} for experts trained.
+    jobs with the same number of steps. With `settings.replay` > 0, that share of each
+    expert's batch is drawn from `replay` ((source, target) pairs, e.g. the base model's
+    pretraining data), each expert from its own generator. With `resume`, a group
+    whose experts are all saved already is skipped, and a partly saved group is retrained
+    whole (so a resumed run gives the same experts as an uninterrupted one) but only its
+    missing experts are written; without it every expert is trained and its folder
+    replaced. Every expert starts from the same LoRA init (from `seed`) and draws its
+    batches from its own generator. `on_step(name, step)` reports progress (name of the
+    group's first expert); `on_saved(job, metrics)` runs after each expert is written.
+    Returns {expert name: metrics} for experts trained.
     """
     from transformers import AutoTokenizer
 
@@ -203,14 +214,16 @@ def train_experts(
     if missing:
         raise DataError(f"task(s) {', '.join(missing)} have no training data in the data given")
     encoded = {t: encode(tokenizer, train[t]) for t in needed}
+    if settings.replay > 0 and not replay:
+        raise DataError(f"replay={settings.replay} needs a replay corpus; none was given")
+    replayed = encode(tokenizer, replay) if settings.replay > 0 else None
     results: dict[str, dict] = {}
     saver = None
-    for start in range(0, len(jobs), group_size):
-        group = jobs[start : start + group_size]
+    for group in job_groups(jobs, group_size, settings.steps):
         if resume and all(is_done(j.out) for j in group):
             continue
         factors, metrics = _train_group(
-            base_dir, tokenizer, group, encoded, settings, seed, on_step, device
+            base_dir, tokenizer, group, encoded, settings, seed, on_step, device, replayed
         )
         saver = saver or peft_wrapper(base_dir, settings)
         for k, job in enumerate(group):
@@ -223,7 +236,21 @@ def train_experts(
     return results
 
 
-def _train_group(base_dir, tokenizer, group, encoded, settings, seed, on_step, device):
+def job_groups(jobs: list[ExpertJob], group_size: int, steps: int) -> list[list[ExpertJob]]:
+    """Consecutive jobs in groups of at most `group_size` with equal steps (a job's own
+    `steps`, else `steps`)."""
+    groups: list[list[ExpertJob]] = []
+    for job in jobs:
+        last = groups[-1] if groups else None
+        same = last is not None and (last[0].steps or steps) == (job.steps or steps)
+        if same and len(last) < group_size:
+            last.append(job)
+        else:
+            groups.append([job])
+    return groups
+
+
+def _train_group(base_dir, tokenizer, group, encoded, settings, seed, on_step, device, replayed):
     from transformers import AutoModelForCausalLM
 
     from lorafuse.benchmark.stacked import attach_stacked, expert_factors, lora_init
@@ -231,7 +258,9 @@ def _train_group(base_dir, tokenizer, group, encoded, settings, seed, on_step, d
     from lorafuse.fit.schedule import warmup_cosine
 
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    K, b = len(group), settings.batch_size
+    K, b, steps = len(group), settings.batch_size, group[0].steps or settings.steps
+    n_replay = round(settings.replay * b) if replayed else 0  # replayed rows per expert
+    b_own = b - n_replay
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
@@ -242,16 +271,23 @@ def _train_group(base_dir, tokenizer, group, encoded, settings, seed, on_step, d
     model.to(device)
     params = [p for layer in layers.values() for p in (layer.A, layer.B)]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(settings.warmup, settings.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(settings.warmup, steps))
     examples = job_examples(group, encoded)
     samplers = [
         Sampler(len(ex), stable_seed(seed, "data", job.name)) for ex, job in zip(examples, group)
     ]
+    replays = [
+        Sampler(len(replayed), stable_seed(seed, "replay", job.name)) if n_replay else None
+        for job in group
+    ]
     torch.manual_seed(stable_seed(seed, "dropout", *[job.name for job in group]))
     model.train()
-    history = torch.zeros(settings.steps, K)
-    for step in range(settings.steps):
-        rows = [ex[i] for ex, s in zip(examples, samplers) for i in s.take(b)]
+    history = torch.zeros(steps, K)
+    for step in range(steps):
+        rows = []
+        for ex, s, r in zip(examples, samplers, replays):  # each expert's b rows, in order
+            rows += [ex[i] for i in s.take(b_own)]
+            rows += [replayed[i] for i in r.take(n_replay)] if r is not None else []
         batch = {k: v.to(device) for k, v in collate(rows, pad_id, settings.max_length).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         losses = token_losses(logits, batch["labels"], K)  # (K,)
@@ -263,8 +299,8 @@ def _train_group(base_dir, tokenizer, group, encoded, settings, seed, on_step, d
         history[step] = losses.detach().cpu()
         if on_step is not None:
             on_step(group[0].name, step)
-    tail = history[-max(1, settings.steps // 10) :].mean(0)  # (K,)
-    metrics = [{"train_loss": round(float(tail[k]), 5), "steps": settings.steps} for k in range(K)]
+    tail = history[-max(1, steps // 10) :].mean(0)  # (K,)
+    metrics = [{"train_loss": round(float(tail[k]), 5), "steps": steps} for k in range(K)]
     factors = [
         {n: (A.cpu(), B.cpu()) for n, (A, B) in expert_factors(layers, k).items()} for k in range(K)
     ]

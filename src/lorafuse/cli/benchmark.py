@@ -99,7 +99,9 @@ def _summary(out: Path, manifest: dict) -> None:
         console.print(rows)
     structure = manifest["stages"].get("structure")
     if structure:
-        _structure(structure)
+        kinds = {**structure.get("kinds", {})}
+        kinds.update(manifest["stages"].get("offtask", {}).get("kinds", {}))
+        _structure(structure, kinds)
     mbc = manifest["stages"].get("mbc")
     if mbc:
         console.print(
@@ -113,8 +115,22 @@ def _summary(out: Path, manifest: dict) -> None:
     console.print(f"{n} tasks, {len(manifest['experts'])} experts -> {out}/manifest.json")
 
 
-def _structure(s: dict) -> None:
-    # How much the private experts transfer, against the target ranges and the paper.
+def _off_task(s: dict, kinds: dict) -> str:
+    # Each kind's off-task ratio; the private experts' against the forget-little range.
+    lo, hi = s.get("target_ranges", {}).get("off_task_ratio", (None, None))
+    parts = []
+    for kind, k in kinds.items():
+        if k.get("ratio") is None:
+            continue
+        text = f"{kind} {k['ratio']:.2f} ({k['off_task_loss']:.3f} vs {k['base_loss']:.3f})"
+        if kind == "private" and hi is not None:
+            text += f", {'within' if k['ratio'] <= hi else 'above'} {hi:.2f} (forgets little)"
+        parts.append(text)
+    return "; ".join(parts) or "not measured (a build made before this statistic)"
+
+
+def _structure(s: dict, kinds: dict) -> None:
+    # How much the experts transfer, against the target ranges and the paper.
     from rich.markup import escape
 
     def share(key: str, count: str) -> str:
@@ -129,9 +145,10 @@ def _structure(s: dict) -> None:
     not_best = share("not_best_share", "not_best_on_own_task")
     greedy = share("greedy_share", "greedy_experts")
     console.print(
-        "structure of the private experts (validation, structure.json):\n"
+        "structure of the experts (full validation split, structure.json):\n"
         f"  not the best expert on their own task: {not_best}\n"
-        f"  greedy selection recovers the private oracle with: {greedy}",
+        f"  greedy selection recovers the private oracle with: {greedy}\n"
+        f"  off-task loss / base model's: {_off_task(s, kinds)}",
         highlight=False,
     )
     if s.get("not_best_experts"):

@@ -7,7 +7,7 @@ pretraining examples (`pretraining_examples`) name the same operations by opaque
 instead, so the base model knows every skill but not which one a task's instruction asks
 for.
 
-Two designs lay out a preset's tasks (`Preset.design`):
+Three designs make a preset's library (`Preset.design`); two lay out its tasks:
 - "interference": the tasks of a family are different operations or formats on the same
   inputs, so they conflict (only the instruction tells them apart);
 - "transfer" (Flan-like): a family's tasks come in pairs that are two template sets of one
@@ -16,6 +16,9 @@ Two designs lay out a preset's tasks (`Preset.design`):
   pair of every family is a low-resource task (`Preset.low_resource` of the examples), as
   Flan's task sizes vary: its own expert sees little data, so its sibling's expert can do
   better on it. See `family_tasks` for the exact order.
+- "replay": the tasks of "transfer", with experts that forget little: each expert batch
+  replays the base model's pretraining data (`benchmark.build.REPLAY_SHARE`), so an expert
+  stays close to the base model off its own tasks (as the paper's Phi-2 experts do).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ LAYOUTS_V1 = (
     LAYOUTS[1],
     "Question: {instr}{fmt}? Options: {opts}.\nText: {input}",
 )
-DESIGNS = ("interference", "transfer")
+DESIGNS = ("interference", "transfer", "replay")
 SPLITS = ("train", "validation", "test")
 
 
@@ -65,8 +68,10 @@ PRESETS = {
     "micro": Preset("micro", 2, 2, 60, design="interference"),
     "tiny": Preset("tiny", 4, 2, 300),
     "tiny-interference": Preset("tiny-interference", 4, 2, 300, design="interference"),
+    "tiny-replay": Preset("tiny-replay", 4, 2, 300, design="replay"),
     "small": Preset("small", 8, 4, 1000),
     "small-interference": Preset("small-interference", 8, 4, 1000, design="interference"),
+    "small-replay": Preset("small-replay", 8, 4, 1000, design="replay"),
     "full": Preset("full", 8, 32, 1000),
 }
 

@@ -221,7 +221,7 @@ def _library_info(ws, cfg: StudyConfig) -> dict[str, Any]:
         m = json.loads(manifest.read_text())
         families = {f["name"]: f["tasks"] for f in m.get("families", [])} or None
         preset = m.get("preset")
-        structure = m.get("stages", {}).get("structure")  # benchmark_structure's statistics
+        structure = _structure(m)
     return {
         "base_model": ws.spec.base_model,
         "preset": preset,
@@ -233,6 +233,20 @@ def _library_info(ws, cfg: StudyConfig) -> dict[str, Any]:
         "dtype": str(ws.dtype).replace("torch.", ""),
         "seed": cfg.seed,
     }
+
+
+def _structure(manifest: dict) -> dict | None:
+    """The build's structure statistics (benchmark.structure), each kind's off-task ratio
+    and each kind's training budget, from its manifest."""
+    from lorafuse.benchmark.build import training_budget
+
+    stages = manifest.get("stages", {})
+    if not stages.get("structure"):
+        return None
+    out = {**stages["structure"]}
+    out["kinds"] = {**out.get("kinds", {}), **stages.get("offtask", {}).get("kinds", {})}
+    out["training"] = training_budget(manifest)
+    return out
 
 
 class _Context:
@@ -311,7 +325,9 @@ class _Context:
         if method.fit is None:
             return None, self.setup_key, None
         options = self.options(m, method)
-        key = stage_key(self.setup_key, "fit", FIT_RULES, m.name, m.experts, options, self.caps)
+        parts = [self.setup_key, "fit", FIT_RULES, m.name, m.experts, options, self.caps]
+        needed = self.needed(m, method, options)
+        key = stage_key(*parts, *([needed] if needed is not None else []))
         stage = f"fit:{m.name}@{m.experts}"
         fit = self.cache.get(stage, key)
         if fit is not None and fit_path(self.ws, m.name, m.experts).is_file():
@@ -322,6 +338,19 @@ class _Context:
         seconds = time.perf_counter() - start
         self.cache.put(stage, key, fitted.summary, seconds)
         return fitted.summary, key, round(seconds, 3)
+
+    def needed(self, m: MethodConfig, method, options: dict[str, Any]) -> str | None:
+        """The stage key of the fit that `m`'s fit reads (`Method.needs_fit`: a student's
+        teacher), fitted first when the study lists it, wherever; None when it reads none."""
+        from lorafuse.methods.registry import resolve
+
+        name = method.needed_fit(method.parse_options(options))
+        if name is None:
+            return None
+        for other in self.cfg.method_list():
+            if other.name == name and other.experts == m.experts:
+                return self.fit(other, resolve(name)[0])[1]
+        return f"{name} (not in the study)"  # its fit raises when the file is missing
 
     def evaluate(self, m: MethodConfig, method, fit_key: str) -> tuple[dict, bool]:
         """The method's test result (cached by its fit and the test cap)."""
