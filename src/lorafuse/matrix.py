@@ -46,6 +46,7 @@ class LossMatrix:
     n_examples: list[int]
     own: dict[str, str] = field(default_factory=dict)  # task -> its own expert, when known
     meta: dict[str, Any] = field(default_factory=dict)
+    base: list[float] | None = None  # (T,) the base model's loss on each task, when measured
 
     def own_index(self) -> list[int | None]:
         """For each task, the row of its own expert (None when unknown)."""
@@ -61,6 +62,7 @@ class LossMatrix:
             "n_examples": self.n_examples,
             "own": self.own,
             "meta": self.meta,
+            **({"base": self.base} if self.base is not None else {}),
         }
 
     def save(self, path: str | Path, force: bool = True) -> Path:
@@ -75,6 +77,7 @@ class LossMatrix:
             losses = torch.tensor(d["losses"], dtype=torch.float64)
             m = cls(losses, d["experts"], d["tasks"], d["n_examples"], d.get("own", {}))
             m.meta = d.get("meta", {})
+            m.base = [float(x) for x in d["base"]] if d.get("base") is not None else None
         except FileNotFoundError:
             raise LorafuseError(f"matrix file {path} does not exist") from None
         except (KeyError, ValueError, TypeError) as e:
@@ -83,7 +86,19 @@ class LossMatrix:
             raise LorafuseError(f"{path}: losses shape {tuple(losses.shape)} != experts x tasks")
         if not torch.isfinite(losses).all():
             raise LorafuseError(f"{path}: the loss matrix holds NaN or Inf")
+        if m.base is not None and len(m.base) != len(m.tasks):
+            raise LorafuseError(f"{path}: {len(m.base)} base losses for {len(m.tasks)} tasks")
         return m
+
+    def own_tasks(self) -> list[set[int]]:
+        """For each expert, the task columns it is the own expert of (from `own`)."""
+        col = {t: j for j, t in enumerate(self.tasks)}
+        out: list[set[int]] = [set() for _ in self.experts]
+        pos = {e: i for i, e in enumerate(self.experts)}
+        for t, e in self.own.items():
+            if t in col and e in pos:
+                out[pos[e]].add(col[t])
+        return out
 
 
 def example_losses(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from lorafuse.cli import app
@@ -38,6 +39,11 @@ def test_matrix_command(mini_bench, tmp_path):
     m = json.loads(out.read_text())
     assert len(m["losses"]) == 3 and len(m["losses"][0]) == 3
     assert (tmp_path / ".m.json.cache").is_dir()
+    # the base row is the base model's evaluation on the same split
+    from tests.evalref import reference_task_losses
+
+    ref = reference_task_losses(mini_bench, "validation")
+    assert m["base"] == pytest.approx([ref[t] for t in m["tasks"]], abs=1e-5)
 
 
 def test_refactor_command(tmp_path):
@@ -48,6 +54,7 @@ def test_refactor_command(tmp_path):
         "losses": [[0.1, 0.9, 0.9], [0.9, 0.5, 0.9], [0.9, 0.2, 0.1]],
         "n_examples": [2, 2, 2],
         "own": {"a": "ea", "b": "eb", "c": "ec"},
+        "base": [0.6, 0.6, 0.3],
     }
     (tmp_path / "m.json").write_text(json.dumps(m))
     out = tmp_path / "ref"
@@ -57,6 +64,14 @@ def test_refactor_command(tmp_path):
     assert r["not_best_on_own_task"] == ["eb"]
     # private oracle = (0.1 + 0.5 + 0.1) / 3; {ea, ec} gives (0.1 + 0.2 + 0.1) / 3, below it.
     assert r["k_reached"] == 2 and (out / "greedy_selection.png").stat().st_size > 1000
+    # off-task ratio written out: each expert's loss on the two other tasks over the base's
+    ratios = [(0.9 / 0.6 + 0.9 / 0.3) / 2, (0.9 / 0.6 + 0.9 / 0.3) / 2, (0.9 / 0.6 + 0.2 / 0.6) / 2]
+    assert r["off_task_ratio"] == pytest.approx(sum(ratios) / 3)
+    printed = " ".join(res.output.split())
+    assert "not the best on their own task: 1 of 3 experts (33%" in printed
+    assert "with 2 of 3 experts (67%)" in printed
+    assert f"off-task loss / base model's: {r['off_task_ratio']:.2f}" in printed
+    assert "closest built-in design:" in printed
     res = runner.invoke(app, ["refactor", str(tmp_path / "m.json"), "--out", str(out)])
     assert res.exit_code == 2 and "--force" in res.output
 

@@ -62,14 +62,6 @@ def in_range(stats: dict[str, Any]) -> dict[str, bool]:
     }
 
 
-def base_losses(ws, tasks: list[str], split: str = "validation") -> list[float]:
-    """The base model's mean NLL on each of `tasks` (full `split`)."""
-    from lorafuse.methods.run import evaluate_method
-
-    r = evaluate_method(ws, "base", split, kind=ws.kinds[0], max_per_task=VALIDATION_PER_TASK)
-    return [float(r.per_task[t]["loss"]) for t in tasks]
-
-
 def off_task(matrix, base: list[float], kind_tasks: dict[str, list[str]]) -> dict[str, Any]:
     """`select.offtask.off_task_ratio` of a LossMatrix, each expert's own tasks given by
     `kind_tasks` ({expert: its tasks}); rounded for the reports."""
@@ -122,12 +114,13 @@ def measure_structure(root: Path, tasks: list[str], settings, report=None) -> di
     {"private": the `off_task` statistics}) and whether they are in range.
     """
     from lorafuse.io import write_json
+    from lorafuse.methods.run import base_task_losses
     from lorafuse.select.refactor import refactor
 
     report = report or (lambda stage, done, total: None)
     ws = _workspace(root, tasks, settings)
     matrix = _matrix(ws, "private", "structure", report)
-    base = base_losses(ws, matrix.tasks)
+    base = base_task_losses(ws, matrix.tasks, "validation", VALIDATION_PER_TASK)
     private = off_task(matrix, base, _expert_tasks(ws, "private"))
     stats = {**structure_stats(refactor(matrix)), "off_task_ratio": private["ratio"]}
     saved = {

@@ -58,6 +58,9 @@ def matrix_command(
     max_examples_per_task: int = typer.Option(None, help="Cap per task for quick runs."),
     rows_per_pass: int = typer.Option(256, help="Rows (examples x experts) per forward."),
     cache: Path = typer.Option(None, help="Cache folder (default: next to --out)."),
+    base: bool = typer.Option(
+        True, help="Also score the base model on each task (for the off-task ratio)."
+    ),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: the spec's)."),
     dtype: str = typer.Option(None, help="fp32 or bf16 (default: the spec's)."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -75,6 +78,11 @@ def matrix_command(
             m = expert_task_matrix(
                 ws, experts, split, max_examples_per_task, rows_per_pass, cache, advance
             )
+        if base:  # the base model's row, for the off-task ratio of `lorafuse refactor`
+            from lorafuse.methods.run import base_task_losses
+
+            with console.status("base model"):
+                m.base = base_task_losses(ws, m.tasks, split, max_examples_per_task)
         m.meta["seed"] = seed
         m.save(out)
         console.print(f"{len(m.experts)} experts x {len(m.tasks)} tasks -> {out}")
@@ -169,10 +177,24 @@ def refactor_command(
             curve = [g["loss"] for g in r["greedy"]]
             title = f"greedy selection ({r['n_experts']} experts)"
             plot_greedy(curve, r["target_loss"], tmp / PLOT, r["k_reached"], oracle, title)
+        n = r["n_experts"]
+        k = r["k_reached"]
+        greedy = f"{k} of {n} experts ({k / n:.0%})" if k else f"none of the {n} subsets"
+        ratio = r.get("off_task_ratio")
+        off = "not measured (the matrix has no base row: `lorafuse matrix --base`)"
+        if ratio is not None:
+            off = (
+                f"{ratio:.2f} (experts' mean loss on the other tasks {r['off_task_loss']:.3f}, "
+                f"base model {r['base_loss']:.3f})"
+            )
         console.print(
-            f"{r['n_not_best_on_own_task']} of {r['n_experts']} experts are not the best on "
-            f"their own task; greedy selection reaches the {r['target']} loss "
-            f"({r['target_loss']:.4f}) with k = {r['k_reached']} experts -> {out}"
+            f"not the best on their own task: {r['n_not_best_on_own_task']} of {n} experts "
+            f"({r['n_not_best_on_own_task'] / n:.0%}; paper 58 of 256)\n"
+            f"greedy selection reaches the {r['target']} loss ({r['target_loss']:.4f}) with "
+            f"{greedy} (paper 150 of 256)\n"
+            f"off-task loss / base model's: {off}\n"
+            f"{r['resembles']}\n-> {out}",
+            highlight=False,
         )
 
 

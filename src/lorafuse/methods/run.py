@@ -143,3 +143,15 @@ def evaluate_cached(ws, name: str, cached, kind: str = "private", split: str = "
         "seconds": round(time.perf_counter() - start, 3),
     }
     return summarize(sums, counts, cached.tasks, name, split, settings)
+
+
+def base_task_losses(
+    ws, tasks: list[str], split: str = "validation", max_per_task: int | None = None
+) -> list[float]:
+    """The base model's mean NLL on each of `tasks` (the evaluation's metric on `split`),
+    in the order given. LorafuseError when a task has no example there."""
+    r = evaluate_method(ws, "base", split, kind=ws.kinds[0], max_per_task=max_per_task)
+    missing = [t for t in tasks if t not in r.per_task]
+    if missing:
+        raise LorafuseError(f"the {split} split has no example of task(s) {', '.join(missing)}")
+    return [float(r.per_task[t]["loss"]) for t in tasks]

@@ -1,7 +1,9 @@
 """Expert refactoring from an expert x task matrix (paper Section 5.1, Figure 7).
 
-Which experts are not the best on their own task, and how many experts greedy task-level
-selection needs to recover the private-oracle loss.
+Which experts are not the best on their own task, how many experts greedy task-level
+selection needs to recover the private-oracle loss and, when the matrix has the base
+model's row, the experts' off-task loss relative to the base model's (`select.offtask`),
+with the built-in design the library resembles.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from lorafuse.select.greedy import (
     not_best_on_own_task,
     private_oracle_loss,
 )
+from lorafuse.select.offtask import off_task_ratio, resembles
 
 REPORT = "refactor.json"
 PLOT = "greedy_selection.png"  # the greedy curve `lorafuse refactor` draws beside REPORT
@@ -45,4 +48,16 @@ def refactor(matrix) -> dict[str, Any]:
         ],
         "meta": matrix.meta,
     }
+    off = {"ratio": None, "off_task_loss": None, "base_loss": None}
+    if matrix.base is not None and any(matrix.own_tasks()):
+        off = off_task_ratio(L, matrix.base, matrix.own_tasks())
+    report["off_task_ratio"] = off["ratio"]
+    report["off_task_loss"] = off["off_task_loss"]
+    report["base_loss"] = off["base_loss"]
+    n = report["n_experts"]
+    report["resembles"] = resembles({
+        "not_best_share": len(not_best) / n if has_own else None,
+        "greedy_share": None if sel.k_reached is None else sel.k_reached / n,
+        "off_task_ratio": off["ratio"],
+    })  # fmt: skip
     return report
