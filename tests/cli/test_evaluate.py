@@ -83,10 +83,11 @@ def test_fit_until_a_plateau_prints_how_it_ended(mini_bench, tmp_path):
     shutil.copytree(mini_bench, bench)  # the fit is written under the bench's fits/
     args = ["fit", "--library", str(bench), "--method", "merge-sgd-global", "--lr", "0.1"]
     args += ["--batch-size", "5", "--max-steps", "30", "--patience", "2", "--eval-every", "1"]
-    res = runner.invoke(app, [*args, "--min-delta", "0.01"])
+    res = runner.invoke(app, [*args, "--min-delta", "0.01", "--objective", "token"])
     assert res.exit_code == 0, res.output
     fit = json.loads((bench / "fits" / "merge-sgd-global__private.json").read_text())
     assert fit["options"]["epochs"] is None and fit["options"]["patience"] == 2
+    assert fit["options"]["objective"] == "token"
     assert len(fit["runs"][0]["history"]) == fit["steps"] <= 30  # one validation a step
     printed = " ".join(res.output.split())  # the console wraps long lines
     assert f"'stop': '{fit['stop']}'" in printed and "'converged'" in printed

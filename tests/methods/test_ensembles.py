@@ -41,9 +41,11 @@ def test_exact_fit_is_optimal_and_matches_evaluation(ws):
     assert res.settings["passes"] == int((weights > 0).sum())
 
 
-def test_cached_sgd_loss_is_the_model_forward_loss(ws):
+@pytest.mark.parametrize("objective", ["task", "token"])
+def test_cached_sgd_loss_is_the_model_forward_loss(ws, objective):
     """ensemble-sgd's loss read from the cache equals the ensemble run through the model,
-    for the same examples (the cache orders examples by its batches, so pick by task)."""
+    for the same examples (the cache orders examples by its batches, so pick by task),
+    under either objective: task-balanced mean of per-example means, or token mean."""
     from lorafuse.ensemble import ensemble_logprobs
     from lorafuse.evaluate import target_nll
     from lorafuse.fit.data import TrainingSet
@@ -51,7 +53,7 @@ def test_cached_sgd_loss_is_the_model_forward_loss(ws):
     from lorafuse.model import attached
 
     raw = train_cache(ws, "private", 4)
-    cached, data = CachedEnsembleLoss(raw), TrainingSet(ws, "train", 4)
+    cached, data = CachedEnsembleLoss(raw, objective), TrainingSet(ws, "train", 4)
     assert len(cached) == len(data) and sorted(raw.tasks) == sorted(data.tasks)
     theta = torch.tensor([0.4, -0.2, 0.1], requires_grad=True)  # the fit's parameters
     for chosen in (set(data.tasks[:1]), set(data.tasks)):  # one task's examples, then all
@@ -60,7 +62,8 @@ def test_cached_sgd_loss_is_the_model_forward_loss(ws):
         with attached(ws.model, ws.library("private"), "factors") as fusion:
             t = data.batch(idx)
             s, c = target_nll(ensemble_logprobs(ws.model, fusion, t, l, "probs"), t["labels"])
-            direct = (data.weights[idx] * s / c).mean()
+            by_task = (data.weights[idx] * s / c).mean()
+            direct = by_task if objective == "task" else s.sum() / c.sum()
         (g_direct,) = torch.autograd.grad(direct, theta)
         loss = cached(theta.softmax(0), [i for i, t in enumerate(raw.tasks) if t in chosen])
         (g_cached,) = torch.autograd.grad(loss, theta)

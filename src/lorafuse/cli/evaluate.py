@@ -106,6 +106,9 @@ def fit_command(
     min_delta: float = typer.Option(
         None, help="Relative improvement a validation must make to count (default 0.001)."
     ),
+    objective: str = typer.Option(
+        None, help="SGD training loss: task (task-balanced, the default) or token (the paper's)."
+    ),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: the spec's)."),
     dtype: str = typer.Option(None, help="fp32 or bf16 (default: the spec's)."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -131,6 +134,7 @@ def fit_command(
             "patience": patience,
             "eval_every": eval_every,
             "min_delta": min_delta,
+            "objective": objective,
             "seed": seed,
         }
         options = {k: v for k, v in options.items() if v is not None}

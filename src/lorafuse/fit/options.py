@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lorafuse.fit.data import ObjectiveName
 from lorafuse.fit.sgd import LR_GRID, SGDSettings
 
 
@@ -19,7 +20,8 @@ class Options(BaseModel):
 
 
 class LoopOptions(Options):
-    """The training loop's options (`fit.sgd.train`) and the training data's cap."""
+    """The training loop's options (`fit.sgd.train`), the training data's cap and the
+    training objective (`fit.data.Objective`)."""
 
     epochs: int | None = Field(
         5, ge=1, description="passes over the data (null: until a plateau, needs max_steps)"
@@ -41,6 +43,11 @@ class LoopOptions(Options):
     seed: int = Field(0, ge=0, description="seed of the data order and the initialisation")
     max_examples_per_task: int | None = Field(
         None, ge=1, description="training examples per task (null: all)"
+    )
+    objective: ObjectiveName = Field(
+        "task",
+        description="training loss: task (task-balanced mean over examples) or token (the "
+        "paper's mean over target tokens); validation is the evaluation's metric either way",
     )
 
     def settings(self, lr: float) -> SGDSettings:

@@ -1,7 +1,9 @@
 """ensemble-sgd: the paper's way of learning ensemble weights (Section 3.2.1).
 
 l = softmax(theta), trained by the shared loop on training data of all tasks (no task
-ids), for each learning rate of a grid; the rate with the lowest validation loss wins.
+ids) with the fits' objective (option `objective`: task-balanced or token-level), for
+each learning rate of a grid; the rate with the lowest validation loss (the evaluation's
+metric on the cached validation probabilities) wins.
 
 The experts are frozen and run without dropout, so the ensemble's loss on a batch needs
 only each expert's log-probability of each target token: the loop reads them from the
@@ -20,7 +22,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from lorafuse.cache import TargetLogprobs
-from lorafuse.fit.data import task_balanced_weights
+from lorafuse.fit.data import Objective
 from lorafuse.fit.options import GridOptions
 from lorafuse.fit.sgd import search_lr, train
 from lorafuse.methods.ensembles import (
@@ -44,31 +46,30 @@ class EnsembleSGDOptions(GridOptions):
 class CachedEnsembleLoss:
     """The probability-level ensemble's training loss from cached target log-probabilities.
 
-    loss(l, idx) = mean over examples i in idx of w_i * (-1/c_i) sum_{k of i}
-    log sum_n l_n p_n(y_k), with w_i the task-balanced weight of example i (mean 1, as
-    `TrainingSet`) and c_i its number of target tokens: what `ensemble_logprobs` and
+    For the examples idx, each example i's summed token NLL s_i = sum_{k of i}
+    -log sum_n l_n p_n(y_k) and its number of target tokens c_i go through the fits' one
+    `Objective` ("task": mean over idx of w_i s_i / c_i with w_i the task-balanced weight,
+    as `TrainingSet`; "token": sum s_i / sum c_i): what `ensemble_logprobs` and
     `target_nll` give through the model for the same examples.
     """
 
-    def __init__(self, cached: TargetLogprobs):
+    def __init__(self, cached: TargetLogprobs, objective: str = "task"):
         self.logp = cached.logp  # (K, N)
         self.example = cached.example  # (K,)
-        M = len(cached.tasks)
-        counts = torch.bincount(self.example, minlength=M).clamp(min=1)  # (M,)
-        weights = task_balanced_weights(cached.tasks)  # (M,)
-        self.token_scale = (weights / counts)[self.example]  # (K,): w_i / c_i of its example
-        self.n = M
+        self.n = len(cached.tasks)  # M
+        self.counts = torch.bincount(self.example, minlength=self.n)  # (M,)
+        self.objective = Objective(cached.tasks, objective)
 
     def __len__(self) -> int:
         return self.n
 
     def __call__(self, l: Tensor, idx) -> Tensor:
-        """The mean weighted NLL over the examples `idx` of the ensemble `l` (N,)."""
-        idx = torch.as_tensor(list(idx), dtype=torch.long)
+        """The training objective over the examples `idx` of the ensemble `l` (N,)."""
+        idx = torch.as_tensor(list(idx), dtype=torch.long)  # (B,)
         tokens = torch.isin(self.example, idx)  # (K,)
-        logp = self.logp[tokens]  # (k, N)
-        nll = -torch.logsumexp(logp + l.log()[None, :], 1)  # (k,)
-        return (self.token_scale[tokens] * nll).sum() / len(idx)
+        nll = -torch.logsumexp(self.logp[tokens] + l.log()[None, :], 1)  # (k,)
+        sums = nll.new_zeros(self.n).index_add(0, self.example[tokens], nll)  # (M,)
+        return self.objective(idx.tolist(), sums[idx], self.counts[idx].to(nll.dtype))
 
 
 def fit_sgd(ctx: Context) -> Fitted:
@@ -81,7 +82,8 @@ def fit_sgd(ctx: Context) -> Fitted:
     ws, options, lib = ctx.ws, ctx.options, ctx.library
     start = time.perf_counter()
     data = CachedEnsembleLoss(
-        train_cache(ws, ctx.kind, options.max_examples_per_task, "train", ctx.cache, ctx.progress)
+        train_cache(ws, ctx.kind, options.max_examples_per_task, "train", ctx.cache, ctx.progress),
+        options.objective,
     )
     val = train_cache(ws, ctx.kind, validation_cap(options), "validation", ctx.cache)
     P_val, w_val = val.logp.double().exp(), val.token_weights()

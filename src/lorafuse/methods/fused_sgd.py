@@ -1,10 +1,11 @@
 """SGD through the fused model: the common part of learned merging and routing fits.
 
 The experts are attached once; for each learning rate of the grid fresh mixers are set
-and the shared loop (`fit.sgd.train`) minimises the task-balanced mean target NLL over
-training data of all tasks (no task ids), only the mixers' parameters requiring grad.
-Validation is the evaluation's own metric (mean over tasks of the per-example mean NLL)
-on a capped validation subset; the rate with the lowest validation loss wins.
+and the shared loop (`fit.sgd.train`) minimises the target NLL over training data of all
+tasks (no task ids), averaged as the option `objective` says (`fit.data.Objective`:
+task-balanced or token-level), only the mixers' parameters requiring grad. Validation is
+the evaluation's own metric (mean over tasks of the per-example mean NLL) on a capped
+validation subset, whatever the objective; the rate with the lowest validation loss wins.
 Checkpoints live under `<fits>/.ckpt/` (named by the settings, so a changed setting
 never resumes a stale run) and are removed once the whole fit has finished.
 """
@@ -82,12 +83,13 @@ class FusedFit:
 
 
 def fused_loss(ws, data: TrainingSet) -> Callable:
-    """loss_fn(indices) -> task-balanced mean target NLL of those examples via ws.model."""
+    """loss_fn(indices) -> the training objective (`data.objective`: task-balanced or
+    token-level mean) of those examples' target NLL via ws.model."""
 
     def loss_fn(idx):
         t = data.batch(idx)
         s, c = target_nll(ws.logits(t), t["labels"])  # (B,), (B,)
-        return (data.weights[list(idx)].to(s.device) * s / c).mean()
+        return data.objective(idx, s, c)
 
     return loss_fn
 
@@ -122,7 +124,7 @@ def fit_fused(ctx: Context, make_mixers: MakeMixers, space: str = "factors") -> 
     """
     ws, options = ctx.ws, ctx.options
     start = time.perf_counter()
-    data = TrainingSet(ws, "train", options.max_examples_per_task)
+    data = TrainingSet(ws, "train", options.max_examples_per_task, options.objective)
     validate = validation_loss(ws, options.validation_max_per_task) if options.validation else None
     ckpt_dir = Path(options.checkpoint_dir or Path(ws.fits_dir) / ".ckpt")
     ckpts, initial, winner = [], [], {}
