@@ -88,14 +88,28 @@ def test_fit_defaults_reach_only_the_methods_that_declare_them(tmp_path):
     defaults = {"lr_grid": [0.01], "max_steps": 3, "clusters": 2}
     text = (
         f"library: bench\nfit_defaults: {defaults}\n"
-        "methods: [base, ensemble-exact, ensemble-distill, route-sgd, route-hc]\n"
+        "methods: [base, ensemble-exact, ensemble-sgd, ensemble-distill, route-sgd, route-hc]\n"
     )
     methods = load_config(write(tmp_path, text)).method_list()
     for m in methods:
         method, _ = resolve(m.name)
         assert m.options == {k: v for k, v in defaults.items() if k in method.option_names()}
-    assert [m.options for m in methods[:3]] == [{}, {}, {"max_steps": 3}]
-    assert methods[4].options == defaults
+    assert [m.options for m in methods[:2]] == [{}, {}]
+    assert methods[3].options == {"lr_grid": [0.01], "max_steps": 3}  # the student's grid too
+    assert methods[5].options == defaults
+
+
+def test_a_student_without_its_teacher_in_the_study_is_an_error(tmp_path):
+    text = "library: bench\nmethods:\n  - base\n  - ensemble-distill\n"
+    want = r"methods.1 \(line 4\): ensemble-distill over the private experts reads the fit "
+    with pytest.raises(LorafuseError, match=want + "of ensemble-sgd: list ensemble-sgd"):
+        load_config(write(tmp_path, text))
+    other = "  - {name: ensemble-sgd, experts: mbc}\n"  # over other experts: not its teacher
+    with pytest.raises(LorafuseError, match="reads the fit of ensemble-sgd"):
+        load_config(write(tmp_path, text + other))
+    load_config(write(tmp_path, text + "  - ensemble-sgd\n"))  # listed after: fitted first
+    uniform = "  - {name: ensemble-distill, options: {teacher: ensemble-uniform}}\n"
+    load_config(write(tmp_path, "library: bench\nmethods:\n" + uniform))  # reads no fit
 
 
 def test_unknown_nested_key_lists_the_known_ones(tmp_path):

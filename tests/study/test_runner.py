@@ -99,3 +99,20 @@ def test_bad_subset_and_cap(study):
         run_study(StudyRun(cfg, out, methods=["route-magic"]))
     with pytest.raises(LorafuseError, match="max-examples-per-task must be >= 1"):
         run_study(StudyRun(cfg, out, max_examples_per_task=0))
+
+
+def test_a_student_is_refitted_after_its_teacher_wherever_the_teacher_is_listed(study):
+    cfg, out, _ = study
+    others = [m for m in cfg.methods if m.name != "ensemble-sgd"]
+    teacher = MethodConfig(name="ensemble-sgd", options={"lr_grid": [0.05]})
+    changed = cfg.model_copy(update={"methods": [*others, teacher]})  # listed after distill
+    again = run_study(StudyRun(changed, out, methods=["ensemble-distill"]))
+    (student,) = again["methods"]
+    assert student["status"] == "ok", student.get("error")
+    assert not again["stages"]["fit:ensemble-sgd@mbc"]["cached"]  # changed: fitted first
+    assert not again["stages"]["fit:ensemble-distill@mbc"]["cached"]  # its teacher changed
+    fits = out / "fits"
+    sgd = json.loads((fits / "ensemble-sgd__mbc.json").read_text())
+    distill = json.loads((fits / "ensemble-distill__mbc.json").read_text())
+    assert sgd["lr"] == 0.05 and distill["teacher"] == "ensemble-sgd"
+    assert distill["teacher_weights"] == pytest.approx(sgd["weights"])

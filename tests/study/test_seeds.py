@@ -127,7 +127,8 @@ def test_seed_list_and_per_seed_build_folders(tmp_path):
 
 
 # ---- a two-seed micro study ----------------------------------------------------------------
-METHODS = ["base", "merge-uniform", "ensemble-uniform", "ensemble-distill", "route-sgd"]
+METHODS = ["base", "merge-uniform", "ensemble-uniform", "ensemble-sgd", "ensemble-distill",
+           "route-sgd"]  # fmt: skip
 
 
 def _micro(root, seeds, **update):

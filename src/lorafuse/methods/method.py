@@ -147,7 +147,9 @@ class Method:
     """A named fusion strategy (or baseline): one row of the method table.
 
     `prepare(ctx) -> Prepared`; `fit(ctx) -> Fitted` when it learns something;
-    `fitted_by` names the method whose fit it evaluates (a top-k variant); `weights(ctx)
+    `fitted_by` names the method whose fit it evaluates (a top-k variant); `needs_fit(options)`
+    names the method (over the same experts) whose saved fit its own fit reads, or None (a
+    distillation's teacher): a study fits that one first and keys this fit on it; `weights(ctx)
     -> (N,)` for a probability-level ensemble (scored from cached passes); `experts` a
     fixed expert kind (the shared expert) instead of the caller's; `paper` the figures
     and appendices of the paper that show it (the claims select methods by role and tag);
@@ -163,10 +165,15 @@ class Method:
     cost: Cost = Cost()
     needs_arg: bool = False
     fitted_by: str | None = None
+    needs_fit: Callable[[Any], str | None] | None = None
     weights: Callable[[Context], Tensor] | None = None
     experts: str | None = None
     paper: tuple[Tag, ...] = ()
     study_experts: StudyExperts = "cluster"
+
+    def needed_fit(self, options: Options) -> str | None:
+        """The method whose fit this method's fit reads, given its options (or None)."""
+        return self.needs_fit(options) if self.needs_fit is not None else None
 
     def option_names(self) -> list[str]:
         """The option keys this method declares."""

@@ -239,8 +239,10 @@ def _preset_data(preset: str) -> dict[str, Any]:
 
 def _check_methods(config: StudyConfig, src: Path, lines: dict[str, int]) -> None:
     """Every method known and its options valid: LorafuseError names the method, the bad
-    key, the allowed keys and the YAML line. A fit default must be an option of one of
-    the study's methods (else it is a typo that would be silently ignored)."""
+    key, the allowed keys and the YAML line. A method whose fit reads another's
+    (`Method.needs_fit`: a student's teacher) needs that one in the study, over the same
+    experts. A fit default must be an option of one of the study's methods (else it is a
+    typo that would be silently ignored)."""
     from pydantic import ValidationError
 
     from lorafuse.methods.registry import resolve
@@ -268,6 +270,15 @@ def _check_methods(config: StudyConfig, src: Path, lines: dict[str, int]) -> Non
                 path = f"methods.{i}.options.{key}" if own else f"fit_defaults.{key}"
                 near = where(path, f"methods.{i}.options", f"methods.{i}") if own else where(path)
                 raise LorafuseError(f"{src}: {path}{near}: {text} ({method.allowed()})") from None
+    listed = config.method_list()
+    for i, (m, method) in enumerate(zip(listed, methods, strict=True)):
+        needed = method.needed_fit(method.options(**m.options))
+        if needed and not any(o.name == needed and o.experts == m.experts for o in listed):
+            raise LorafuseError(
+                f"{src}: methods.{i}{where(f'methods.{i}.name', f'methods.{i}')}: {m.name} "
+                f"over the {m.experts} experts reads the fit of {needed}: list {needed} over "
+                f"the {m.experts} experts in the study too (or change {m.name}'s options)"
+            )
     for key in config.fit_defaults:
         if not any(method.declares(key) for method in methods):
             known = sorted({k for method in methods for k in method.option_names()})
