@@ -144,3 +144,50 @@ def test_every_preset_fits_until_a_plateau_within_a_cap():
             assert s.epochs is not None or s.max_steps is not None  # within a cap
             total, _ = budget(s, steps_per_epoch=1000)
             assert total > (s.eval_every or 1000) * s.patience, (preset, m.name)
+
+
+def _sgd_protocols(preset: str) -> dict[str, tuple]:
+    """Each SGD fit of a preset (every method whose options carry an lr grid) and the
+    rule it resolves to: lr grid, epochs, step cap, validation spacing, patience,
+    min_delta, batch, warm-up, objective."""
+    from lorafuse.fit.options import GridOptions
+    from lorafuse.methods.registry import resolve
+
+    out = {}
+    for m in preset_config(preset).method_list():
+        method, _ = resolve(m.name)
+        if method.fit is None or not issubclass(method.options, GridOptions):
+            continue
+        o = method.parse_options(m.options)
+        out[f"{m.name}@{m.experts}"] = (
+            tuple(o.grid()), o.epochs, o.max_steps, o.eval_every, o.patience, o.min_delta,
+            o.batch_size, o.grad_accum, o.warmup, o.objective,
+        )  # fmt: skip
+    return out
+
+
+def test_every_sgd_fit_of_a_preset_has_the_same_lr_grid_and_budget():
+    for preset in ("micro", "tiny", "small", "full"):
+        rules = _sgd_protocols(preset)
+        fits = {k.split("@")[0] for k in rules}
+        assert fits >= {"ensemble-sgd", "ensemble-distill", "merge-sgd-global",
+                        "merge-sgd-layer", "route-sgd", "route-hc"}, preset  # fmt: skip
+        assert len(set(rules.values())) == 1, (preset, rules)
+    (small,) = set(_sgd_protocols("small").values())
+    assert small[:3] == ((0.1, 0.01, 0.001), None, 400) and small[-1] == "task"
+    (full,) = set(_sgd_protocols("full").values())  # the paper's (Appendix A, Section 3.2.1)
+    assert full[:2] == ((1e-3, 1e-4, 1e-5), 5) and full[-1] == "token"
+    for preset in ("micro", "tiny"):  # test presets stay cheap: one rate
+        (rule,) = set(_sgd_protocols(preset).values())
+        assert len(rule[0]) == 1 and rule[-1] == "task"
+
+
+def test_the_objective_reaches_every_sgd_fits_options_so_its_stage_key(tmp_path):
+    # The study's fit stage key hashes a method's options (runner `_Context.fit`): a
+    # changed objective in fit_defaults changes every SGD fit's options, hence its key.
+    text = "library: bench\nfit_defaults: {objective: token}\nmethods: [base, ensemble-sgd, "
+    text += "ensemble-distill, merge-sgd-layer, route-sgd]\n"
+    methods = load_config(write(tmp_path, text)).method_list()
+    assert [m.options.get("objective") for m in methods] == [None] + ["token"] * 4
+    with pytest.raises(LorafuseError, match=r"fit_defaults.objective.*'task' or 'token'"):
+        load_config(write(tmp_path, text.replace("objective: token", "objective: tokens")))
