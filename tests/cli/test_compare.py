@@ -1,5 +1,6 @@
-"""`lorafuse compare` on the command line: two studies' folders in, compare.md out; a folder
-that is not a finished study exits 2 naming it, and nothing is written."""
+"""`lorafuse compare` on the command line: two or more studies' folders in, compare.md out; a
+folder that is not a finished study, a single folder or one given twice exits 2 naming the
+problem, and nothing is written."""
 
 from __future__ import annotations
 
@@ -45,3 +46,41 @@ def test_a_folder_without_results_exits_2(tmp_path):
     text = " ".join(r.output.split())
     assert "unfinished is not a finished study" in text and "lorafuse study --out" in text
     assert not out.exists()
+
+
+def test_three_studies_one_column_each(tmp_path):
+    for name, verdict in (("transfer", "holds"), ("interference", "holds"), ("replay", "holds")):
+        _study(tmp_path / name, name, verdict)
+    out = tmp_path / "regimes"
+    folders = [str(tmp_path / n) for n in ("transfer", "interference", "replay")]
+    r = runner.invoke(app, ["compare", *folders, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "same verdict: 1, differs: 0, not comparable: 0" in r.output
+    md = (out / "compare.md").read_text()
+    assert "| # | claim | transfer | numbers | interference | numbers | replay | numbers |" in md
+    assert md.rstrip().endswith("| same verdict |")
+    assert len(json.loads((out / "compare.json").read_text())["studies"]) == 3
+
+
+def test_one_folder_exits_2_and_writes_nothing(tmp_path):
+    _study(tmp_path / "a", "first", "holds")
+    out = tmp_path / "regimes"
+    r = runner.invoke(app, ["compare", str(tmp_path / "a"), "--out", str(out)])
+    assert r.exit_code == 2
+    text = " ".join(r.output.split())
+    assert "at least two studies; got 1" in text and "give two or more" in text
+    assert not out.exists()
+
+
+def test_the_same_folder_twice_exits_2(tmp_path):
+    _study(tmp_path / "a", "first", "holds")
+    out = tmp_path / "regimes"
+    r = runner.invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "a"), "--out", str(out)])
+    assert r.exit_code == 2
+    assert "is given twice" in " ".join(r.output.split())
+    assert not out.exists()
+
+
+def test_the_help_names_two_or_more_studies():
+    r = runner.invoke(app, ["compare", "--help"])
+    assert r.exit_code == 0 and "two or more" in " ".join(r.output.split()).lower()

@@ -1,4 +1,5 @@
-"""Two studies claim by claim: verdicts, numbers, the regime column, labels and errors."""
+"""Two or more studies claim by claim: verdicts, numbers, the regime column, labels (preset,
+design, off-task ratios) and errors."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def _row(comparison, claim):
 
 def test_verdicts_numbers_and_the_regime_column(two):
     root, a, b = two
-    c = compare(a, b, ("a", "b"))
+    c = compare([a, b], ("a", "b"))
     merge, probs, lowrank = (_row(c, x) for x in (MERGE, PROBS, LOWRANK))
     assert merge["verdicts"] == [HOLDS, MIXED] and merge["regime"] == DIFFERS  # b: robust
     assert merge["seed_verdicts"] == [None, {"0": FAILS, "1": HOLDS}]
@@ -78,7 +79,7 @@ def test_verdicts_numbers_and_the_regime_column(two):
 
 def test_written_files_label_each_study(two):
     root, a, b = two
-    written = write_compare(root / "a", root / "b", root / "regimes")
+    written = write_compare([root / "a", root / "b"], root / "regimes")
     on_disk = json.loads((root / "regimes" / "compare.json").read_text())
     assert on_disk == json.loads(json.dumps(written["comparison"]))
     sa, sb = on_disk["studies"]
@@ -86,7 +87,7 @@ def test_written_files_label_each_study(two):
     assert (sb["name"], sb["not_best_share"], sb["seeds"]) == ("small-interference", 0.3, [0, 1])
     md = (root / "regimes" / "compare.md").read_text()
     assert "| small | " in md and "| small-interference | " in md
-    assert "| - | - |" in md and "30% | 61%" in md  # a has no structure statistics
+    assert "| - | - | - |" in md and "30% | 61% | - |" in md  # a: no structure statistics
     assert f"| {MERGE} | holds |" in md and "mixed (robust; seeds 0: does not hold, 1: holds)" in md
     assert "| differs |" in md and "| same verdict |" in md and "| not comparable |" in md
     assert not [p for p in (root / "regimes").iterdir() if ".tmp" in p.name]
@@ -109,6 +110,108 @@ def test_a_folder_that_is_not_a_finished_study(two, make, needle):
     bad = root / "bad"
     make(bad)
     with pytest.raises(LorafuseError, match=needle) as e:
-        write_compare(root / "a", bad, root / "regimes")
+        write_compare([root / "a", bad], root / "regimes")
     assert str(bad) in str(e.value) and "--out" in str(e.value)  # the folder and the fix
+    assert not (root / "regimes").exists()  # nothing written
+
+
+def _hand_study(folder, name: str, verdicts: dict[str, str], library: dict | None = None) -> dict:
+    """A results.json with hand-made claim rows {claim: verdict} (one comparison each)."""
+    rows = [
+        {"claim": claim, "paper": f"p {claim}", "verdict": v, "evidence": "e",
+         "numbers": {"comparisons": [{"a": "A", "b": "B", "diff": -0.25, "se": 0.05,
+                                      "n_tasks": 4, "verdict": v}], "missing": []}}
+        for claim, v in verdicts.items()
+    ]  # fmt: skip
+    results = {"format": "lorafuse-study/1", "config": {"name": name, "seed": 0},
+               "library": library or {}, "methods": [], "claims": rows}  # fmt: skip
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(results))
+    return results
+
+
+def _library(preset: str, ratio: float | None, mbc: float | None = None) -> dict:
+    kinds = {"private": {"ratio": ratio}} | ({"mbc": {"ratio": mbc}} if mbc else {})
+    structure = {"not_best_share": 0.19, "greedy_share": 0.62, "off_task_ratio": ratio,
+                 "kinds": kinds}  # fmt: skip
+    return {"preset": preset, "structure": structure}
+
+
+@pytest.fixture
+def three(tmp_path):
+    """transfer, interference, replay: "same" holds in all three, "odd" fails in the
+    interference study only, "gone" is not in the replay study's results at all."""
+    studies = {
+        "transfer": ({"same": HOLDS, "odd": HOLDS, "gone": HOLDS}, _library("small", 2.8, 1.5)),
+        "interference": ({"same": HOLDS, "odd": FAILS, "gone": FAILS},
+                         {"preset": "small-interference",  # an older build: no ratios
+                          "structure": {"not_best_share": 0.0, "greedy_share": 1.0}}),
+        "replay": ({"same": HOLDS, "odd": HOLDS}, _library("small-replay", 1.04)),
+    }  # fmt: skip
+    for name, (verdicts, library) in studies.items():
+        _hand_study(tmp_path / name, name, verdicts, library)
+    return tmp_path, [tmp_path / name for name in studies]
+
+
+def test_three_studies_one_column_each_and_the_regime(three):
+    root, folders = three
+    written = write_compare(folders, root / "regimes")
+    c = json.loads((root / "regimes" / "compare.json").read_text())
+    assert c == json.loads(json.dumps(written["comparison"]))
+    assert c["format"] == "lorafuse-compare/2" and len(c["studies"]) == 3
+    rows = {r["claim"]: r for r in c["rows"]}
+    assert list(rows) == ["same", "odd", "gone"]  # the first study's order
+    assert rows["same"]["verdicts"] == [HOLDS] * 3 and rows["same"]["regime"] == SAME
+    assert rows["odd"]["verdicts"] == [HOLDS, FAILS, HOLDS] and rows["odd"]["regime"] == DIFFERS
+    assert rows["gone"]["verdicts"] == [HOLDS, FAILS, MISSING]
+    assert rows["gone"]["regime"] == NOT_COMPARABLE and rows["gone"]["numbers"][2] == "-"
+    assert c["counts"] == {SAME: 1, DIFFERS: 1, NOT_COMPARABLE: 1}
+    md = (root / "regimes" / "compare.md").read_text()
+    assert "Which regime decides the winner: transfer vs interference vs replay" in md
+    n = "A - B = -0.250 ± 0.050"
+    assert f"| odd | holds | {n} | does not hold | {n} | holds | {n} | differs |" in md
+    assert f"| gone | holds | {n} | does not hold | {n} | not measured | - | not comparable |" in md
+    assert "same verdict: 1, differs: 1, not comparable: 1" in md
+
+
+def test_the_label_table_shows_preset_design_and_off_task_ratios(three):
+    root, folders = three
+    c = write_compare(folders, root / "regimes")["comparison"]
+    t, i, r = c["studies"]
+    assert (t["preset"], t["design"], t["off_task_ratio"], t["mbc_off_task_ratio"]) == (
+        "small", "transfer", 2.8, 1.5)  # fmt: skip
+    assert (i["design"], i["off_task_ratio"], i["mbc_off_task_ratio"]) == (
+        "interference", None, None)  # fmt: skip
+    assert (r["design"], r["off_task_ratio"], r["mbc_off_task_ratio"]) == ("replay", 1.04, None)
+    md = (root / "regimes" / "compare.md").read_text()
+    label = {line.split(" | ")[0].strip("| "): line for line in md.splitlines()}
+    transfer = label["transfer"]
+    assert "| small (transfer) |" in transfer and "| 2.80 (mbc 1.50) |" in transfer
+    assert "| small-interference (interference) |" in label["interference"]
+    assert "| 0% | 100% | - |" in label["interference"]  # no ratio recorded: '-'
+    assert "| small-replay (replay) |" in label["replay"] and "| 1.04 |" in label["replay"]
+
+
+def test_the_ratio_of_the_private_kind_when_the_structure_has_none(tmp_path):
+    lib = {"structure": {"kinds": {"private": {"ratio": 1.2}, "mbc": {"ratio": 0.9}}}}
+    a = _hand_study(tmp_path / "a", "a", {"x": HOLDS}, lib)
+    b = _hand_study(tmp_path / "b", "b", {"x": HOLDS}, {"preset": "custom"})
+    sa, sb = compare([a, b])["studies"]
+    assert (sa["off_task_ratio"], sa["mbc_off_task_ratio"], sa["preset"]) == (1.2, 0.9, None)
+    assert (sb["preset"], sb["design"], sb["folder"]) == ("custom", None, "2")
+
+
+def test_fewer_than_two_studies_or_one_twice(three):
+    root, folders = three
+    with pytest.raises(LorafuseError, match="at least two studies; got 1") as e:
+        write_compare(folders[:1], root / "regimes")
+    assert str(folders[0]) in str(e.value) and "two or more" in str(e.value)
+    with pytest.raises(LorafuseError, match="at least two studies; got 0"):
+        write_compare([], root / "regimes")
+    again = root / "transfer" / ".." / "transfer"  # the same folder, spelled differently
+    with pytest.raises(LorafuseError, match="is given twice") as e:
+        write_compare([folders[0], folders[1], again], root / "regimes")
+    assert str(again) in str(e.value) and "give each study once" in str(e.value)
+    with pytest.raises(LorafuseError, match="at least two studies"):
+        compare([json.loads((folders[0] / "results.json").read_text())])
     assert not (root / "regimes").exists()  # nothing written

@@ -1,4 +1,5 @@
-"""`lorafuse compare`: two finished studies claim by claim (which regime decides the winner)."""
+"""`lorafuse compare`: two or more finished studies claim by claim (which regime, that is
+which design of the library, decides the winner)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,24 @@ from lorafuse.cli.common import console, user_errors
 
 
 def compare_command(
-    first: Path = typer.Argument(..., help="A finished study's folder (its --out)."),
-    second: Path = typer.Argument(..., help="Another finished study's folder."),
-    out: Path = typer.Option(Path("runs/regimes"), "--out", "-o", help="Folder for compare.md."),
+    studies: list[Path] = typer.Argument(
+        ...,
+        help="Two or more finished studies' folders (each a `lorafuse study --out`), e.g. one "
+        "per design of the built-in library: transfer, interference, replay.",
+        show_default=False,
+    ),
+    out: Path = typer.Option(
+        Path("runs/regimes"), "--out", "-o", help="Folder for compare.md and compare.json."
+    ),
 ) -> None:
-    """Compare two studies claim by claim: each one's verdict and numbers, and whether the
-    conclusion depends on the regime. Writes compare.md and compare.json into --out."""
+    """Compare two or more studies claim by claim: each one's verdict and numbers, and
+    whether the conclusion depends on the regime (same verdict, differs, not comparable).
+    Labels each study with its preset, design and library statistics (off-task ratio
+    included). Writes compare.md and compare.json into --out."""
     with user_errors():
         from lorafuse.study.compare import write_compare
 
-        written = write_compare(first, second, out)
+        written = write_compare(studies, out)
         counts = written["comparison"]["counts"]
         console.print(", ".join(f"{k}: {n}" for k, n in counts.items()), highlight=False)
         console.print(f"comparison: {written['compare.md']} and {written['compare.json']}")

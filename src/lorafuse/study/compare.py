@@ -1,19 +1,23 @@
-"""Two finished studies side by side, claim by claim: does the conclusion depend on the regime?
+"""Two or more finished studies side by side, claim by claim: does the conclusion depend on
+the regime (the design of the library: transfer, interference, replay, ...)?
 
 Each study is a folder written by `lorafuse study` (its results.json). A claim's verdict
 in a study is its robust verdict when the study ran several seeds (study/seeds.py), else
 its verdict; its numbers are the (first seed's) paired difference that decides it. The
-"regime" column says "same verdict" when both studies reach the same verdict, "differs"
-when they do not, and "not comparable" when either study did not measure the claim.
-Each study is labelled by its name and its library's structure statistics
-(`library.structure` in results.json: the share of experts not best on their own task,
-the share greedy selection needs), '-' where the build did not record them.
+"regime" column says "same verdict" when all studies reach the same verdict, "differs"
+when they do not, and "not comparable" when any study did not measure the claim.
+Each study is labelled by its name, its build's preset and design (`library.preset`) and
+its library's structure statistics (`library.structure` in results.json: the share of
+experts not best on their own task, the share greedy selection needs, the private
+experts' off-task loss relative to the base model's, and the cluster (mbc) experts' when
+measured), '-' where the build did not record them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,7 @@ from lorafuse.errors import LorafuseError
 from lorafuse.study.claims import FAILS, HOLDS, MISSING, NOT_CONVERGED, UNSURE
 
 RESULTS = "results.json"
-COMPARE_FORMAT = "lorafuse-compare/1"
+COMPARE_FORMAT = "lorafuse-compare/2"  # /2: any number of studies, ratios, preset
 SAME, DIFFERS, NOT_COMPARABLE = "same verdict", "differs", "not comparable"
 
 
@@ -52,51 +56,70 @@ def load_study(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def study_label(results: dict, folder: str | os.PathLike) -> dict[str, Any]:
-    """{"name", "folder", "seeds", "not_best_share", "greedy_share", "best", "cheapest"}."""
+    """{"name", "folder", "preset", "design", "seeds", "not_best_share", "greedy_share",
+    "off_task_ratio", "mbc_off_task_ratio", "best", "cheapest"}; None where results.json
+    does not record a value (older studies have no off-task ratios and no preset)."""
     from lorafuse.study.headline import best_and_cheapest
 
     cfg, lib = results.get("config") or {}, results.get("library") or {}
     structure = lib.get("structure") if isinstance(lib.get("structure"), dict) else {}
+    kinds = structure.get("kinds") if isinstance(structure.get("kinds"), dict) else {}
+    private = structure.get("off_task_ratio")
     best, cheapest, _ = best_and_cheapest(results)
     return {
         "name": cfg.get("name") or Path(folder).name,
         "folder": str(folder),
+        "preset": lib.get("preset"),
+        "design": _design(lib.get("preset")),
         "seeds": list(cfg.get("seeds") or [cfg.get("seed", 0)]),
         "not_best_share": structure.get("not_best_share"),
         "greedy_share": structure.get("greedy_share"),
+        "off_task_ratio": _ratio(kinds, "private") if private is None else private,
+        "mbc_off_task_ratio": _ratio(kinds, "mbc"),
         "best": None if best is None else _method(best),
         "cheapest": None if cheapest is None else _method(cheapest),
     }
 
 
-def compare(a: dict, b: dict, folders: tuple[str, str] = ("a", "b")) -> dict[str, Any]:
-    """Claim-by-claim comparison of two studies' results (module docstring).
+def compare(studies: Sequence[dict], folders: Sequence[str] | None = None) -> dict[str, Any]:
+    """Claim-by-claim comparison of two or more studies' results (module docstring);
+    `folders` label them (default "1", "2", ...).
 
-    Returns {"format", "studies": [label_a, label_b], "rows": [{"claim", "paper",
-    "verdicts": [a, b], "seed_verdicts": [{seed: verdict} or None, ...], "numbers": [a, b],
-    "regime"}], "counts": {regime: n}}; claims are
-    matched by their text, in a's order, then those only b has.
+    Returns {"format", "studies": [label, ...], "rows": [{"claim", "paper", "verdicts":
+    [one per study], "seed_verdicts": [{seed: verdict} or None, ...], "numbers": [...],
+    "regime"}], "counts": {regime: n}}; claims are matched by their text, in the first
+    study's order, then those only later studies have. Raises LorafuseError for fewer than
+    two studies or when `folders` does not name each of them.
     """
-    va, vb = _verdicts(a), _verdicts(b)
+    studies = list(studies)
+    folders = [str(i) for i in range(1, len(studies) + 1)] if folders is None else list(folders)
+    _need_two(len(studies), folders)
+    if len(folders) != len(studies):
+        raise LorafuseError(
+            f"{len(studies)} studies but {len(folders)} folders ({', '.join(folders)}); "
+            "give one folder per study"
+        )
+    each = [_verdicts(r) for r in studies]
+    claims = list(dict.fromkeys(c for v in each for c in v))  # first appearance, in order
     rows = []
-    for claim in list(va) + [c for c in vb if c not in va]:
-        ra, rb = va.get(claim), vb.get(claim)
-        verdicts = [r["verdict"] if r else MISSING for r in (ra, rb)]
+    for claim in claims:
+        found = [v.get(claim) for v in each]
+        verdicts = [r["verdict"] if r else MISSING for r in found]
         if MISSING in verdicts:
             regime = NOT_COMPARABLE
         else:
-            regime = SAME if verdicts[0] == verdicts[1] else DIFFERS
+            regime = SAME if len(set(verdicts)) == 1 else DIFFERS
         rows.append({
             "claim": claim,
-            "paper": (ra or rb)["paper"],
+            "paper": next(r for r in found if r)["paper"],
             "verdicts": verdicts,
-            "seed_verdicts": [r["seeds"] if r else None for r in (ra, rb)],
-            "numbers": [numbers(r["row"]) if r else "-" for r in (ra, rb)],
+            "seed_verdicts": [r["seeds"] if r else None for r in found],
+            "numbers": [numbers(r["row"]) if r else "-" for r in found],
             "regime": regime,
         })  # fmt: skip
     counts = {k: sum(r["regime"] == k for r in rows) for k in (SAME, DIFFERS, NOT_COMPARABLE)}
-    studies = [study_label(a, folders[0]), study_label(b, folders[1])]
-    return {"format": COMPARE_FORMAT, "studies": studies, "rows": rows, "counts": counts}
+    labels = [study_label(r, f) for r, f in zip(studies, folders)]
+    return {"format": COMPARE_FORMAT, "studies": labels, "rows": rows, "counts": counts}
 
 
 def numbers(row: dict) -> str:
@@ -120,17 +143,30 @@ def numbers(row: dict) -> str:
     return str(row.get("evidence") or "-")
 
 
-def write_compare(a: str | os.PathLike, b: str | os.PathLike, out: str | os.PathLike) -> dict:
-    """Compare the studies in folders `a` and `b`; write `out/compare.json` and
-    `out/compare.md` (each atomically, after both studies were read and compared).
+def write_compare(folders: Sequence[str | os.PathLike], out: str | os.PathLike) -> dict:
+    """Compare the studies in `folders` (two or more); write `out/compare.json` and
+    `out/compare.md` (each atomically, after all studies were read and compared).
 
     Returns {"comparison": the dict of `compare`, "compare.json", "compare.md": path}.
-    Raises LorafuseError (naming the folder) when either is not a finished study.
+    Raises LorafuseError (naming the folder and the fix) when fewer than two folders are
+    given, a folder is given twice, or one is not a finished study; nothing is written then.
     """
     from lorafuse.io import write_json, write_text
 
-    ra, rb = load_study(a), load_study(b)
-    comparison = compare(ra, rb, (str(a), str(b)))
+    if isinstance(folders, (str, os.PathLike)):
+        folders = [folders]  # one folder: reported by _need_two below
+    names = [str(f) for f in folders]
+    _need_two(len(names), names)
+    seen: dict[Path, str] = {}
+    for name in names:
+        key = Path(name).resolve()
+        if key in seen:
+            raise LorafuseError(
+                f"the study folder {name} is given twice (also as {seen[key]}); give each "
+                "study once"
+            )
+        seen[key] = name
+    comparison = compare([load_study(f) for f in names], names)
     text = compare_markdown(comparison)
     root = Path(out)
     if root.exists() and not root.is_dir():
@@ -143,36 +179,42 @@ def write_compare(a: str | os.PathLike, b: str | os.PathLike, out: str | os.Path
 
 
 def compare_markdown(comparison: dict) -> str:
-    """compare.md: the two studies' labels, then one row per claim."""
+    """compare.md: one label row per study, then one row per claim (each study's verdict
+    and numbers in its own columns, then the regime)."""
     from lorafuse.study.render import markdown
 
-    sa, sb = comparison["studies"]
-    names = [sa["name"], sb["name"]]
-    if names[0] == names[1]:
-        names = [f"{sa['name']} ({sa['folder']})", f"{sb['name']} ({sb['folder']})"]
-    head = ["study", "folder", "seeds", "experts not best on own task", "greedy share",
-            "best task-agnostic", "cheapest within 2 se"]  # fmt: skip
-    studies = [
-        [n, s["folder"], ", ".join(map(str, s["seeds"])), _share(s["not_best_share"]),
-         _share(s["greedy_share"]), _best(s["best"]), _best(s["cheapest"])]
-        for n, s in zip(names, (sa, sb))
+    studies = comparison["studies"]
+    names = [s["name"] for s in studies]
+    names = [f"{s['name']} ({s['folder']})" if names.count(s["name"]) > 1 else s["name"]
+             for s in studies]  # fmt: skip
+    head = ["study", "folder", "preset (design)", "seeds", "experts not best on own task",
+            "greedy share", "off-task ratio", "best task-agnostic",
+            "cheapest within 2 se"]  # fmt: skip
+    labels = [
+        [n, s["folder"], _preset(s), ", ".join(map(str, s["seeds"])), _share(s["not_best_share"]),
+         _share(s["greedy_share"]), _ratios(s), _best(s["best"]), _best(s["cheapest"])]
+        for n, s in zip(names, studies)
     ]  # fmt: skip
     counts = ", ".join(f"{k}: {n}" for k, n in comparison["counts"].items())
     rows = [
-        [str(i), r["claim"], _verdict(r, 0), r["numbers"][0], _verdict(r, 1), r["numbers"][1],
-         r["regime"]]
+        [str(i), r["claim"]]
+        + [x for j in range(len(studies)) for x in (_verdict(r, j), r["numbers"][j])]
+        + [r["regime"]]
         for i, r in enumerate(comparison["rows"], 1)
-    ]  # fmt: skip
+    ]
+    claims_head = ["#", "claim"] + [x for n in names for x in (n, "numbers")] + ["regime"]
     blocks = [
-        ("h1", f"Which regime decides the winner: {names[0]} vs {names[1]}"),
-        ("table", head, studies),
+        ("h1", "Which regime decides the winner: " + " vs ".join(names)),
+        ("table", head, labels),
+        ("p", "off-task ratio: the private experts' mean loss on the other tasks relative to "
+              "the base model's (near 1: experts that forget little), and the cluster (mbc) "
+              "experts' when measured; '-': not recorded by the study's build."),
         ("p", "A claim's verdict is its robust verdict over the seeds when a study ran "
               "several, else its verdict; the numbers are the (first seed's) paired "
-              "difference that decides it. regime: same verdict, differs, or not comparable "
-              "(a study did not measure the claim)."),  # fmt: skip
+              "difference that decides it. regime: same verdict (all studies agree), differs, "
+              "or not comparable (a study did not measure the claim)."),
         ("p", "Claims: " + counts),
-        ("table", ["#", "claim", f"{names[0]}", "numbers", f"{names[1]}", "numbers", "regime"],
-         rows),
+        ("table", claims_head, rows),
     ]  # fmt: skip
     return markdown(blocks)
 
@@ -190,8 +232,30 @@ def _verdicts(results: dict) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _need_two(n: int, folders: Sequence[str]) -> None:
+    if n < 2:
+        got = f" ({', '.join(folders)})" if folders else ""
+        raise LorafuseError(
+            f"a comparison needs at least two studies; got {n}{got}; give two or more "
+            "finished studies' folders (each a `lorafuse study --out` folder)"
+        )
+
+
+def _design(preset: str | None) -> str | None:
+    # The design of a built-in preset (data.synthetic); None for a preset it does not know.
+    from lorafuse.data.synthetic import PRESETS
+
+    p = PRESETS.get(preset) if isinstance(preset, str) else None
+    return None if p is None else p.design
+
+
+def _ratio(kinds: dict, kind: str) -> float | None:
+    k = kinds.get(kind)
+    return k.get("ratio") if isinstance(k, dict) else None
+
+
 def _verdict(row: dict, i: int) -> str:
-    seeds = (row.get("seed_verdicts") or [None, None])[i]
+    seeds = row["seed_verdicts"][i]
     if not seeds:
         return row["verdicts"][i]
     each = ", ".join(f"{s}: {v}" for s, v in seeds.items())
@@ -210,6 +274,18 @@ def _best(m: dict | None) -> str:
     cost = "" if rel is None else f", {rel:.3f}x FLOPs"
     loss = _pm(m["mean"], m.get("se"), sign=False, digits=4)
     return f"{m['name']} [{m.get('experts') or 'private'}] {loss}{cost}"
+
+
+def _preset(s: dict) -> str:
+    if not s.get("preset"):
+        return "-"
+    return s["preset"] + (f" ({s['design']})" if s.get("design") else "")
+
+
+def _ratios(s: dict) -> str:
+    private, mbc = s.get("off_task_ratio"), s.get("mbc_off_task_ratio")
+    text = "-" if private is None else f"{private:.2f}"
+    return text + ("" if mbc is None else f" (mbc {mbc:.2f})")
 
 
 def _share(x: float | None) -> str:
