@@ -26,12 +26,14 @@ test: setup lint
 demo: setup
 	$(VENV)/bin/lorafuse study --preset small --out runs/study --seed 0
 
-# Does the regime decide the winner? The small study on the small library and on one whose
-# experts interfere, then their claims side by side (runs/regimes/compare.md); not in demo.
+# Does the regime decide the winner? The small study on each design of the built-in
+# library (replay: `small`, experts that forget little; transfer; interference), then
+# their claims side by side (runs/regimes/compare.md); not in demo.
 regimes: setup
-	$(VENV)/bin/lorafuse study --preset small --out runs/study
-	$(VENV)/bin/lorafuse study --preset small-interference --out runs/study-interference
-	$(VENV)/bin/lorafuse compare runs/study runs/study-interference --out runs/regimes
+	$(VENV)/bin/lorafuse study --preset small --out runs/study --seed 0
+	$(VENV)/bin/lorafuse study --preset small-transfer --out runs/study-transfer --seed 0
+	$(VENV)/bin/lorafuse study --preset small-interference --out runs/study-interference --seed 0
+	$(VENV)/bin/lorafuse compare runs/study runs/study-transfer runs/study-interference --out runs/regimes
 
 bench: setup
 	$(PY) bench/fused_layer.py

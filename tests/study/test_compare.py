@@ -142,11 +142,11 @@ def three(tmp_path):
     """transfer, interference, replay: "same" holds in all three, "odd" fails in the
     interference study only, "gone" is not in the replay study's results at all."""
     studies = {
-        "transfer": ({"same": HOLDS, "odd": HOLDS, "gone": HOLDS}, _library("small", 2.8, 1.5)),
+        "transfer": ({"same": HOLDS, "odd": HOLDS, "gone": HOLDS}, _library("small-transfer", 2.8, 1.5)),
         "interference": ({"same": HOLDS, "odd": FAILS, "gone": FAILS},
                          {"preset": "small-interference",  # an older build: no ratios
                           "structure": {"not_best_share": 0.0, "greedy_share": 1.0}}),
-        "replay": ({"same": HOLDS, "odd": HOLDS}, _library("small-replay", 1.04)),
+        "replay": ({"same": HOLDS, "odd": HOLDS}, _library("small", 1.04)),
     }  # fmt: skip
     for name, (verdicts, library) in studies.items():
         _hand_study(tmp_path / name, name, verdicts, library)
@@ -179,17 +179,17 @@ def test_the_label_table_shows_preset_design_and_off_task_ratios(three):
     c = write_compare(folders, root / "regimes")["comparison"]
     t, i, r = c["studies"]
     assert (t["preset"], t["design"], t["off_task_ratio"], t["mbc_off_task_ratio"]) == (
-        "small", "transfer", 2.8, 1.5)  # fmt: skip
+        "small-transfer", "transfer", 2.8, 1.5)  # fmt: skip
     assert (i["design"], i["off_task_ratio"], i["mbc_off_task_ratio"]) == (
         "interference", None, None)  # fmt: skip
     assert (r["design"], r["off_task_ratio"], r["mbc_off_task_ratio"]) == ("replay", 1.04, None)
     md = (root / "regimes" / "compare.md").read_text()
     label = {line.split(" | ")[0].strip("| "): line for line in md.splitlines()}
     transfer = label["transfer"]
-    assert "| small (transfer) |" in transfer and "| 2.80 (mbc 1.50) |" in transfer
+    assert "| small-transfer (transfer) |" in transfer and "| 2.80 (mbc 1.50) |" in transfer
     assert "| small-interference (interference) |" in label["interference"]
     assert "| 0% | 100% | - |" in label["interference"]  # no ratio recorded: '-'
-    assert "| small-replay (replay) |" in label["replay"] and "| 1.04 |" in label["replay"]
+    assert "| small (replay) |" in label["replay"] and "| 1.04 |" in label["replay"]
 
 
 def test_the_ratio_of_the_private_kind_when_the_structure_has_none(tmp_path):
