@@ -176,6 +176,20 @@ def test_report_states_the_library_structure(tmp_path):
     md = render(res, tmp_path)["report.md"].read_text()
     assert "7 of 32 private experts (22%) are not the best on their own task" in md
     assert "recovers the private oracle with 19 of 32 (59%)" in md
+    res["library"]["structure"].update(
+        max_examples_per_task=None,
+        kinds={"private": {"ratio": 1.04}, "mbc": {"ratio": 0.93}},
+        training={
+            "private": {"experts": 32, "steps": 100, "examples_per_task": 800, "replay": 0.5},
+            "shared": {"experts": 1, "steps": 300, "examples_per_task": 75, "replay": 0.5},
+        },
+    )
+    md = render(res, tmp_path / "a")["report.md"].read_text()
+    assert "off-task loss relative to the base model's: private 1.04, mbc 0.93" in md
+    assert "full validation split" in md
+    assert "private: 32 experts, 800 examples per task (100 steps each)" in md
+    assert "shared: 1 expert, 75 examples per task (300 steps each)" in md
+    assert "50% of each batch replays pretraining data" in md
     res["library"]["structure"] = None
     md = render(res, tmp_path / "b")["report.md"].read_text()
     assert "structure | not measured" in md

@@ -186,7 +186,8 @@ def _training(budget: dict | None) -> str:
     if not budget:
         return "not recorded (a library made outside `lorafuse benchmark build`)"
     parts = [
-        f"{kind}: {k['experts']} experts, {k['examples_per_task']:g} examples per task "
+        f"{kind}: {k['experts']} expert{'s' * (k['experts'] != 1)}, "
+        f"{k['examples_per_task']:g} examples per task "
         f"({k['steps']:g} steps each)"
         for kind, k in budget.items()
     ]
