@@ -68,10 +68,10 @@ PRESETS = {
     "micro": Preset("micro", 2, 2, 60, design="interference"),
     "tiny": Preset("tiny", 4, 2, 300),
     "tiny-interference": Preset("tiny-interference", 4, 2, 300, design="interference"),
-    "tiny-replay": Preset("tiny-replay", 4, 2, 300, design="replay"),
+    "tiny-replay": Preset("tiny-replay", 4, 2, 300, design="replay", low_resource=0.03),
     # small: the design closest to the paper's library on the three structure statistics
     # (benchmark.structure); the other designs stay for the regime comparison
-    "small": Preset("small", 8, 4, 1000, design="replay"),
+    "small": Preset("small", 8, 4, 1000, design="replay", low_resource=0.03),
     "small-transfer": Preset("small-transfer", 8, 4, 1000),
     "small-interference": Preset("small-interference", 8, 4, 1000, design="interference"),
     "full": Preset("full", 8, 32, 1000),

@@ -17,6 +17,7 @@ from typing import Any
 
 from lorafuse.errors import LorafuseError
 from lorafuse.study.config import MethodConfig, StudyConfig
+from lorafuse.study.library_info import library_info
 from lorafuse.study.stages import FIT_RULES, Progress, StageCache, setup_key, stage_key
 
 RESULTS = "results.json"
@@ -72,7 +73,7 @@ def run_study(run: StudyRun) -> dict[str, Any]:
             if own:
                 bar.start("analyses" + ctx.tag, None)
                 r["analyses"], r["figures"] = ctx.analyses()
-                r["library"] = _library_info(ctx.ws, ctx.cfg if cfg.build_per_seed else cfg)
+                r["library"] = library_info(ctx.ws, ctx.cfg if cfg.build_per_seed else cfg)
                 bar.finish("analyses" + ctx.tag, False)
             first = first or ctx
     finally:
@@ -204,49 +205,6 @@ def _with_fits(ws, fits: Path):
     other = copy.copy(ws)  # shallow: the cached model, tokenizer and dataset are the same
     other.spec = ws.spec.model_copy(update={"fits": str(fits.resolve())})
     return other
-
-
-def _library_info(ws, cfg: StudyConfig) -> dict[str, Any]:
-    import json
-
-    kinds = {}
-    for kind in ws.kinds:
-        try:
-            kinds[kind] = ws.library(kind).names
-        except LorafuseError as e:
-            kinds[kind] = f"error: {e}"
-    families, structure, preset = None, None, None
-    manifest = Path(ws.spec.root) / "manifest.json"
-    if manifest.is_file():
-        m = json.loads(manifest.read_text())
-        families = {f["name"]: f["tasks"] for f in m.get("families", [])} or None
-        preset = m.get("preset")
-        structure = _structure(m)
-    return {
-        "base_model": ws.spec.base_model,
-        "preset": preset,
-        "tasks": ws.tasks,
-        "experts": kinds,
-        "families": families,
-        "structure": structure,
-        "device": str(ws.device),
-        "dtype": str(ws.dtype).replace("torch.", ""),
-        "seed": cfg.seed,
-    }
-
-
-def _structure(manifest: dict) -> dict | None:
-    """The build's structure statistics (benchmark.structure), each kind's off-task ratio
-    and each kind's training budget, from its manifest."""
-    from lorafuse.benchmark.build import training_budget
-
-    stages = manifest.get("stages", {})
-    if not stages.get("structure"):
-        return None
-    out = {**stages["structure"]}
-    out["kinds"] = {**out.get("kinds", {}), **stages.get("offtask", {}).get("kinds", {})}
-    out["training"] = training_budget(manifest)
-    return out
 
 
 class _Context:
