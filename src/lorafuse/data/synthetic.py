@@ -13,7 +13,7 @@ Three designs make a preset's library (`Preset.design`); two lay out its tasks:
 - "transfer" (Flan-like): a family's tasks come in pairs that are two template sets of one
   skill (operation and format: the same answers, like Flan's several tasks made from one
   dataset), and the pairs conflict with each other. The second template set of the first
-  pair of every family is a low-resource task (`Preset.low_resource` of the examples), as
+  pair of every family is a low-resource task (`Preset.low_resource` of the training examples), as
   Flan's task sizes vary: its own expert sees little data, so its sibling's expert can do
   better on it. See `family_tasks` for the exact order.
 - "replay": the tasks of "transfer", with experts that forget little: each expert batch
@@ -55,7 +55,7 @@ class Preset:
     tasks_per_family: int
     examples_per_task: int
     design: str = "transfer"  # one of DESIGNS
-    low_resource: float = 0.08  # share of the examples a low-resource task has (transfer)
+    low_resource: float = 0.08  # share of the training examples a low-resource task has
 
     def __post_init__(self) -> None:
         if self.design not in DESIGNS:
@@ -68,10 +68,10 @@ PRESETS = {
     "micro": Preset("micro", 2, 2, 60, design="interference"),
     "tiny": Preset("tiny", 4, 2, 300),
     "tiny-interference": Preset("tiny-interference", 4, 2, 300, design="interference"),
-    "tiny-replay": Preset("tiny-replay", 4, 2, 300, design="replay", low_resource=0.03),
+    "tiny-replay": Preset("tiny-replay", 4, 2, 300, design="replay", low_resource=0.01),
     # small: the design closest to the paper's library on the three structure statistics
     # (benchmark.structure); the other designs stay for the regime comparison
-    "small": Preset("small", 8, 4, 1000, design="replay", low_resource=0.03),
+    "small": Preset("small", 8, 4, 1000, design="replay", low_resource=0.01),
     "small-transfer": Preset("small-transfer", 8, 4, 1000),
     "small-interference": Preset("small-interference", 8, 4, 1000, design="interference"),
     "full": Preset("full", 8, 32, 1000),
@@ -105,9 +105,12 @@ class Task:
         """The task_name column: the skill, with '_v1' for the second template set."""
         return self.skill + (f"_v{self.variant}" if self.variant else "")
 
-    def examples(self, per_task: int) -> int:
-        """How many examples this task has when a preset gives `per_task` (at least 10)."""
-        return max(10, round(per_task * self.share))
+    def split_sizes(self, per_task: int) -> tuple[int, int, int]:
+        """(train, validation, test) example counts when a preset gives `per_task`: 80/10/10,
+        a low-resource task having `share` of the training examples (at least one) and
+        validation and test splits of the usual size, so it is evaluated as well as any."""
+        n_train, n_val = round(0.8 * per_task), round(0.1 * per_task)
+        return max(1, round(n_train * self.share)), n_val, per_task - n_train - n_val
 
     @property
     def templates(self) -> int:
@@ -163,7 +166,7 @@ def family_tasks(
     are taken two at a time (a, b), each in both template sets, as a0 a1 b0 b1 in even
     families and a0 b0 a1 b1 in odd ones (so a preset with two tasks per family has
     near-duplicate pairs in half its families and conflicting pairs in the other half);
-    a1 of the first pair has `low_resource` of the examples. Raises DataError when the
+    a1 of the first pair has `low_resource` of the training examples. Raises DataError when the
     family has too few skills.
     """
     family, skills = FAMILIES[index], _skills(index)
@@ -209,13 +212,15 @@ def select_tasks(tasks: list[Task], names: list[str] | None) -> list[Task]:
     return [by_name[n] for n in names]
 
 
-def task_rows(task: Task, n: int, seed: int) -> list[dict]:
-    """`n` distinct examples of `task` as flan-flat rows, split 80/10/10 (`generate`
-    gives a task `task.examples(per_task)` examples).
+def task_rows(task: Task, per_task: int, seed: int) -> list[dict]:
+    """The examples of `task` as flan-flat rows, distinct prompts split as
+    `task.split_sizes(per_task)` (the training examples are drawn first).
 
-    Deterministic in (task, n, seed). Raises DataError when the task's inputs cannot
-    give `n` distinct prompts.
+    Deterministic in (task, per_task, seed). Raises DataError when the task's inputs
+    cannot give that many distinct prompts.
     """
+    sizes = task.split_sizes(per_task)
+    n = sum(sizes)
     rng = random.Random(f"lorafuse:{seed}:{task.name}")
     seen: dict[str, dict] = {}
     attempts = 0
@@ -237,7 +242,7 @@ def task_rows(task: Task, n: int, seed: int) -> list[dict]:
             "template_idx": t,
         }
     rows = list(seen.values())
-    n_train, n_val = round(0.8 * n), round(0.1 * n)
+    n_train, n_val = sizes[0], sizes[1]
     for i, row in enumerate(rows):
         row["split"] = SPLITS[(i >= n_train) + (i >= n_train + n_val)]
     return rows
@@ -245,14 +250,13 @@ def task_rows(task: Task, n: int, seed: int) -> list[dict]:
 
 def generate(tasks: list[Task], examples_per_task: int, seed: int) -> list[dict]:
     """Flan-flat rows for every task (see `task_rows`), task by task; a task has
-    `task.examples(examples_per_task)` examples (fewer for a low-resource task)."""
+    `task.split_sizes(examples_per_task)` examples (fewer training examples for a
+    low-resource task)."""
     if examples_per_task < 10:
         raise DataError(
             f"examples_per_task must be at least 10 (one per split); got {examples_per_task}"
         )
-    return [
-        row for task in tasks for row in task_rows(task, task.examples(examples_per_task), seed)
-    ]
+    return [row for task in tasks for row in task_rows(task, examples_per_task, seed)]
 
 
 def pretraining_examples(
