@@ -156,6 +156,9 @@ def test_cli_build_prints_the_structure(built):
     assert "not the best expert on their own task" in result.output
     assert "greedy selection recovers the private oracle" in result.output
     assert "off-task loss / base model's: private" in result.output
+    assert "training examples per task: private 24 (6 steps); shared 6 (6 steps); mbc 24" in (
+        " ".join(result.output.split())
+    )
 
 
 def test_interrupted_build_resumes_to_the_same_result(built, tmp_path):

@@ -174,7 +174,7 @@ def test_every_sgd_fit_of_a_preset_has_the_same_lr_grid_and_budget():
                         "merge-sgd-layer", "route-sgd", "route-hc"}, preset  # fmt: skip
         assert len(set(rules.values())) == 1, (preset, rules)
     (small,) = set(_sgd_protocols("small").values())
-    assert small[:3] == ((0.1, 0.01, 0.001), None, 400) and small[-1] == "task"
+    assert small[:3] == ((0.1, 0.01, 0.001), None, 800) and small[-1] == "task"
     (full,) = set(_sgd_protocols("full").values())  # the paper's (Appendix A, Section 3.2.1)
     assert full[:2] == ((1e-3, 1e-4, 1e-5), 5) and full[-1] == "token"
     for preset in ("micro", "tiny"):  # test presets stay cheap: one rate

@@ -111,6 +111,22 @@ def _summary(out: Path, manifest: dict) -> None:
         )
         for c in mbc["clusters"]:
             console.print(f"  {c['name']}: {', '.join(c['tasks'])}", highlight=False)
+    from lorafuse.benchmark.build import training_budget
+
+    budget = training_budget(manifest)
+    if budget:
+        console.print(
+            "training examples per task: "
+            + "; ".join(
+                f"{k} {b['examples_per_task']:g} ({b['steps']:g} steps)" for k, b in budget.items()
+            )
+            + (
+                f"; {budget['private']['replay']:.0%} of each batch replayed"
+                if budget.get("private", {}).get("replay")
+                else ""
+            ),
+            highlight=False,
+        )
     n = len(manifest["tasks"])
     console.print(f"{n} tasks, {len(manifest['experts'])} experts -> {out}/manifest.json")
 
