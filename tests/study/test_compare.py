@@ -142,7 +142,8 @@ def three(tmp_path):
     """transfer, interference, replay: "same" holds in all three, "odd" fails in the
     interference study only, "gone" is not in the replay study's results at all."""
     studies = {
-        "transfer": ({"same": HOLDS, "odd": HOLDS, "gone": HOLDS}, _library("small-transfer", 2.8, 1.5)),
+        "transfer": ({"same": HOLDS, "odd": HOLDS, "gone": HOLDS},
+                     _library("small-transfer", 2.8, 1.5)),
         "interference": ({"same": HOLDS, "odd": FAILS, "gone": FAILS},
                          {"preset": "small-interference",  # an older build: no ratios
                           "structure": {"not_best_share": 0.0, "greedy_share": 1.0}}),
