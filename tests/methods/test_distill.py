@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from peft import PeftModel
@@ -17,13 +15,6 @@ from lorafuse.spec import load_spec
 from lorafuse.workspace import Workspace
 
 QUICK = {"epochs": None, "max_steps": 2, "eval_every": 1, "batch_size": 4}
-
-
-@pytest.fixture(scope="module")
-def ws(mini_bench, tmp_path_factory):
-    bench = tmp_path_factory.mktemp("distill") / "bench"
-    shutil.copytree(mini_bench, bench)
-    return Workspace(load_spec(bench))
 
 
 def test_distill_picks_its_rate_on_validation_from_ensemble_sgd(ws):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,6 @@ from lorafuse.methods.ensembles import train_cache
 from lorafuse.methods.run import evaluate_method, fit_method
 from lorafuse.spec import load_spec
 from lorafuse.workspace import Workspace
-
-
-@pytest.fixture(scope="module")
-def ws(mini_bench, tmp_path_factory):
-    bench = tmp_path_factory.mktemp("ens") / "bench"
-    shutil.copytree(mini_bench, bench)
-    return Workspace(load_spec(bench))
 
 
 def test_exact_fit_is_optimal_and_matches_evaluation(ws):

@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from lorafuse.errors import LorafuseError
 from lorafuse.methods.run import evaluate_method, fit_method
-from lorafuse.spec import load_spec
-from lorafuse.workspace import Workspace
-
-
-@pytest.fixture(scope="module")
-def ws(mini_bench, tmp_path_factory):
-    bench = tmp_path_factory.mktemp("hc") / "bench"
-    shutil.copytree(mini_bench, bench)
-    return Workspace(load_spec(bench))
 
 
 @pytest.mark.parametrize("name", ["route-hc", "route-arrow-hc"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,19 +10,10 @@ import torch
 
 from lorafuse.errors import LorafuseError
 from lorafuse.methods.run import evaluate_method, fit_method
-from lorafuse.spec import load_spec
-from lorafuse.workspace import Workspace
 from tests.conftest import MINI_TASKS
 from tests.evalref import reference_task_losses
 
 OPTIONS = {"epochs": 2, "lr": 0.1, "batch_size": 5}
-
-
-@pytest.fixture(scope="module")
-def ws(mini_bench, tmp_path_factory):
-    bench = tmp_path_factory.mktemp("merging") / "bench"
-    shutil.copytree(mini_bench, bench)
-    return Workspace(load_spec(bench))
 
 
 def _same_as_peft(ws, result, adapter):

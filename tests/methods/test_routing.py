@@ -24,13 +24,6 @@ from tests.methods.route_sgd_script import run
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def ws(mini_bench, tmp_path_factory):
-    bench = tmp_path_factory.mktemp("routing") / "bench"
-    shutil.copytree(mini_bench, bench)
-    return Workspace(load_spec(bench))
-
-
 def test_route_sgd_fits_saves_and_evaluates_top_k(ws):
     fit = fit_method(ws, "route-sgd", "private", {"epochs": 3, "lr": 0.1, "batch_size": 5}).payload
     assert fit["validation_loss"] < fit["initial_validation_loss"]
@@ -97,8 +90,6 @@ def test_accelerate_two_processes_equal_one(ws, tmp_path):
 def test_fitting_a_top_k_variant_names_its_fit(mini_bench):
     from lorafuse.errors import LorafuseError
     from lorafuse.methods.run import fit_method
-    from lorafuse.spec import load_spec
-    from lorafuse.workspace import Workspace
 
     ws = Workspace(load_spec(mini_bench))
     with pytest.raises(LorafuseError, match="fit route-sgd instead"):

@@ -62,23 +62,17 @@ def in_range(stats: dict[str, Any]) -> dict[str, bool]:
     }
 
 
-def off_task(matrix, base: list[float], kind_tasks: dict[str, list[str]]) -> dict[str, Any]:
-    """`select.offtask.off_task_ratio` of a LossMatrix, each expert's own tasks given by
-    `kind_tasks` ({expert: its tasks}); rounded for the reports."""
+def off_task(matrix, base: list[float]) -> dict[str, Any]:
+    """`select.offtask.off_task_ratio` of a LossMatrix (each expert's own tasks from its
+    `own` map), rounded for the reports."""
     from lorafuse.select.offtask import off_task_ratio
 
-    col = {t: j for j, t in enumerate(matrix.tasks)}
-    own = [{col[t] for t in kind_tasks.get(e, []) if t in col} for e in matrix.experts]
-    r = off_task_ratio(matrix.losses.numpy(), base, own)
+    r = off_task_ratio(matrix.losses.numpy(), base, matrix.own_tasks())
     out = {k: (None if v is None else round(v, 4)) for k, v in r.items() if k != "per_expert"}
     out["per_expert"] = dict(
         zip(matrix.experts, [None if v is None else round(v, 4) for v in r["per_expert"]])
     )
     return out
-
-
-def _expert_tasks(ws, kind: str) -> dict[str, list[str]]:
-    return {e.name: list(e.tasks) for e in ws.library(kind).experts}
 
 
 def _workspace(root: Path, tasks: list[str], settings):
@@ -121,7 +115,7 @@ def measure_structure(root: Path, tasks: list[str], settings, report=None) -> di
     ws = _workspace(root, tasks, settings)
     matrix = _matrix(ws, "private", "structure", report)
     base = base_task_losses(ws, matrix.tasks, "validation", VALIDATION_PER_TASK)
-    private = off_task(matrix, base, _expert_tasks(ws, "private"))
+    private = off_task(matrix, base)
     stats = {**structure_stats(refactor(matrix)), "off_task_ratio": private["ratio"]}
     saved = {
         **stats,
@@ -164,7 +158,7 @@ def measure_kind(root: Path, tasks: list[str], settings, kind: str, report=None)
     ws = _workspace(root, tasks, settings)
     matrix = _matrix(ws, kind, "offtask", report)
     base = [saved["base_losses"][t] for t in matrix.tasks]
-    stats = off_task(matrix, base, _expert_tasks(ws, kind))
+    stats = off_task(matrix, base)
     saved["kinds"][kind] = {k: v for k, v in stats.items() if k != "per_expert"}
     saved["off_task_per_expert"][kind] = stats["per_expert"]
     saved.setdefault("matrices", {})[kind] = matrix.to_dict()
