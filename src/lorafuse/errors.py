@@ -21,3 +21,12 @@ class LibraryMismatchError(LorafuseError):
 
 class OutputExistsError(LorafuseError):
     """The output path exists already and overwriting was not asked for."""
+
+
+class LorafuseWarning(UserWarning):
+    """Something a user would want to hear about that does not stop the command (the CLI
+    prints it as a `warning:` line): merge weights that scale the update, a capped rank."""
+
+
+class FileFormatError(LorafuseError):
+    """A file lorafuse reads is not valid JSON, or a field of it has the wrong type or value."""

@@ -9,6 +9,7 @@ Every export has scaling 1 (lora_alpha = r), so the tensors carry the experts' s
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorafuse.errors import LorafuseError
+from lorafuse.errors import LorafuseError, LorafuseWarning
 from lorafuse.formats.peft import KEY_PREFIX, METADATA_NAME, SAFETENSORS_NAME, adapter_config
 from lorafuse.io import atomic_dir
 from lorafuse.layer import base_shape, check_space
@@ -71,12 +72,32 @@ def resolve_weights(library: ExpertLibrary, weights: Weights) -> dict[str, Tenso
     return out
 
 
+def _warn_about_weights(per_module: dict[str, Tensor], space: str) -> None:
+    # Refuse weights that merge nothing; say when factors-space weights rescale the update.
+    for module, w in per_module.items():
+        if not bool((w != 0).any()):
+            raise LorafuseError(
+                f"merge weights are all zero (module {module}): the merged adapter would do "
+                "nothing; give at least one non-zero weight"
+            )
+    total = {round(float(w.sum()), 6) for w in per_module.values()}
+    if space == "factors" and any(abs(t - 1) > 1e-6 for t in total):
+        t = max(total, key=lambda v: abs(v - 1))
+        warnings.warn(
+            f"merge weights sum to {t:g}, not 1: in factors space both A and B are weighted, "
+            f"so the update scales by about the sum squared ({t * t:g}x the experts' scale); "
+            "weights that sum to 1 keep it, or use --space deltas for a linear sum",
+            LorafuseWarning,
+            stacklevel=3,
+        )
+
+
 def _vector(w, N: int) -> Tensor:
     v = torch.as_tensor(w, dtype=torch.float32).detach().cpu()
     if v.shape != (N,):
         raise LorafuseError(f"merge weights must be {N} numbers (one per expert); got {v.tolist()}")
     if not torch.isfinite(v).all():
-        raise LorafuseError(f"merge weights hold NaN or Inf: {v.tolist()}")
+        raise LorafuseError(f"merge weights hold NaN or Inf: {', '.join(map(str, v.tolist()))}")
     return v
 
 
@@ -94,13 +115,28 @@ def merge(
     if rank is not None and rank < 1:
         raise LorafuseError(f"--rank must be a positive integer; got {rank}")
     per_module = resolve_weights(library, weights)
+    if weights is not None:
+        _warn_about_weights(per_module, space)
     modules, energy = {}, {} if rank is not None else None
+    capped = []
     for name, mod in library.modules.items():
         A, B = mod.fold(per_module[name], space)  # (M, D), (O, M)
         if rank is not None:
+            if rank >= A.shape[0]:
+                capped.append((name, A.shape[0]))
             B, A, kept = truncate_product(B, A, rank)
             energy[name] = kept
         modules[name] = (A, B)
+    if capped:
+        ranks = sorted({m for _, m in capped})
+        warnings.warn(
+            f"--rank {rank} is at or above the exact rank of {len(capped)} of "
+            f"{len(library.modules)} modules (their merged deltas have rank at most "
+            f"{', '.join(map(str, ranks))}, e.g. {capped[0][0]}); those modules are exported "
+            "exactly, at their own rank",
+            LorafuseWarning,
+            stacklevel=2,
+        )
     first = next(iter(library.modules.values()))
     used = [n for n, v in zip(library.names, next(iter(per_module.values())).tolist()) if v != 0]
     tasks = sorted({t for e in library.experts if e.name in used for t in e.tasks})
@@ -177,9 +213,13 @@ def save_merged_model(
     out: str | Path,
     tokenizer: Any = None,
     force: bool = False,
+    state_dict: dict[str, Tensor] | None = None,
 ) -> Path:
-    """Save a full transformers model with `merged` folded into its weights."""
-    sd = merged_state_dict(model, merged)
+    """Save a full transformers model with `merged` folded into its weights.
+
+    `state_dict`: `merged_state_dict(model, merged)` if the caller computed it already.
+    """
+    sd = merged_state_dict(model, merged) if state_dict is None else state_dict
     with atomic_dir(out, force) as tmp:
         model.save_pretrained(str(tmp), state_dict=sd)
         if tokenizer is not None:

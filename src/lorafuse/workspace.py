@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
+from lorafuse.devices import device as resolve_device
 from lorafuse.dtypes import dtype as parse_dtype
 from lorafuse.errors import LibraryMismatchError, LorafuseError
 from lorafuse.library import ExpertLibrary
@@ -29,7 +29,7 @@ class Workspace:
 
     def __init__(self, spec: LibrarySpec, device: str | None = None, dtype: str | None = None):
         self.spec = spec
-        self.device = torch.device(device or spec.device)
+        self.device = resolve_device(device or spec.device, "device")
         self.dtype = parse_dtype(dtype or spec.dtype)
         self._libraries: dict[str, ExpertLibrary] = {}
 

@@ -206,7 +206,9 @@ def train_experts(
     from transformers import AutoTokenizer
 
     from lorafuse.data.collate import encode
+    from lorafuse.devices import device as resolve_device
 
+    device = resolve_device(str(device), "device")
     base_dir = Path(base_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     needed = sorted({t for job in jobs for t in job.tasks})

@@ -16,6 +16,18 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _options(
+    debug: bool = typer.Option(
+        False, "--debug", help="Show the Python traceback of an internal error (a bug)."
+    ),
+) -> None:
+    """Ensemble, merge and route a library of LoRA experts, and measure which is worth it."""
+    from lorafuse.cli.common import DEBUG
+
+    DEBUG["on"] = DEBUG["on"] or debug
+
+
 def _register() -> None:
     from lorafuse.cli import compare, convert, core, evaluate, methods, structure, study
 

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import typer
 
+from lorafuse.cli import options as opt
 from lorafuse.cli.common import console, parse_dtype, parse_floats, seed_everything, user_errors
 
 
 def info(
     experts: list[Path] = typer.Argument(..., help="PEFT adapter folders, or folders of them."),
-    seed: int = typer.Option(0, help="Random seed (info is deterministic; kept for symmetry)."),
+    seed: int = opt.seed(help="Random seed (info is deterministic; kept for symmetry)."),
 ) -> None:
     """Table of the experts: name, rank, alpha, scaling, target modules, parameters."""
     from rich.table import Table
@@ -36,8 +37,9 @@ def info(
                 tasks,
             )
         console.print(table)
-        console.print(f"target modules (every expert): {', '.join(lib.module_summary())}")
-        console.print(f"base model: {lib.base_model or 'not recorded'}")
+        modules = ", ".join(lib.module_summary())
+        console.print(f"target modules (every expert): {modules}", highlight=False)
+        console.print(f"base model: {lib.base_model or 'not recorded'}", highlight=False)
 
 
 def merge(
@@ -47,45 +49,70 @@ def merge(
         None, help="Comma-separated weights, one per expert (default 1/N)."
     ),
     space: str = typer.Option("factors", help="factors (A,B averaged) or deltas (B A averaged)."),
-    rank: int = typer.Option(None, help="Truncate each module's delta to this rank by SVD."),
+    rank: int = opt.count(None, help="Truncate each module's delta to this rank by SVD."),
     base: Path = typer.Option(
         None, help="Base model folder: also save a full merged transformers model."
     ),
     model_out: Path = typer.Option(None, help="Where to save the full merged model (with --base)."),
-    dtype: str = typer.Option("fp32", help="dtype of the full merged model: fp32 or bf16."),
+    dtype: str = opt.dtype("fp32", help="dtype of the full merged model: fp32 or bf16."),
     force: bool = typer.Option(False, help="Replace the output folders if they exist."),
-    seed: int = typer.Option(0, help="Random seed."),
+    seed: int = opt.seed(),
 ) -> None:
-    """Merge experts into one PEFT adapter (and optionally a full merged model)."""
+    """Merge experts into one PEFT adapter (and optionally a full merged model).
+
+    Every input and option is checked before anything is written; with --base both
+    outputs are written or neither.
+    """
     with user_errors():
         seed_everything(seed)
         from lorafuse.errors import LorafuseError
-        from lorafuse.io import check_output
+        from lorafuse.io import check_disjoint, check_output
         from lorafuse.layer import check_space
         from lorafuse.library import ExpertLibrary
         from lorafuse.merge import merge as merge_experts
         from lorafuse.merge import save_adapter, save_merged_model
 
         check_space(space)
-        check_output(out, force)
+        values = parse_floats(weights, "--weights")
         if (base is None) != (model_out is None):
             raise LorafuseError("--base and --model-out go together (both or neither)")
+        check_output(out, force, kind="dir")
         if model_out is not None:
-            check_output(model_out, force)
+            check_output(model_out, force, kind="dir")
+        check_disjoint(
+            {"--out": out, "--model-out": model_out}, {"EXPERTS": experts, "--base": base}
+        )
+        if base is not None and not (base / "config.json").is_file():
+            raise LorafuseError(
+                f"--base {base} is not a transformers model folder (no config.json); give the "
+                "folder the base model was saved to (save_pretrained)"
+            )
         lib = ExpertLibrary.load(experts)
-        merged = merge_experts(lib, parse_floats(weights, "--weights"), space, rank)
-        save_adapter(merged, out, force=force)
-        msg = f"merged {len(lib)} experts in {space} space -> {out} (rank {merged.rank})"
-        if merged.energy is not None:
-            msg += f"; spectral energy kept: min {merged.min_energy():.4f}"
-        console.print(msg)
-        if base is not None:
+        merged = merge_experts(lib, values, space, rank)
+        model = tok = state = None
+        if base is not None:  # load before writing anything: a bad base writes nothing
             from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            from lorafuse.merge import merged_state_dict
 
             model = AutoModelForCausalLM.from_pretrained(str(base), dtype=parse_dtype(dtype))
             tok = AutoTokenizer.from_pretrained(str(base)) if _has_tokenizer(base) else None
-            save_merged_model(model, merged, model_out, tokenizer=tok, force=force)
-            console.print(f"full merged model -> {model_out}")
+            state = merged_state_dict(model, merged)  # checks the merge fits this model
+        save_adapter(merged, out, force=force)
+        if model is not None:
+            try:
+                save_merged_model(model, merged, model_out, tok, force, state)
+            except BaseException:
+                import shutil
+
+                shutil.rmtree(out, ignore_errors=True)  # both outputs or neither
+                raise
+        msg = f"merged {len(lib)} experts in {space} space -> {out} (rank {merged.rank})"
+        if merged.energy is not None:
+            msg += f"; spectral energy kept: min {merged.min_energy():.4f}"
+        console.print(msg, highlight=False)
+        if model is not None:
+            console.print(f"full merged model -> {model_out}", highlight=False)
 
 
 def _has_tokenizer(path: Path) -> bool:
