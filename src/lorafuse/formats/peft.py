@@ -7,14 +7,16 @@ rsLoRA), with `rank_pattern` / `alpha_pattern` overriding r and alpha per module
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, Field
 
 from lorafuse.errors import ExpertError
+from lorafuse.formats.schema import FileModel, Finite, PositiveInt, check, one_of, read_json
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -92,56 +94,102 @@ def find_expert_dirs(paths: list[str | Path]) -> list[Path]:
     return found
 
 
+class PeftKind(FileModel):
+    """The fields of adapter_config.json that say whether it is plain LoRA (read first)."""
+
+    peft_type: str = "LORA"
+    use_dora: bool = False
+    lora_bias: bool = False
+    modules_to_save: list[str] | None = None
+
+
+def _valid_patterns(patterns: dict[str, Any] | None) -> dict[str, Any] | None:
+    for key in patterns or {}:
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise ValueError(f"key {key!r} is not a regular expression ({e})") from None
+    return patterns
+
+
+TargetModules = one_of("a list of strings, a string or null", list[str], str, None)
+Patterns = AfterValidator(_valid_patterns)
+
+
+class AdapterConfigFile(PeftKind):
+    """adapter_config.json as lorafuse reads it (PEFT writes more keys; they are kept)."""
+
+    r: PositiveInt
+    lora_alpha: Finite
+    use_rslora: bool = False
+    fan_in_fan_out: bool = False
+    rank_pattern: Annotated[dict[str, PositiveInt] | None, Patterns] = None
+    alpha_pattern: Annotated[dict[str, Finite] | None, Patterns] = None
+    target_modules: TargetModules = None
+    base_model_name_or_path: str | None = None
+
+
+class ExpertMetaFile(FileModel):
+    """lorafuse_expert.json as lorafuse reads it: the expert's tasks (other keys are kept)."""
+
+    tasks: list[str] = Field(default_factory=list)
+
+
 def read_config(path: Path) -> ExpertConfig:
-    """Read and validate `path/adapter_config.json`; refuse anything but plain LoRA."""
+    """Read and validate `path/adapter_config.json`; refuse anything but plain LoRA.
+
+    Raises ExpertError naming the file for a missing or invalid file, a field of the
+    wrong type or value (r a positive integer, lora_alpha a finite number, ...), or an
+    adapter that is not plain LoRA (DoRA, lora_bias, modules_to_save, another peft_type).
+    """
     cfg_path = path / CONFIG_NAME
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise ExpertError(f"expert {path.name}: missing {cfg_path}") from None
-    except json.JSONDecodeError as e:
-        raise ExpertError(f"expert {path.name}: {cfg_path} is not valid JSON ({e})") from None
     name = path.name
-    peft_type = str(raw.get("peft_type", "LORA")).upper()
+    if not cfg_path.is_file():
+        raise ExpertError(f"expert {name}: missing {cfg_path}")
+    raw = read_json(cfg_path, ExpertError, f"expert {name}")
+    kind = check(raw, PeftKind, cfg_path, ExpertError, f"expert {name}")
+    peft_type = kind.peft_type.upper()
     if peft_type != "LORA":
         raise ExpertError(f"expert {name}: peft_type is {peft_type}; only LoRA is supported")
-    if raw.get("use_dora"):
+    if kind.use_dora:
         raise ExpertError(
             f"expert {name}: a DoRA adapter (use_dora=true) is not plain LoRA and cannot be "
             "mixed as factors; retrain it without DoRA"
         )
-    if raw.get("lora_bias"):
+    if kind.lora_bias:
         raise ExpertError(f"expert {name}: lora_bias=true is not supported (plain LoRA only)")
-    if raw.get("modules_to_save"):
+    if kind.modules_to_save:
         raise ExpertError(
-            f"expert {name}: modules_to_save={raw['modules_to_save']} trains full modules "
+            f"expert {name}: modules_to_save={kind.modules_to_save} trains full modules "
             "besides LoRA, which cannot be mixed; use adapters without modules_to_save"
         )
-    if "r" not in raw or "lora_alpha" not in raw:
-        raise ExpertError(f"expert {name}: {cfg_path} lacks 'r' or 'lora_alpha'")
+    cfg = check(raw, AdapterConfigFile, cfg_path, ExpertError, f"expert {name}")
     return ExpertConfig(
         path=path,
-        r=int(raw["r"]),
-        lora_alpha=float(raw["lora_alpha"]),
-        use_rslora=bool(raw.get("use_rslora", False)),
-        fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
-        rank_pattern=dict(raw.get("rank_pattern") or {}),
-        alpha_pattern=dict(raw.get("alpha_pattern") or {}),
-        base_model=raw.get("base_model_name_or_path"),
-        target_modules=raw.get("target_modules"),
+        r=cfg.r,
+        lora_alpha=float(cfg.lora_alpha),
+        use_rslora=cfg.use_rslora,
+        fan_in_fan_out=cfg.fan_in_fan_out,
+        rank_pattern=dict(cfg.rank_pattern or {}),
+        alpha_pattern={k: float(v) for k, v in (cfg.alpha_pattern or {}).items()},
+        base_model=cfg.base_model_name_or_path,
+        target_modules=cfg.target_modules,
         raw=raw,
     )
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
-    """lorafuse's side file of an expert (its tasks), or {} when there is none."""
+    """lorafuse's side file of an expert (its tasks), or {} when there is none.
+
+    Raises ExpertError naming the file when it is not JSON, not an object, or its
+    `tasks` is not a list of strings.
+    """
     meta = path / METADATA_NAME
     if not meta.is_file():
         return {}
-    try:
-        return json.loads(meta.read_text())
-    except json.JSONDecodeError as e:
-        raise ExpertError(f"expert {path.name}: {meta} is not valid JSON ({e})") from None
+    raw = read_json(meta, ExpertError, f"expert {path.name}")
+    check(raw, ExpertMetaFile, meta, ExpertError, f"expert {path.name}")
+    return raw
 
 
 def parse_key(key: str, expert: str) -> tuple[str, str]:
