@@ -195,3 +195,61 @@ def test_hub_id_offline_says_how_to_fetch_it():
     # conftest sets HF_HUB_OFFLINE=1: the real huggingface_hub call fails without network.
     with pytest.raises(ExpertError, match="huggingface-cli download lorafuse-tests/no-such"):
         resolve_library("lorafuse-tests/no-such-library")
+
+
+@pytest.mark.parametrize(
+    "changes, said",
+    [
+        ({"expert_config": {"lora_rank": 4, "lora_alpha": float("nan")}},
+         "field 'expert_config.lora_alpha': expected a finite number, got NaN"),
+        ({"expert_config": {"lora_rank": "four", "lora_alpha": 16.0}},
+         "field 'expert_config.lora_rank': expected an integer, got \"four\""),
+        ({"expert_config": ["lora"]}, "field 'expert_config': expected an object"),
+        ({"expert_task_name": 3}, "field 'expert_task_name': expected a string (comma-separ"),
+        ({"expert_deleted": "no"}, "field 'expert_deleted': expected true or false"),
+        ({"expert_model": 1.5}, "field 'expert_model': expected a string, got 1.5"),
+        ({"training_config": {"model": None, "lora_alpha": float("inf")}},
+         "field 'training_config.lora_alpha': expected a finite number, got Infinity"),
+    ],
+)  # fmt: skip
+def test_bad_meta_values_are_refused_by_field(llama_dir, mttl_lib, changes, said):
+    write_mttl_expert(mttl_lib, llama_dir, "task_a", seed=1, **changes)
+    with pytest.raises(ExpertError, match="task_a.meta") as info:
+        read_library(mttl_lib)
+    assert "expert task_a" in str(info.value) and said in str(info.value)
+
+
+def test_meta_that_is_not_a_mapping(mttl_lib):
+    torch.save([1, 2], mttl_lib / "task_a.meta")
+    with pytest.raises(ExpertError, match=r"task_a\.meta: expected an object at the top level"):
+        read_library(mttl_lib)
+
+
+ESCAPING = ["..", "../escape", "/tmp/abs", "a/../../b", "a//b", "a\\b", "a\x00"]
+
+
+@pytest.mark.parametrize("name", ESCAPING)
+def test_path_escaping_names_are_refused(llama_dir, mttl_lib, tmp_path, name):
+    write_mttl_expert(mttl_lib, llama_dir, "task_a", seed=1, expert_name=name)
+    with pytest.raises(ExpertError, match="not a plain relative name") as info:
+        convert_library(read_library(mttl_lib), tmp_path / "out" / "peft")
+    assert repr(name) in str(info.value)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "escape").exists()
+
+
+def test_names_of_weights_alone_are_checked(mttl_lib, tmp_path):
+    (mttl_lib / "task_a.ckpt").rename(mttl_lib / "...ckpt")
+    with pytest.raises(ExpertError, match="'..'.*not a plain relative name"):
+        read_library(mttl_lib, alpha=16.0, use_meta=False)
+
+
+def test_sub_folder_names_stay_inside_the_output(llama_dir, mttl_lib, tmp_path):
+    write_mttl_expert(mttl_lib, llama_dir, "task_a", seed=1, expert_name="group/task_a")
+    out = tmp_path / "peft"
+    lib = read_library(mttl_lib)
+    written = convert_library(lib, out, select=["group/task_a", "cluster_0"])
+    assert written == [out / "group/task_a", out / "cluster_0"]
+    assert (out / "group/task_a/adapter_model.safetensors").is_file()
+    assert json.loads((out / "group/task_a/lorafuse_expert.json").read_text())["tasks"] == [
+        "task_a"
+    ]

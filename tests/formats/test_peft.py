@@ -78,8 +78,8 @@ def test_bad_values_are_refused_by_field(tmp_path, change, said):
 @pytest.mark.parametrize(
     "text, said",
     [
-        ("[1, 2]", "expected a JSON object at the top level, got a list [1, 2]"),
-        ("null", "expected a JSON object at the top level, got null"),
+        ("[1, 2]", "expected an object at the top level, got a list [1, 2]"),
+        ("null", "expected an object at the top level, got null"),
         ('{"r": 4, "lora_alpha": 8', "not valid JSON (empty or truncated?)"),
         ("", "not valid JSON (empty or truncated?)"),
         ('{"lora_alpha": 8}', "field 'r': missing (expected an integer)"),
@@ -107,7 +107,7 @@ def test_metadata_good_missing_and_bad(tmp_path):
     meta = '{"tasks": ["a", "b"], "kind": "private", "weights": [0.5, NaN]}'
     assert read_metadata(expert(tmp_path, meta=meta))["tasks"] == ["a", "b"]
     for text, said in [
-        ('["a"]', "expected a JSON object at the top level, got a list"),
+        ('["a"]', "expected an object at the top level, got a list"),
         ('{"tasks": "a,b"}', "field 'tasks': expected a list, got \"a,b\""),
         ('{"tasks": ["a", null]}', "field 'tasks.1': expected a string, got null"),
         ('{"tasks": ["a"', "not valid JSON"),

@@ -64,8 +64,8 @@ def test_good_file_loads_and_keeps_unknown_keys(tmp_path):
         ('{"count": 1, "grid": [[1, NaN]]}', "'grid': expected a (nested) list", "got a list"),
         ('{"count": 1, "either": 3}', "'either': expected a string or a list", "got 3"),
         ('{"scale": 1}', "'count': missing (expected an integer)", ""),
-        ("[1, 2]", "expected a JSON object at the top level", "got a list [1, 2]"),
-        ("null", "expected a JSON object at the top level", "got null"),
+        ("[1, 2]", "expected an object at the top level", "got a list [1, 2]"),
+        ("null", "expected an object at the top level", "got null"),
     ],
 )
 def test_bad_fields_name_file_field_and_value(tmp_path, text, field, shown):

@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from lorafuse.errors import ExpertError
 from lorafuse.formats.peft import KEY_PREFIX, METADATA_NAME, SAFETENSORS_NAME, adapter_config
+from lorafuse.formats.schema import FileModel, Finite, PositiveInt, check, one_of
 from lorafuse.io import atomic_dir
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -96,7 +98,7 @@ def read_library(
                 f"mttl library {folder} {why}, so the LoRA alpha is unknown; pass --alpha "
                 "(the paper's experts: 16)"
             )
-        return [MttlExpert(c.stem, c, [c.stem], alpha=alpha) for c in ckpts]
+        return [MttlExpert(safe_name(c.stem, c), c, [c.stem], alpha=alpha) for c in ckpts]
     experts: dict[str, MttlExpert] = {}
     for path in metas:
         expert = _from_meta(path, alpha)
@@ -135,11 +137,13 @@ def convert_library(
         experts = [known[n] for n in select]
     if not experts:
         raise ExpertError("the mttl library holds no expert to convert (all deleted?)")
+    for e in experts:
+        safe_name(e.name, e.meta_file or e.ckpt)
     with atomic_dir(out, force) as tmp:
         for e in experts:
             tensors, modules, rank = peft_tensors(e)
             folder = tmp / e.name
-            folder.mkdir()
+            folder.mkdir(parents=True, exist_ok=True)  # "a" after "a/b" (sub-folder experts)
             _save_tensors(tensors, folder / SAFETENSORS_NAME)
             cfg = adapter_config(rank, modules, e.base_model, lora_alpha=e.alpha)
             cfg.save_pretrained(str(folder))
@@ -195,40 +199,89 @@ def peft_tensors(expert: MttlExpert) -> tuple[dict[str, Tensor], list[str], int]
     return tensors, sorted(factors), ranks.pop()
 
 
+Tasks = one_of("a string (comma-separated tasks), a list of strings or null", str, list[str], None)
+
+
+class MttlConfig(FileModel):
+    """The LoRA settings of an mttl expert (its expert_config, or older: training_config)."""
+
+    lora_rank: PositiveInt | None = None
+    lora_alpha: Finite | None = None
+    modifier: str | None = Field(None, alias="__model_modifier__")
+    model_modifier: str | None = None
+    finetune_task_name: Tasks = None
+    model: str | None = None
+
+
+class MttlMeta(FileModel):
+    """An mttl `.meta` file as lorafuse reads it (other keys are kept and ignored)."""
+
+    expert_name: str | None = None
+    expert_task_name: Tasks = None
+    expert_model: str | None = None
+    expert_config: MttlConfig | None = None
+    training_config: MttlConfig | None = None
+    expert_deleted: bool | None = None
+
+
+def safe_name(name: str, source: Path | str) -> str:
+    """`name` when it is a relative path inside a folder (`a` or `a/b`), else ExpertError.
+
+    Refused: empty, absolute (`/x`, `C:`), `.` or `..` parts, empty parts (`a//b`), a
+    backslash or a control character; the message names the expert and `source`.
+    """
+    parts = name.split("/")
+    bad = (
+        not name
+        or name.startswith("/")
+        or re.match(r"^[A-Za-z]:", name) is not None
+        or any(p in ("", ".", "..") for p in parts)
+        or "\\" in name
+        or any(ord(c) < 32 for c in name)
+    )
+    if bad:
+        raise ExpertError(
+            f"expert {name!r} ({source}): its name is not a plain relative name (empty, "
+            "absolute, '.', '..' or empty parts, a backslash or a control character), so it "
+            "could write outside the output folder; rename the expert in its .meta"
+        )
+    return name
+
+
 def _from_meta(path: Path, alpha: float | None) -> MttlExpert | None:
     # The expert a .meta file describes, or None if it is marked deleted.
-    meta = _load(path, path.stem)
-    if not isinstance(meta, dict):
-        raise ExpertError(f"{path} is not an mttl expert's metadata (a dict); got {type(meta)}")
-    if meta.get("expert_deleted"):
+    meta = check(_load(path, path.stem), MttlMeta, path, ExpertError, f"expert {path.stem}")
+    if meta.expert_deleted:
         return None
-    name = str(meta.get("expert_name") or path.stem)
-    training = meta.get("training_config") if isinstance(meta.get("training_config"), dict) else {}
-    config = meta.get("expert_config") if isinstance(meta.get("expert_config"), dict) else {}
-    config = config or training
-    modifier = config.get("__model_modifier__", config.get("model_modifier"))
+    name = safe_name(meta.expert_name or path.stem, path)
+    training = meta.training_config or MttlConfig()
+    config = meta.expert_config or training
+    modifier = config.modifier if config.modifier is not None else config.model_modifier
     if modifier not in (None, "lora"):
         raise ExpertError(
             f"expert {name} ({path.name}) is a {modifier!r} expert, not LoRA; only LoRA "
             "experts convert to PEFT adapters"
         )
-    if alpha is None and config.get("lora_alpha") is None:
+    if alpha is None and config.lora_alpha is None:
         raise ExpertError(f"expert {name}: {path.name} records no lora_alpha; pass --alpha")
-    ckpt = next((c for c in (path.with_name(f"{name}.ckpt"), path.with_suffix(".ckpt"))
-                 if c.is_file()), None)  # fmt: skip
+    beside = [path.with_suffix(".ckpt")]
+    if "/" not in name:  # a sub-folder expert's weights lie beside its .meta, as <stem>.ckpt
+        beside.insert(0, path.with_name(f"{name}.ckpt"))
+    ckpt = next((c for c in beside if c.is_file()), None)
     if ckpt is None:
         raise ExpertError(
             f"expert {name}: {path.name} has no {name}.ckpt beside it (an incomplete "
             "download?); fetch the library again"
         )
-    tasks = meta.get("expert_task_name") or training.get("finetune_task_name") or name
+    tasks = meta.expert_task_name or training.finetune_task_name or name
+    tasks = ",".join(tasks) if isinstance(tasks, list) else tasks
     return MttlExpert(
         name=name,
         ckpt=ckpt,
-        tasks=[t.strip() for t in str(tasks).split(",") if t.strip()],
-        base_model=meta.get("expert_model") or training.get("model"),
-        rank=int(config["lora_rank"]) if config.get("lora_rank") is not None else None,
-        alpha=float(alpha if alpha is not None else config["lora_alpha"]),
+        tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+        base_model=meta.expert_model or training.model,
+        rank=config.lora_rank,
+        alpha=float(alpha if alpha is not None else config.lora_alpha),
         meta_file=path,
     )
 

@@ -174,7 +174,7 @@ def _one(err: dict[str, Any], model: type[BaseModel] | None) -> str:
     else:
         expected = err["msg"].removeprefix("Input should be ")
     if not loc and expected == "an object":
-        expected = "a JSON object at the top level"
+        expected = "an object at the top level"
     return f"{field}expected {expected}, got {show(err.get('input'))}"
 
 
