@@ -6,7 +6,15 @@ from pathlib import Path
 
 import typer
 
-from lorafuse.cli.common import console, err_console, seed_everything, user_errors
+from lorafuse.cli import options as opt
+from lorafuse.cli.common import (
+    console,
+    err_console,
+    parse_names,
+    seed_everything,
+    styled,
+    user_errors,
+)
 
 benchmark_app = typer.Typer(
     help="The built-in benchmark: a Flan-like task suite, a base model and trained experts.",
@@ -23,8 +31,8 @@ def build(
         help="tiny (8 tasks), small (32) or full (256), Flan-like (experts transfer); "
         "tiny-interference or small-interference: every task its own skill.",
     ),
-    seed: int = typer.Option(0, help="Random seed: same seed, same data, models and numbers."),
-    threads: int = typer.Option(None, help="torch CPU threads (default: the preset's, 2)."),
+    seed: int = opt.seed(help="Random seed: same seed, same data, models and numbers."),
+    threads: int = opt.count(None, help="torch CPU threads (default: the preset's, 2)."),
     evaluate: bool = typer.Option(True, help="Finish with the test-loss check (evaluation.json)."),
     force: bool = typer.Option(False, help="Delete an earlier build in --out and start over."),
 ) -> None:
@@ -63,9 +71,13 @@ def _warn_if_busy(threads: int) -> None:
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if threads > 1 and load >= 1 and load + threads > cores:
         err_console.print(
-            f"[yellow]note:[/] the CPU is busy (load {load:.1f} on {cores} cores); torch with "
-            f"{threads} threads can run several times slower on a shared CPU. --threads 1 "
-            "avoids that (its numbers may differ slightly from a build with more threads)."
+            styled(
+                "note:",
+                "yellow",
+                f"the CPU is busy (load {load:.1f} on {cores} cores); torch with {threads} "
+                "threads can run several times slower on a shared CPU. --threads 1 avoids "
+                "that (its numbers may differ slightly from a build with more threads).",
+            )
         )
 
 
@@ -176,22 +188,24 @@ def train_expert(
     data: str = typer.Option(..., help="flan-flat data: parquet/jsonl file or folder, or hub id."),
     tasks: str = typer.Option(..., help="Comma-separated task names to train on."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (a PEFT adapter)."),
-    steps: int = typer.Option(100, help="Optimizer steps."),
-    lr: float = typer.Option(3e-3, help="Peak learning rate (warm-up then cosine)."),
-    rank: int = typer.Option(4, help="LoRA rank r."),
-    alpha: float = typer.Option(16.0, help="LoRA alpha (scaling alpha / r)."),
-    dropout: float = typer.Option(0.05, help="LoRA dropout."),
-    batch_size: int = typer.Option(16, help="Examples per step."),
+    steps: int = opt.count(100, help="Optimizer steps."),
+    lr: float = opt.number(3e-3, help="Peak learning rate (warm-up then cosine).", positive=True),
+    rank: int = opt.count(4, help="LoRA rank r."),
+    alpha: float = opt.number(16.0, help="LoRA alpha (scaling alpha / r).", positive=True),
+    dropout: float = opt.probability(0.05, help="LoRA dropout."),
+    batch_size: int = opt.count(16, help="Examples per step."),
     targets: str = typer.Option(
         ",".join(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
         help="Comma-separated target module names.",
     ),
-    max_length: int = typer.Option(128, help="Longest sequence (sources cut from the left)."),
-    max_per_task: int = typer.Option(None, help="Use at most this many examples per task."),
-    threads: int = typer.Option(2, help="torch CPU threads."),
-    device: str = typer.Option("cpu", help="Where to train: cpu, cuda, cuda:1, ..."),
+    max_length: int = opt.count(
+        128, help="Longest sequence (sources cut from the left).", minimum=9
+    ),
+    max_per_task: int = opt.count(None, help="Use at most this many examples per task."),
+    threads: int = opt.count(2, help="torch CPU threads."),
+    device: str = opt.device("cpu", help="Where to train: cpu, cuda, cuda:1, ..."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
-    seed: int = typer.Option(0, help="Random seed."),
+    seed: int = opt.seed(),
 ) -> None:
     """Train one LoRA expert on some tasks; saves a standard PEFT adapter."""
     with user_errors():
@@ -201,10 +215,17 @@ def train_expert(
         from lorafuse.benchmark.train import ExpertSettings
         from lorafuse.benchmark.train import train_expert as run
         from lorafuse.data.flan import examples, load_flan
-        from lorafuse.io import check_output
+        from lorafuse.devices import device as resolve_device
+        from lorafuse.io import check_disjoint, check_output
 
-        check_output(out, force)
-        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        check_output(out, force, kind="dir")
+        resolve_device(device, "--device")
+        inputs = {"--base": base}
+        if Path(data).exists():
+            inputs["--data"] = Path(data)
+        check_disjoint({"--out": out}, inputs)
+        names = parse_names(tasks, "--tasks")
+        target_names = parse_names(targets, "--targets")
         settings = ExpertSettings(
             r=rank,
             alpha=alpha,
@@ -214,7 +235,7 @@ def train_expert(
             batch_size=batch_size,
             warmup=min(20, max(1, steps // 5)),
             max_length=max_length,
-            targets=tuple(t.strip() for t in targets.split(",")),
+            targets=tuple(target_names),
         )
         torch.set_num_threads(threads)
         _quiet_transformers()

@@ -26,12 +26,16 @@ def compare_command(
     Labels each study with its preset, design and library statistics (off-task ratio
     included). Writes compare.md and compare.json into --out."""
     with user_errors():
+        from lorafuse.io import check_disjoint, check_output
         from lorafuse.study.compare import write_compare
 
+        check_output(out, force=True, kind="dir")
+        check_disjoint({"--out": out}, {"STUDIES": studies})
         written = write_compare(studies, out)
         counts = written["comparison"]["counts"]
         console.print(", ".join(f"{k}: {n}" for k, n in counts.items()), highlight=False)
-        console.print(f"comparison: {written['compare.md']} and {written['compare.json']}")
+        md, js = written["compare.md"], written["compare.json"]
+        console.print(f"comparison: {md} and {js}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from lorafuse.cli.common import console, seed_everything, user_errors
+from lorafuse.cli import options as opt
+from lorafuse.cli.common import console, parse_names, seed_everything, user_errors
 
 
 def import_mttl(
@@ -15,12 +16,14 @@ def import_mttl(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: one PEFT adapter each."),
     experts: str = typer.Option(None, help="Comma-separated expert names (default: all)."),
-    alpha: float = typer.Option(None, help="LoRA alpha for every expert (default: its .meta)."),
+    alpha: float = opt.number(
+        None, help="LoRA alpha for every expert (default: its .meta).", positive=True
+    ),
     ignore_meta: bool = typer.Option(
         False, help="Read only the .ckpt files (tasks = names; needs --alpha)."
     ),
     force: bool = typer.Option(False, help="Replace the output folder if it exists."),
-    seed: int = typer.Option(0, help="Random seed (the conversion is deterministic)."),
+    seed: int = opt.seed(help="Random seed (the conversion is deterministic)."),
 ) -> None:
     """Convert an mttl expert library (e.g. the paper's Phi-2 Flan experts) to PEFT adapters."""
     with user_errors():
@@ -28,12 +31,13 @@ def import_mttl(
         from rich.table import Table
 
         from lorafuse.formats.mttl import convert_library, read_library, resolve_library
-        from lorafuse.io import check_output
+        from lorafuse.io import check_disjoint, check_output
 
-        check_output(out, force)
+        check_output(out, force, kind="dir")
+        select = parse_names(experts, "--experts")
         folder = resolve_library(source)
+        check_disjoint({"--out": out}, {"SOURCE": folder})
         lib = read_library(folder, alpha=alpha, use_meta=not ignore_meta)
-        select = [n.strip() for n in experts.split(",") if n.strip()] if experts else None
         written = convert_library(lib, out, select=select, force=force, source=str(source))
         by_name = {e.name: e for e in lib}
         table = Table(title=f"{len(written)} mttl experts -> PEFT adapters in {out}")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from lorafuse.cli.common import console, progress_bar, seed_everything, user_errors
+from lorafuse.cli import options as opt
+from lorafuse.cli.common import console, progress_bar, seed_everything, styled, user_errors
 
 LIBRARY_HELP = "A benchmark folder (lorafuse benchmark build) or a YAML library spec."
 
@@ -18,25 +19,60 @@ def _workspace(library: Path, device: str | None, dtype: str | None):
     return Workspace(load_spec(library), device=device, dtype=dtype)
 
 
+def setup_inputs(ws) -> dict[str, list[str]]:
+    """The local files and folders a workspace reads (its spec file, base model, data,
+    tokenizer, expert folders), labelled for `lorafuse.io.check_disjoint`."""
+    spec = ws.spec
+    inputs: dict[str, list[str]] = {}
+    for label, value in (("base_model", spec.base_model), ("data", spec.data)):
+        inputs[f"the setup's {label}"] = [spec.path(value)]
+    if spec.tokenizer:
+        inputs["the setup's tokenizer"] = [spec.path(spec.tokenizer)]
+    for kind, folder in spec.experts.items():
+        inputs[f"the {kind} experts"] = [spec.path(folder)]
+    return {k: [v for v in vs if Path(v).exists()] for k, vs in inputs.items()}
+
+
+def check_methods(ws, names: list[str], experts: str) -> None:
+    """Resolve every method name and the expert kind before any work (LorafuseError)."""
+    from lorafuse.methods.registry import resolve
+
+    for name in names:
+        resolve(name)
+    if experts not in ws.spec.experts:
+        ws.library(experts)  # raises, naming the kinds this setup has
+
+
 def eval_command(
     library: Path = typer.Option(..., help=LIBRARY_HELP),
     method: list[str] = typer.Option(..., help="Method name(s), e.g. oracle, single:<expert>."),
-    split: str = typer.Option("test", help="train, validation or test."),
+    split: str = opt.split("test"),
     experts: str = typer.Option("private", help="Which expert kind: private, mbc, ..."),
     out: Path = typer.Option(None, help="Result JSON (one method) or folder (several)."),
-    max_examples_per_task: int = typer.Option(None, help="Cap per task for quick runs."),
-    device: str = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: the spec's)."),
-    dtype: str = typer.Option(None, help="fp32 or bf16 (default: the spec's)."),
-    seed: int = typer.Option(0, help="Random seed."),
+    max_examples_per_task: int = opt.count(None, help="Cap per task for quick runs."),
+    device: str = opt.device(None, help="cpu, cuda, cuda:1 ... (default: the spec's)."),
+    dtype: str = opt.dtype(None, help="fp32 or bf16 (default: the spec's)."),
+    seed: int = opt.seed(),
 ) -> None:
-    """Per-task test loss of one or more methods, mean +- standard error over tasks."""
+    """Per-task test loss of one or more methods, mean +- standard error over tasks.
+
+    Every method is evaluated before any result is written; results replace earlier files
+    of the same name.
+    """
     with user_errors():
         seed_everything(seed)
-        from lorafuse.io import write_json
+        from lorafuse.io import check_disjoint, check_output, write_json
         from lorafuse.methods.run import evaluate_method, total_rows
         from lorafuse.report import markdown_table
 
         ws = _workspace(library, device, dtype)
+        check_methods(ws, method, experts)
+        targets = []
+        if out is not None:
+            one = len(method) == 1
+            targets = [out] if one else [out / f"{n.replace(':', '_')}.json" for n in method]
+            check_output(out, force=True, kind="file" if one else "dir")
+            check_disjoint({"--out": out}, {"--library": library, **setup_inputs(ws)})
         results = []
         for name in method:
             total = total_rows(ws, split, max_examples_per_task)
@@ -44,36 +80,40 @@ def eval_command(
                 r = evaluate_method(ws, name, split, experts, max_examples_per_task, advance)
             r.settings["seed"] = seed
             results.append(r)
-            if out is not None:
-                target = out if len(method) == 1 else out / f"{name.replace(':', '_')}.json"
-                write_json(target, r.to_dict())
+        for target, r in zip(targets, results):
+            write_json(target, r.to_dict())
         console.print(markdown_table(results), highlight=False, soft_wrap=True)
 
 
 def matrix_command(
     library: Path = typer.Option(..., help=LIBRARY_HELP),
     experts: str = typer.Option("private", help="Which expert kind: private, mbc, ..."),
-    split: str = typer.Option("validation", help="train, validation or test."),
+    split: str = opt.split("validation"),
     out: Path = typer.Option(..., help="Matrix JSON to write."),
-    max_examples_per_task: int = typer.Option(None, help="Cap per task for quick runs."),
-    rows_per_pass: int = typer.Option(256, help="Rows (examples x experts) per forward."),
+    max_examples_per_task: int = opt.count(None, help="Cap per task for quick runs."),
+    rows_per_pass: int = opt.count(256, help="Rows (examples x experts) per forward."),
     cache: Path = typer.Option(None, help="Cache folder (default: next to --out)."),
     base: bool = typer.Option(
         True, help="Also score the base model on each task (for the off-task ratio)."
     ),
-    device: str = typer.Option(None, help="cpu, cuda, ... (default: the spec's)."),
-    dtype: str = typer.Option(None, help="fp32 or bf16 (default: the spec's)."),
-    seed: int = typer.Option(0, help="Random seed."),
+    device: str = opt.device(None, help="cpu, cuda, ... (default: the spec's)."),
+    dtype: str = opt.dtype(None, help="fp32 or bf16 (default: the spec's)."),
+    seed: int = opt.seed(),
 ) -> None:
     """The expert x task loss matrix, many experts per batched forward; resumable."""
     with user_errors():
         seed_everything(seed)
+        from lorafuse.io import check_disjoint, check_output
         from lorafuse.matrix import expert_task_matrix
         from lorafuse.methods.run import total_rows
 
         ws = _workspace(library, device, dtype)
-        total = total_rows(ws, split, max_examples_per_task) * len(ws.library(experts))
+        check_output(out, force=True, kind="file")
         cache = cache or out.parent / f".{out.name}.cache"
+        check_output(cache, force=True, kind="dir")
+        outputs = {"--out": out, "--cache": cache}
+        check_disjoint(outputs, {"--library": library, **setup_inputs(ws)})
+        total = total_rows(ws, split, max_examples_per_task) * len(ws.library(experts))
         with progress_bar(total, f"matrix {experts}/{split}") as advance:
             m = expert_task_matrix(
                 ws, experts, split, max_examples_per_task, rows_per_pass, cache, advance
@@ -92,26 +132,30 @@ def fit_command(
     library: Path = typer.Option(..., help=LIBRARY_HELP),
     method: list[str] = typer.Option(..., help="Method(s) to fit, e.g. ensemble-exact."),
     experts: str = typer.Option("private", help="Which expert kind: private, mbc, ..."),
-    max_examples_per_task: int = typer.Option(None, help="Cap per task of the training data."),
-    epochs: int = typer.Option(None, help="Epochs of SGD-trained methods (default per method)."),
-    lr: list[float] = typer.Option(None, help="Learning rate(s); several form the grid."),
-    batch_size: int = typer.Option(None, help="Examples per optimizer step."),
-    max_steps: int = typer.Option(
+    max_examples_per_task: int = opt.count(None, help="Cap per task of the training data."),
+    epochs: int = opt.count(None, help="Epochs of SGD-trained methods (default per method)."),
+    lr: list[float] = opt.number(
+        None, help="Learning rate(s); several form the grid.", positive=True
+    ),
+    batch_size: int = opt.count(None, help="Examples per optimizer step."),
+    max_steps: int = opt.count(
         None, help="Step cap of SGD; without --epochs, no epoch budget (until a plateau)."
     ),
-    patience: int = typer.Option(
+    patience: int = opt.count(
         None, help="Stop SGD after this many validations without improvement (a plateau)."
     ),
-    eval_every: int = typer.Option(None, help="Steps between validations (default: an epoch)."),
-    min_delta: float = typer.Option(
-        None, help="Relative improvement a validation must make to count (default 0.001)."
+    eval_every: int = opt.count(None, help="Steps between validations (default: an epoch)."),
+    min_delta: float = opt.number(
+        None,
+        help="Relative improvement a validation must make to count (default 0.001).",
+        nonneg=True,
     ),
     objective: str = typer.Option(
         None, help="SGD training loss: task (task-balanced, the default) or token (the paper's)."
     ),
-    device: str = typer.Option(None, help="cpu, cuda, ... (default: the spec's)."),
-    dtype: str = typer.Option(None, help="fp32 or bf16 (default: the spec's)."),
-    seed: int = typer.Option(0, help="Random seed."),
+    device: str = opt.device(None, help="cpu, cuda, ... (default: the spec's)."),
+    dtype: str = opt.dtype(None, help="fp32 or bf16 (default: the spec's)."),
+    seed: int = opt.seed(),
 ) -> None:
     """Fit methods' coefficients and save them under the setup's fits/ folder.
 
@@ -124,6 +168,7 @@ def fit_command(
         from lorafuse.methods.run import fit_method
 
         ws = _workspace(library, device, dtype)
+        check_methods(ws, method, experts)
         options = {
             "max_examples_per_task": max_examples_per_task,
             "epochs": epochs,
@@ -146,7 +191,7 @@ def fit_command(
             with console.status(f"fitting {name} over the {experts} experts"):
                 fit = fit_method(ws, name, experts, mine)
             shown = {k: v for k, v in fit.payload.items() if isinstance(v, (int, float, str))}
-            console.print(f"[bold]{name}[/]: {shown}", highlight=False)
+            console.print(styled(f"{name}:", "bold", str(shown)), highlight=False)
 
 
 def table_command(
@@ -163,17 +208,18 @@ def refactor_command(
     matrix: Path = typer.Argument(..., help="A matrix JSON from `lorafuse matrix`."),
     out: Path = typer.Option(..., help="Output folder: refactor.json and the greedy plot."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
-    seed: int = typer.Option(0, help="Random seed (the analysis is deterministic)."),
+    seed: int = opt.seed(help="Random seed (the analysis is deterministic)."),
 ) -> None:
     """Ranking, greedy task-level selection curve and plot from an expert x task matrix."""
     with user_errors():
         seed_everything(seed)
-        from lorafuse.io import atomic_dir, check_output, write_json
+        from lorafuse.io import atomic_dir, check_disjoint, check_output, write_json
         from lorafuse.matrix import LossMatrix
         from lorafuse.select.refactor import PLOT, REPORT, refactor
         from lorafuse.study.figures import plot_greedy
 
-        check_output(out, force)
+        check_output(out, force, kind="dir")
+        check_disjoint({"--out": out}, {"MATRIX": matrix})
         r = refactor(LossMatrix.load(matrix))
         oracle = r["target_loss"] if r["target"] == "private oracle" else None
         with atomic_dir(out, force) as tmp:

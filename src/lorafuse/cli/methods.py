@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lorafuse.cli.common import console, user_errors
+from lorafuse.cli.common import console, styled, user_errors
 
 
 def methods_command(
@@ -18,7 +18,7 @@ def methods_command(
             name = m.name + (":<arg>" if m.needs_arg else "")
             fit = f"fit by {m.fitted_by}" if m.fitted_by else ("fitted" if m.fit else "no fit")
             console.print(
-                f"[bold]{name}[/] ({m.role}; {m.cost.describe()}; {fit}): {m.description}",
+                styled(name, "bold", f"({m.role}; {m.cost.describe()}; {fit}): {m.description}"),
                 highlight=False,
                 soft_wrap=True,
             )

@@ -27,20 +27,34 @@ SPLITS = ("train", "validation", "test")
 SEED_MAX = 2**32 - 1
 
 
+def _whole(low: int, high: int | None, what: str):
+    def check(value):
+        if isinstance(value, (list, tuple)):
+            return type(value)(check(v) for v in value)
+        if value is not None and (value < low or (high is not None and value > high)):
+            where = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise typer.BadParameter(f"{value} is not {what} {where}")
+        return value
+
+    return check
+
+
 def count(default: Any, *decls: str, help: str, minimum: int = 1) -> Any:
     """A whole-number option that must be >= `minimum` (1 unless said otherwise)."""
-    return typer.Option(default, *decls, min=minimum, help=help)
+    return typer.Option(default, *decls, callback=_whole(minimum, None, "a count"), help=help)
 
 
 def seed(default: Any = 0, *decls: str, help: str = "Random seed.") -> Any:
     """A random seed: a whole number in [0, 2**32 - 1]."""
-    return typer.Option(default, *decls, min=0, max=SEED_MAX, help=help)
+    return typer.Option(default, *decls, callback=_whole(0, SEED_MAX, "a seed"), help=help)
 
 
 def number(default: Any, *decls: str, help: str, positive: bool = False, nonneg: bool = False):
     """A finite float option; `positive` asks for > 0, `nonneg` for >= 0."""
 
-    def check(value: float | None) -> float | None:
+    def check(value):
+        if isinstance(value, (list, tuple)):  # a repeatable option: check each value
+            return type(value)(check(v) for v in value)
         if value is None:
             return value
         if not math.isfinite(value):

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import typer
 
-from lorafuse.cli.common import console, err_console, seed_everything, user_errors
+from lorafuse.cli import options as opt
+from lorafuse.cli.common import (
+    console,
+    err_console,
+    parse_names,
+    seed_everything,
+    styled,
+    user_errors,
+)
 
 
 def study_command(
@@ -17,10 +25,10 @@ def study_command(
     config: Path = typer.Option(None, help="A study config (YAML) instead of a preset."),
     out: Path = typer.Option(Path("runs/study"), "--out", "-o", help="The study's folder."),
     methods: str = typer.Option(None, help="Comma-separated subset of the config's methods."),
-    max_examples_per_task: int = typer.Option(None, help="Cap every stage's examples per task."),
-    device: str = typer.Option(None, help="cpu, cuda, ... (default: the config's)."),
-    dtype: str = typer.Option(None, help="fp32 or bf16 (default: the config's)."),
-    seed: int = typer.Option(
+    max_examples_per_task: int = opt.count(None, help="Cap every stage's examples per task."),
+    device: str = opt.device(None, help="cpu, cuda, ... (default: the config's)."),
+    dtype: str = opt.dtype(None, help="fp32 or bf16 (default: the config's)."),
+    seed: int = opt.seed(
         None, help="Random seed: the build's, and the fits' without seeds (default: config's, 0)."
     ),
     seeds: str = typer.Option(
@@ -51,7 +59,7 @@ def study_command(
         from lorafuse.study.headline import headline
         from lorafuse.study.runner import StudyRun, run_study
 
-        names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+        names = parse_names(methods, "--methods")
         with _Bars() as bar:
             run = StudyRun(cfg, out, names, max_examples_per_task, bar)
             results = run_study(run)
@@ -64,17 +72,24 @@ def study_command(
             console.print(f"robust claims over {len(results['seeds'])} seeds: {line}")
         failed = [m["name"] for m in results["methods"] if m.get("status") == "failed"]
         if failed:
-            err_console.print(f"[yellow]failed methods (see results.json):[/] {failed}")
-        console.print(f"report: {out / 'report.md'} and {out / 'report.html'}")
+            err_console.print(
+                styled("failed methods (see results.json):", "yellow", ", ".join(failed))
+            )
+        console.print(f"report: {out / 'report.md'} and {out / 'report.html'}", highlight=False)
 
 
 def _seeds(text: str) -> list[int]:
+    from lorafuse.cli.options import SEED_MAX
     from lorafuse.errors import LorafuseError
 
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise LorafuseError(f"--seeds must be comma-separated integers; got {text!r}") from None
+    bad = [s for s in seeds if not 0 <= s <= SEED_MAX]
+    if bad or not seeds:
+        raise LorafuseError(f"--seeds must be whole numbers in [0, {SEED_MAX}]; got {text!r}")
+    return seeds
 
 
 class _Bars:
@@ -90,7 +105,7 @@ class _Bars:
         )
 
         columns = (
-            TextColumn("{task.description:<34}"),
+            TextColumn("{task.description:<34}", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
@@ -126,7 +141,7 @@ class _Bars:
             self.current = None
         self.bar.advance(self.overall, 1)
         note = "cached" if cached else "done"
-        self.bar.console.print(f"[dim]{note}[/] {stage}", highlight=False)
+        self.bar.console.print(styled(note, "dim", stage), highlight=False)
 
 
 def _quiet_transformers() -> None:

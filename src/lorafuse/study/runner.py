@@ -56,9 +56,10 @@ def run_study(run: StudyRun) -> dict[str, Any]:
     from lorafuse.study.render import render
 
     cfg, out, bar = run.config, Path(run.out), run.progress
-    out.mkdir(parents=True, exist_ok=True)
     methods = _selected(cfg, run.methods)
     caps = _caps(cfg, run.max_examples_per_task)
+    _preflight(cfg, out)
+    out.mkdir(parents=True, exist_ok=True)
     seeds = cfg.seed_list()
     bar.plan(_plan(cfg, methods, seeds))
     threads = torch.get_num_threads()
@@ -147,6 +148,26 @@ def _selected(cfg: StudyConfig, names: list[str] | None) -> list[MethodConfig]:
             f"--methods names {unknown} not in the study config; it has {sorted(known)}"
         )
     return [m for m in methods if m.name in names]
+
+
+def _preflight(cfg: StudyConfig, out: Path) -> None:
+    """Check what can be checked before the study writes anything (LorafuseError)."""
+    from lorafuse.devices import device
+    from lorafuse.dtypes import dtype
+    from lorafuse.io import check_output
+
+    check_output(out, force=True, kind="dir")
+    if cfg.device is not None:
+        device(cfg.device, "device")
+    if cfg.dtype is not None:
+        dtype(cfg.dtype, "dtype")
+    if cfg.build is None:
+        from lorafuse.spec import load_spec
+
+        for seed in cfg.seed_list()[:1] if not cfg.build_per_seed else cfg.seed_list():
+            load_spec(cfg.library_path(seed))  # names a missing or unreadable library
+    else:
+        check_output(cfg.library_path(cfg.seed), force=True, kind="dir")
 
 
 def _caps(cfg: StudyConfig, cap: int | None) -> dict[str, int | None]:
