@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -43,9 +45,41 @@ def test_cache_resumes(mini_bench, tmp_path):
     assert len(sorted(tmp_path.rglob("chunk_*.pt"))) == 3
 
 
-def test_bad_matrix_file(tmp_path):
-    (tmp_path / "bad.json").write_text('{"experts": ["a"], "tasks": ["t"], "losses": [[1, 2]]}')
-    with pytest.raises(LorafuseError, match="lorafuse matrix file|shape"):
+GOOD = {"experts": ["a", "b"], "tasks": ["t"], "losses": [[1.0], [2]], "n_examples": [3]}
+
+
+def test_matrix_file_round_trip_with_base(tmp_path):
+    (tmp_path / "m.json").write_text(json.dumps({**GOOD, "base": [1.5], "meta": {"x": None}}))
+    m = LossMatrix.load(tmp_path / "m.json")
+    assert m.losses.tolist() == [[1.0], [2.0]] and m.base == [1.5] and m.own == {}
+
+
+@pytest.mark.parametrize(
+    "text, said",
+    [
+        ('{"experts": ["a"], "tasks": ["t"], "losses": [[1, 2]]}', "'n_examples': missing"),
+        (json.dumps({**GOOD, "losses": [[1.0], [2.0, 3.0]]}), "'losses': expected [1, 1]"),
+        (json.dumps({**GOOD, "losses": [[1.0]]}), "'losses': expected [1, 1]"),
+        (json.dumps({**GOOD, "losses": [[1.0], [float("nan")]]}), "'losses.1.0': expected a fin"),
+        (json.dumps({**GOOD, "losses": [[1.0], ["2"]]}), "'losses.1.0': expected a number"),
+        (json.dumps({**GOOD, "losses": [[1.0], None]}), "'losses.1': expected a list, got null"),
+        (json.dumps({**GOOD, "n_examples": [-1]}), "'n_examples.0': expected a number >= 0"),
+        (json.dumps({**GOOD, "n_examples": [1, 2]}), "'n_examples': expected 1 value(s)"),
+        (json.dumps({**GOOD, "base": [float("inf")]}), "'base.0': expected a finite number"),
+        (json.dumps({**GOOD, "base": [1.0, 2.0]}), "'base': expected 1 value(s)"),
+        (json.dumps({**GOOD, "experts": "a,b"}), "'experts': expected a list"),
+        (json.dumps({**GOOD, "own": {"t": 1}}), "'own.t': expected a string, got 1"),
+        ("[1, 2]", "expected an object at the top level"),
+        (json.dumps(GOOD)[:30], "is not valid JSON (empty or truncated?)"),
+    ],
+)
+def test_bad_matrix_file(tmp_path, text, said):
+    (tmp_path / "bad.json").write_text(text)
+    with pytest.raises(LorafuseError, match="matrix file") as info:
         LossMatrix.load(tmp_path / "bad.json")
+    assert str(tmp_path / "bad.json") in str(info.value) and said in str(info.value)
+
+
+def test_missing_matrix_file(tmp_path):
     with pytest.raises(LorafuseError, match="does not exist"):
         LossMatrix.load(tmp_path / "none.json")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,10 +9,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from lorafuse.cache import expert_target_logprobs
-from lorafuse.errors import LorafuseError
+from lorafuse.errors import FileFormatError, LorafuseError
+from lorafuse.formats.schema import Count, FileModel, Finite, check, read_json
 from lorafuse.io import write_json
 
 
@@ -34,6 +35,18 @@ def as_loss_matrix(L, what: str = "loss matrix") -> np.ndarray:
             "re-evaluate that expert or drop the task"
         )
     return M
+
+
+class MatrixFile(FileModel):
+    """A matrix file as `LossMatrix.load` reads it (see `LossMatrix.to_dict`)."""
+
+    experts: list[str]
+    tasks: list[str]
+    losses: list[list[Finite]]  # (N, T)
+    n_examples: list[Count]  # (T,)
+    own: dict[str, str] = Field(default_factory=dict)
+    meta: dict[str, Any] = Field(default_factory=dict)
+    base: list[Finite] | None = None  # (T,)
 
 
 @dataclass
@@ -71,23 +84,32 @@ class LossMatrix:
 
     @classmethod
     def load(cls, path: str | Path) -> LossMatrix:
-        """Read a matrix file; raises LorafuseError for a malformed one."""
-        try:
-            d = json.loads(Path(path).read_text())
-            losses = torch.tensor(d["losses"], dtype=torch.float64)
-            m = cls(losses, d["experts"], d["tasks"], d["n_examples"], d.get("own", {}))
-            m.meta = d.get("meta", {})
-            m.base = [float(x) for x in d["base"]] if d.get("base") is not None else None
-        except FileNotFoundError:
-            raise LorafuseError(f"matrix file {path} does not exist") from None
-        except (KeyError, ValueError, TypeError) as e:
-            raise LorafuseError(f"{path} is not a lorafuse matrix file ({e})") from None
-        if tuple(losses.shape) != (len(m.experts), len(m.tasks)):
-            raise LorafuseError(f"{path}: losses shape {tuple(losses.shape)} != experts x tasks")
-        if not torch.isfinite(losses).all():
-            raise LorafuseError(f"{path}: the loss matrix holds NaN or Inf")
-        if m.base is not None and len(m.base) != len(m.tasks):
-            raise LorafuseError(f"{path}: {len(m.base)} base losses for {len(m.tasks)} tasks")
+        """Read a matrix file; raises LorafuseError (FileFormatError) naming the file and
+        the field for a missing, truncated or malformed one."""
+        return cls.from_dict(read_json(path, what="matrix file"), path)
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str | Path) -> LossMatrix:
+        """Inverse of `to_dict`, checked: typed fields, finite losses, consistent shapes.
+
+        Raises FileFormatError naming `source` (the file `d` was read from) and the field.
+        """
+        f = check(d, MatrixFile, source, what="matrix file")
+        N, T = len(f.experts), len(f.tasks)
+        sizes = {
+            "losses": ([len(r) for r in f.losses], [T] * N),  # one row of T per expert
+            "n_examples": (len(f.n_examples), T),
+            "base": (T if f.base is None else len(f.base), T),
+        }
+        for name, (got, want) in sizes.items():
+            if got != want:
+                raise FileFormatError(
+                    f"matrix file: {source}: field {name!r}: expected {want} value(s) for "
+                    f"{N} experts x {T} tasks, got {got}"
+                )
+        losses = torch.tensor(f.losses, dtype=torch.float64).reshape(N, T)
+        m = cls(losses, f.experts, f.tasks, f.n_examples, f.own, f.meta)
+        m.base = None if f.base is None else [float(x) for x in f.base]
         return m
 
     def own_tasks(self) -> list[set[int]]:

@@ -88,7 +88,8 @@ def read_json(
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        cut = " (empty or truncated?)" if e.pos >= len(text.rstrip()) else ""
+        ends = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")
+        cut = " (empty or truncated?)" if ends else ""
         raise error(
             f"{where} is not valid JSON{cut}: {e.msg} at line {e.lineno}, column {e.colno}"
         ) from None
