@@ -57,5 +57,5 @@ def test_summarize_per_task_then_over_tasks():
         summarize(sums, torch.tensor([2, 0, 3, 1]), ["a", "a", "b", "c"], "m", "test")
     with pytest.raises(LorafuseError, match="no examples"):
         summarize(torch.zeros(0), torch.zeros(0), [], "m", "test")
-    with pytest.raises(LorafuseError, match="lacks"):
+    with pytest.raises(LorafuseError, match="field 'split': missing"):
         Result.from_dict({"method": "x"})

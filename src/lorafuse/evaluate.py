@@ -10,13 +10,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
 from lorafuse.errors import LorafuseError
+from lorafuse.formats.schema import Count, FileModel, check
 
 IGNORE = -100
 
@@ -75,21 +78,34 @@ class Result:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Result:
-        """Inverse of `to_dict`; raises LorafuseError naming a missing key."""
-        missing = [k for k in ("method", "split", "mean", "se", "per_task") if k not in d]
-        if missing:
-            raise LorafuseError(f"result file lacks {missing}; was it written by lorafuse eval?")
+    def from_dict(cls, d: Any, source: str | Path = "result") -> Result:
+        """Inverse of `to_dict`; raises FileFormatError naming `source` (the file `d` was
+        read from) and the missing or mistyped field."""
+        f = check(d, ResultFile, source, what="result file")
         return cls(
-            method=d["method"],
-            split=d["split"],
-            mean=float(d["mean"]),
-            se=float(d["se"]),
-            n_tasks=int(d.get("n_tasks", len(d["per_task"]))),
-            token_mean=float(d.get("token_mean", float("nan"))),
+            method=f.method,
+            split=f.split,
+            mean=float(f.mean),
+            se=float(f.se),
+            n_tasks=len(f.per_task) if f.n_tasks is None else f.n_tasks,
+            token_mean=float(f.token_mean),
             per_task=d["per_task"],
-            settings=d.get("settings", {}),
+            settings=f.settings,
         )
+
+
+class ResultFile(FileModel):
+    """A result file as `Result.from_dict` reads it. Losses may be NaN (lorafuse writes
+    what a diverged method gave) but are numbers."""
+
+    method: str
+    split: str
+    mean: float
+    se: float
+    n_tasks: Count | None = None
+    token_mean: float = math.nan
+    per_task: dict[str, dict[str, float]]
+    settings: dict[str, Any] = Field(default_factory=dict)
 
 
 def standard_error(values: Sequence[float]) -> float:

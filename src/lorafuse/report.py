@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from lorafuse.errors import LorafuseError
 from lorafuse.evaluate import Result
+from lorafuse.formats.schema import read_json
 
 
 def load_results(paths: Sequence[str | Path]) -> list[Result]:
-    """Read result JSON files (folders are searched for *.json); raises LorafuseError."""
+    """Read result JSON files (folders are searched for *.json); raises LorafuseError for
+    a missing path and FileFormatError naming the file and field for a malformed one."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -20,14 +21,7 @@ def load_results(paths: Sequence[str | Path]) -> list[Result]:
             files.append(p)
         else:
             raise LorafuseError(f"result file {p} does not exist")
-    out = []
-    for f in files:
-        try:
-            out.append(Result.from_dict(json.loads(f.read_text())))
-        except json.JSONDecodeError as e:
-            raise LorafuseError(f"{f} is not JSON ({e})") from None
-        except LorafuseError as e:
-            raise LorafuseError(f"{f}: {e}") from None
+    out = [Result.from_dict(read_json(f, what="result file"), f) for f in files]
     if not out:
         raise LorafuseError(f"no result files found in {', '.join(map(str, paths))}")
     return out
