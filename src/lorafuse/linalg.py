@@ -32,3 +32,26 @@ def truncate_product(B: Tensor, A: Tensor, k: int) -> tuple[Tensor, Tensor, floa
     kept = float((S[:k].double() ** 2).sum())
     root = S[:k].sqrt()  # (k,)
     return U[:, :k] * root, root[:, None] * Vh[:k], (kept / total if total > 0 else 1.0)
+
+
+def truncate_dense(M: Tensor, k: int | None = None) -> tuple[Tensor, Tensor, float | None]:
+    """Factors of a dense M (O, D) by its SVD: returns (B (O, k), A (k, D), energy kept).
+
+    `k` None keeps the numerical rank of M (singular values above S_max * max(O, D) *
+    eps, torch.linalg.matrix_rank's rule), so B @ A equals M up to fp32 rounding, at
+    most min(O, D) columns, and the energy is None (nothing dropped). A zero M gives a
+    zero pair of rank 1. The SVD is fp32 and costs O(O D min(O, D)).
+    """
+    O, D = M.shape
+    U, S, Vh = torch.linalg.svd(M.float(), full_matrices=False)  # (O, P), (P,), (P, D)
+    if k is None:
+        tol = float(S[0]) * max(O, D) * torch.finfo(S.dtype).eps if S.numel() else 0.0
+        k, energy = int((tol < S).sum()), None
+    else:
+        k = min(k, S.numel())
+        total = float((S.double() ** 2).sum())
+        energy = float((S[:k].double() ** 2).sum()) / total if total > 0 else 1.0
+    if k == 0:
+        return torch.zeros(O, 1), torch.zeros(1, D), energy
+    root = S[:k].sqrt()  # (k,)
+    return U[:, :k] * root, root[:, None] * Vh[:k], energy
