@@ -27,6 +27,30 @@ SPLITS = ("train", "validation", "test")
 SEED_MAX = 2**32 - 1
 
 
+def _kind(check, kind: str):
+    # Each check names its kind of value: the CLI's tests find every option by it.
+    check.kind = kind
+    return check
+
+
+def _as_int(text) -> int:
+    if isinstance(text, int):
+        return text
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a whole number") from None
+
+
+def _as_float(text) -> float:
+    if isinstance(text, (int, float)):
+        return float(text)
+    try:
+        return float(str(text).strip())
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a number") from None
+
+
 def _whole(low: int, high: int | None, what: str):
     def check(value):
         if isinstance(value, (list, tuple)):
@@ -36,17 +60,19 @@ def _whole(low: int, high: int | None, what: str):
             raise typer.BadParameter(f"{value} is not {what} {where}")
         return value
 
-    return check
+    return _kind(check, what.split()[-1])
 
 
 def count(default: Any, *decls: str, help: str, minimum: int = 1) -> Any:
     """A whole-number option that must be >= `minimum` (1 unless said otherwise)."""
-    return typer.Option(default, *decls, callback=_whole(minimum, None, "a count"), help=help)
+    check = _whole(minimum, None, "a count")
+    return typer.Option(default, *decls, parser=_as_int, callback=check, help=help)
 
 
 def seed(default: Any = 0, *decls: str, help: str = "Random seed.") -> Any:
     """A random seed: a whole number in [0, 2**32 - 1]."""
-    return typer.Option(default, *decls, callback=_whole(0, SEED_MAX, "a seed"), help=help)
+    check = _whole(0, SEED_MAX, "a seed")
+    return typer.Option(default, *decls, parser=_as_int, callback=check, help=help)
 
 
 def number(default: Any, *decls: str, help: str, positive: bool = False, nonneg: bool = False):
@@ -65,7 +91,8 @@ def number(default: Any, *decls: str, help: str, positive: bool = False, nonneg:
             raise typer.BadParameter(f"{value:g} must be 0 or more")
         return value
 
-    return typer.Option(default, *decls, callback=check, help=help)
+    kind = "positive" if positive else "nonneg" if nonneg else "number"
+    return typer.Option(default, *decls, parser=_as_float, callback=_kind(check, kind), help=help)
 
 
 def probability(default: Any, *decls: str, help: str, one: bool = False) -> Any:
@@ -80,7 +107,8 @@ def probability(default: Any, *decls: str, help: str, one: bool = False) -> Any:
             raise typer.BadParameter(f"{value} is not a probability in {where}")
         return value
 
-    return typer.Option(default, *decls, callback=check, help=help)
+    check = _kind(check, "probability")
+    return typer.Option(default, *decls, parser=_as_float, callback=check, help=help)
 
 
 def _choice(allowed: tuple[str, ...], what: str):
@@ -89,7 +117,7 @@ def _choice(allowed: tuple[str, ...], what: str):
             raise typer.BadParameter(f"{value!r} is not a {what}; choose {', '.join(allowed)}")
         return value
 
-    return check
+    return _kind(check, what)
 
 
 def device(default: Any = None, *decls: str, help: str = "cpu, cuda, cuda:1, ...") -> Any:
@@ -102,7 +130,7 @@ def device(default: Any = None, *decls: str, help: str = "cpu, cuda, cuda:1, ...
             )
         return value
 
-    return typer.Option(default, *decls, callback=check, help=help)
+    return typer.Option(default, *decls, callback=_kind(check, "device"), help=help)
 
 
 def dtype(default: Any = None, *decls: str, help: str = "fp32 or bf16.") -> Any:

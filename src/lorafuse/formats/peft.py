@@ -84,7 +84,9 @@ def find_expert_dirs(paths: list[str | Path]) -> list[Path]:
             continue
         if not p.exists():
             raise ExpertError(f"expert path {p} does not exist")
-        children = sorted(c for c in p.iterdir() if is_expert_dir(c)) if p.is_dir() else []
+        # hidden names are skipped: temporary folders of a writer, .git, caches
+        visible = sorted(c for c in p.iterdir() if not c.name.startswith(".")) if p.is_dir() else []
+        children = [c for c in visible if is_expert_dir(c)]
         if not children:
             raise ExpertError(
                 f"{p} is not a PEFT adapter folder (no {CONFIG_NAME}) and holds no adapter "
