@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -112,3 +113,63 @@ def test_load_errors(llama_dir, llama_experts, tmp_path):
         load_routed(model, out)
     fusion = load_routed(model, out, library=ExpertLibrary.load([moved]))
     assert len(fusion.layers) == 14
+
+
+@pytest.mark.parametrize(
+    "change, said",
+    [
+        ({"space": "both"}, "field 'space': expected 'factors' or 'deltas', got \"both\""),
+        ({"router": 3}, "field 'router': expected 'arrow' or 'linear', got 3"),
+        ({"top_k": 0}, "field 'top_k': expected a number > 0, got 0"),
+        ({"top_k": "2"}, "field 'top_k': expected an integer, got \"2\""),
+        ({"absolute": "no"}, "field 'absolute': expected true or false"),
+        ({"experts": [{"name": "e0"}]}, "field 'experts.0.path': missing (expected a string)"),
+        ({"experts": "e0,e1"}, "field 'experts': expected a list"),
+        ({"modules": None}, "field 'modules': expected a list, got null"),
+        ({"router": "arrow", "temperature": None}, "field 'temperature': arrow routers need"),
+        ({"router": "arrow", "temperature": float("nan")}, "'temperature': expected a finite"),
+    ],
+)
+def test_bad_routed_json_names_file_and_field(llama_dir, llama_experts, tmp_path, change, said):
+    model = load_base(llama_dir)
+    fusion = attach(model, ExpertLibrary.load(llama_experts), "factors")
+    _trained_like(fusion)
+    out = save_routed(fusion, tmp_path / "routed")
+    fusion.detach()
+    config = json.loads((out / CONFIG_NAME).read_text())
+    (out / CONFIG_NAME).write_text(json.dumps({**config, **change}))
+    with pytest.raises(LorafuseError, match="routed.json") as info:
+        load_routed(model, out)
+    assert said in str(info.value)
+    assert not any(hasattr(m, "mixer") for m in model.modules())  # nothing left attached
+
+
+def test_broken_routed_files(llama_dir, llama_experts, tmp_path):
+    model = load_base(llama_dir)
+    fusion = attach(model, ExpertLibrary.load(llama_experts), "factors")
+    _trained_like(fusion)
+    out = save_routed(fusion, tmp_path / "routed")
+    fusion.detach()
+    text = (out / CONFIG_NAME).read_text()
+    for bad, said in [
+        (text[:50], "not valid JSON (empty or truncated?)"),
+        ("[1]", "is not a lorafuse-routed v1 file"),
+        (json.dumps({**json.loads(text), "version": 2}), "version 2"),
+    ]:
+        (out / CONFIG_NAME).write_text(bad)
+        with pytest.raises(LorafuseError, match=re.escape(said)):
+            load_routed(model, out)
+    (out / CONFIG_NAME).write_text(text)
+    routers = (out / "routers.safetensors").read_bytes()
+    (out / "routers.safetensors").write_bytes(routers[:100])
+    with pytest.raises(LorafuseError, match="routers.safetensors is not a readable safetensors"):
+        load_routed(model, out)
+    from safetensors.torch import load_file, save_file
+
+    (out / "routers.safetensors").write_bytes(routers)
+    state = load_file(str(out / "routers.safetensors"))
+    save_file({k: v for k, v in state.items() if not k.endswith(".bias")}, str(out / "r.st"))
+    (out / "r.st").replace(out / "routers.safetensors")
+    with pytest.raises(LorafuseError, match=r"router needs tensors \['weight', 'bias'\]"):
+        load_routed(model, out)
+    assert not any(hasattr(m, "mixer") for m in model.modules())

@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from lorafuse.errors import LorafuseError
+from lorafuse.formats.schema import FileModel, Finite, PositiveInt, check, read_json
 from lorafuse.io import atomic_dir
 from lorafuse.library import ExpertLibrary
 from lorafuse.mixers.routers import ArrowRouter, LinearRouter, set_top_k
@@ -90,22 +92,49 @@ def save_routed(
     return Path(out)
 
 
+class RoutedExpert(FileModel):
+    """One expert of a routed model: its name and folder."""
+
+    name: str
+    path: str
+
+
+class RoutedFile(FileModel):
+    """routed.json as `load_routed` reads it (see `save_routed`)."""
+
+    format: Literal[FORMAT]
+    version: Literal[VERSION]
+    space: Literal["factors", "deltas"]
+    router: Literal["arrow", "linear"]
+    top_k: PositiveInt | None = None
+    temperature: Annotated[Finite, Field(gt=0)] | None = None
+    absolute: bool | None = None
+    experts: list[RoutedExpert]
+    base_model: str | None = None
+    modules: list[str]
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _arrow_has_temperature(self) -> RoutedFile:
+        if self.router == "arrow" and self.temperature is None:
+            raise ValueError("field 'temperature': arrow routers need one (a number > 0)")
+        return self
+
+
 def read_routed(folder: str | Path) -> dict[str, Any]:
-    """The routed.json of `folder`; raises LorafuseError when it is missing or not ours."""
+    """The routed.json of `folder`; raises LorafuseError when it is missing or not ours,
+    and FileFormatError naming the file and field when a field is missing or mistyped."""
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise LorafuseError(f"{folder} is not a routed model folder ({CONFIG_NAME} is missing)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    config = read_json(path, what="routed model")
+    head = config if isinstance(config, dict) else {}
+    if head.get("format") != FORMAT or head.get("version") != VERSION:
         raise LorafuseError(
-            f"{path} is not valid JSON ({e}); save the routed model again"
-        ) from None
-    if config.get("format") != FORMAT or config.get("version") != VERSION:
-        raise LorafuseError(
-            f"{path} is not a {FORMAT} v{VERSION} file (format {config.get('format')!r}, "
-            f"version {config.get('version')!r})"
+            f"{path} is not a {FORMAT} v{VERSION} file (format {head.get('format')!r}, "
+            f"version {head.get('version')!r})"
         )
+    check(config, RoutedFile, path, what="routed model")
     return config
 
 
@@ -122,7 +151,6 @@ def load_routed(
     saved top-k (None keeps it). Raises LorafuseError for a folder that is not a routed
     model, missing experts or mismatched names and modules.
     """
-    from safetensors.torch import load_file
 
     config = read_routed(folder)
     names = [e["name"] for e in config["experts"]]
@@ -140,7 +168,7 @@ def load_routed(
             f"routed model {folder} was trained over experts {names[:5]}, but the library "
             f"holds {library.names[:5]}; load the same experts in the same order"
         )
-    state = load_file(str(Path(folder) / ROUTERS_NAME))
+    state = _load_routers(Path(folder) / ROUTERS_NAME)
     with ExitStack() as stack:  # detached again if anything below fails
         fusion = attach(model, library, config["space"])
         stack.callback(fusion.detach)  # (a callback, not a generator: nothing on collection)
@@ -151,7 +179,8 @@ def load_routed(
         routers = {}
         for name, layer in fusion.layers.items():
             own = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
-            routers[name] = _router(config, own).to(layer.A_cat.device)
+            where = f"{Path(folder) / ROUTERS_NAME} module {name}"
+            routers[name] = _router(config, own, where).to(layer.A_cat.device)
         if top_k is not None:
             set_top_k(routers, top_k)
         fusion.set_mixers(routers)
@@ -159,10 +188,35 @@ def load_routed(
     return fusion
 
 
-def _router(config: dict[str, Any], state: dict[str, Tensor]) -> nn.Module:
+def _load_routers(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise LorafuseError(f"{path} is missing; save the routed model again") from None
+    except Exception as e:  # safetensors' own errors: a truncated or foreign file
+        raise LorafuseError(
+            f"{path} is not a readable safetensors file ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else 'no detail'}); save the routed model again"
+        ) from None
+
+
+def _router(config: dict[str, Any], state: dict[str, Tensor], where: str) -> nn.Module:
+    need = ["prototypes"] if config["router"] == "arrow" else ["weight", "bias"]
+    missing = [k for k in need if k not in state]
+    if missing or any(state[k].dim() != (2 if k != "bias" else 1) for k in need):
+        raise LorafuseError(
+            f"{where}: the {config['router']} router needs tensors {need} (2-D, bias 1-D); "
+            f"got {sorted(state)}; save the routed model again"
+        )
     if config["router"] == "arrow":
-        return ArrowRouter(state["prototypes"], config["top_k"], config["temperature"])
+        return ArrowRouter(state["prototypes"], config.get("top_k"), config["temperature"])
     N, D = state["weight"].shape
-    router = LinearRouter(D, N, top_k=config["top_k"], absolute=config["absolute"])
-    router.load_state_dict(state)
+    router = LinearRouter(D, N, top_k=config.get("top_k"), absolute=config.get("absolute"))
+    try:
+        router.load_state_dict(state)
+    except RuntimeError as e:
+        detail = str(e).splitlines()[0]
+        raise LorafuseError(f"{where}: {detail}; save the routed model again") from None
     return router

@@ -200,12 +200,26 @@ def _annotation(model: type[BaseModel] | None, loc: tuple) -> Any:
     # The annotation of the field at `loc` in (nested) `model`, or None when unknown.
     annotation: Any = model
     for part in loc:
+        annotation = _unwrap(annotation)
         fields = getattr(annotation, "model_fields", None)
-        if fields is None or str(part) not in fields:
+        if fields is not None:
+            if str(part) not in fields:
+                return None
+            annotation = fields[str(part)].annotation
+        elif get_origin(annotation) in (list, dict):  # an index or a key: the item type
+            annotation = get_args(annotation)[-1]
+        else:
             return None
-        annotation = fields[str(part)].annotation
-        models = [a for a in (annotation, *get_args(annotation)) if hasattr(a, "model_fields")]
-        annotation = models[0] if models and part != loc[-1] else annotation
+    return _unwrap(annotation)
+
+
+def _unwrap(annotation: Any) -> Any:
+    # X from Annotated[X, ...] and from X | None.
+    if get_origin(annotation) is Annotated:
+        return _unwrap(get_args(annotation)[0])
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) not in (list, dict) and len(args) == 1:
+        return _unwrap(args[0])
     return annotation
 
 
@@ -218,6 +232,4 @@ def _type_name(annotation: Any) -> str:
         return "a list"
     if origin is dict or hasattr(annotation, "model_fields"):
         return "an object"
-    if origin is Annotated:
-        return _type_name(get_args(annotation)[0])
     return ""

@@ -78,7 +78,7 @@ def teacher_weights(ws, kind: str, teacher: str = "ensemble-sgd") -> torch.Tenso
             f"--method {teacher} --experts {kind}`; in a study, list {teacher} with the same "
             f"experts), or set ensemble-distill's option teacher to another of {TEACHERS}"
         )
-    return torch.tensor(load_fit(ws, teacher, kind)["weights"])
+    return torch.tensor(load_fit(ws, teacher, kind, need=("weights",))["weights"])
 
 
 def adapter_dir(ws, kind: str) -> Path:
@@ -173,7 +173,7 @@ def prepare_distill(ctx: Context) -> Prepared:
     from lorafuse.library import ExpertLibrary
 
     ws = ctx.ws
-    fit = load_fit(ws, "ensemble-distill", ctx.kind)
+    fit = load_fit(ws, "ensemble-distill", ctx.kind, need=("adapter", "teacher"))
     folder = Path(fit["adapter"])
     if not folder.is_dir():
         raise LorafuseError(

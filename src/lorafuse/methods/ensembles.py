@@ -78,7 +78,7 @@ def uniform_weights(ctx: Context) -> torch.Tensor:
 
 def fitted_weights(ctx: Context) -> torch.Tensor:
     """The saved fit's ensemble weights (N,)."""
-    fit = load_fit(ctx.ws, ctx.name, ctx.kind)
+    fit = load_fit(ctx.ws, ctx.name, ctx.kind, need=("weights",))
     return torch.tensor(fit["weights"], dtype=torch.float32)
 
 

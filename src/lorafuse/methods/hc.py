@@ -69,7 +69,7 @@ def prepare_hc(ctx: Context) -> Prepared:
     from safetensors.torch import load_file
 
     ws, lib = ctx.ws, ctx.library
-    fit = load_fit(ws, ctx.name, ctx.kind)
+    fit = load_fit(ws, ctx.name, ctx.kind, need=("labels", "arrow_init", "state", "clusters"))
     routers = build_hc_routers(lib, ws.device, torch.tensor(fit["labels"]), fit["arrow_init"])
     state = load_file(fit["state"])
     with torch.no_grad():

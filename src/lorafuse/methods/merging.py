@@ -74,7 +74,7 @@ def fit_merge(ctx: Context, layerwise: bool) -> Fitted:
 def prepare_merge_sgd(ctx: Context) -> Prepared:
     """The fitted weights as fixed per-layer coefficients."""
     ws = ctx.ws
-    fit = load_fit(ws, ctx.name, ctx.kind)
+    fit = load_fit(ws, ctx.name, ctx.kind, need=("weights",))
     with ExitStack() as stack:
         fusion = stack.enter_context(attached(ws.model, ctx.library, fit.get("space", SPACE)))
         fusion.set_coefficients({m: torch.tensor(w) for m, w in fit["weights"].items()})

@@ -78,7 +78,7 @@ def fit_route_sgd(ctx: Context, init: str) -> Fitted:
 def prepare_route_sgd(ctx: Context, fit_name: str, top_k: int | None) -> Prepared:
     """The routed model of fit `fit_name`, dense or top-k."""
     ws, lib = ctx.ws, ctx.library
-    fit = load_fit(ws, fit_name, ctx.kind)
+    fit = load_fit(ws, fit_name, ctx.kind, need=("routed",))
     k = _clamp(top_k, len(lib))
     fusion = load_routed(ws.model, fit["routed"], library=lib, top_k=k)
     info = {"experts": ctx.kind, "top_k": k, "init": fit.get("init"), "lr": fit.get("lr")}
