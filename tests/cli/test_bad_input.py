@@ -329,3 +329,10 @@ def test_merge_warns_and_refuses_what_a_user_would_want_to_hear(lib, tmp_path):
         app, ["merge", str(lib), "--out", str(tmp_path / "d"), "--weights", ".25,.25,.25,.25"]
     )
     assert res.exit_code == 0 and "warning" not in res.output
+
+
+def test_method_arguments_with_markup_are_printed_as_they_are(mini_bench):
+    argv = ["fit", "--library", str(mini_bench), "--method", "single:[/]x"]
+    refused(runner.invoke(app, argv), "single has nothing to fit")
+    argv = ["eval", "--library", str(mini_bench), "--method", "single:[bold]x"]
+    refused(runner.invoke(app, argv), "[bold]x")

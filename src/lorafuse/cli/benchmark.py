@@ -49,7 +49,7 @@ def build(
             settings.threads = threads
         _warn_if_busy(settings.threads)
         columns = (
-            TextColumn("{task.description:>9}"),
+            TextColumn("{task.description:>9}", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.text import Text
 
 from lorafuse.cli import options as opt
 from lorafuse.cli.common import console, progress_bar, seed_everything, styled, user_errors
@@ -188,7 +189,7 @@ def fit_command(
         for name in method:
             declared = resolve(name)[0]  # each method gets the flags it declares
             mine = {k: v for k, v in options.items() if declared.declares(k)}
-            with console.status(f"fitting {name} over the {experts} experts"):
+            with console.status(Text(f"fitting {name} over the {experts} experts")):
                 fit = fit_method(ws, name, experts, mine)
             shown = {k: v for k, v in fit.payload.items() if isinstance(v, (int, float, str))}
             console.print(styled(f"{name}:", "bold", str(shown)), highlight=False)
