@@ -20,13 +20,13 @@ Unknown keys are rejected with the key and its line.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lorafuse.errors import LorafuseError
+from lorafuse.formats.manifest import read_manifest
 
 MANIFEST = "manifest.json"
 
@@ -86,17 +86,16 @@ def load_spec(source: str | Path) -> LibrarySpec:
 
 def _from_benchmark(root: Path) -> LibrarySpec:
     root = root.resolve()
-    manifest = json.loads((root / MANIFEST).read_text())
+    settings = read_manifest(root / MANIFEST).get("settings", {})
     experts_dir = root / "experts"
     kinds = {}
     if experts_dir.is_dir():
         kinds = {d.name: str(d) for d in sorted(experts_dir.iterdir()) if d.is_dir()}
-    settings = manifest.get("settings", {}) if isinstance(manifest, dict) else {}
     extra = {}
-    if isinstance(settings.get("expert"), dict) and "max_length" in settings["expert"]:
-        extra["max_length"] = int(settings["expert"]["max_length"])
-    if "eval_batch_size" in settings:
-        extra["batch_size"] = int(settings["eval_batch_size"])
+    if settings.get("expert", {}).get("max_length") is not None:
+        extra["max_length"] = settings["expert"]["max_length"]
+    if settings.get("eval_batch_size") is not None:
+        extra["batch_size"] = settings["eval_batch_size"]
     return LibrarySpec(
         base_model=str(root / "base"),
         data=str(root / "data"),

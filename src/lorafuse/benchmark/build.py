@@ -18,17 +18,20 @@ split (`benchmark.structure`). `training_budget` states each kind's budget per t
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from pydantic import Field
+
 from lorafuse.benchmark.pretrain import BaseSettings
 from lorafuse.benchmark.train import ExpertSettings
 from lorafuse.data.errors import DataError
 from lorafuse.data.synthetic import get_preset, make_tasks
+from lorafuse.formats.manifest import read_manifest
+from lorafuse.formats.schema import FileModel, Finite, check, read_json
 
 MANIFEST = "manifest.json"
 STAGES = ("data", "base", "private", "structure", "shared", "mbc", "offtask", "evaluate")
@@ -147,10 +150,30 @@ def training_budget(manifest: dict) -> dict[str, dict]:
     return out
 
 
+class ClusterRecord(FileModel):
+    """One cluster of clusters.json: the tasks of its expert (other fields kept)."""
+
+    tasks: list[str] = Field(min_length=1)
+
+
+class ClustersFile(FileModel):
+    """clusters.json as a resumed build reads it back."""
+
+    clusters: list[ClusterRecord]
+    adjusted_rand_index: Finite
+
+
 def saved_clusters(root: Path) -> dict | None:
-    """The build's `clusters.json` (written by the mbc stage), or None before that stage."""
+    """The build's `clusters.json` (written by the mbc stage), or None before that stage.
+
+    Raises FileFormatError naming the file and field when it is malformed.
+    """
     path = Path(root) / CLUSTERS
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    saved = read_json(path, what="build clusters")
+    check(saved, ClustersFile, path, what="build clusters")
+    return saved
 
 
 def _experts(root: Path, names: list[str]) -> list[dict]:
@@ -163,7 +186,7 @@ def _experts(root: Path, names: list[str]) -> list[dict]:
 
 
 def _manifest(root: Path, settings: BuildSettings, seed: int, tasks) -> dict:
-    old = json.loads((root / MANIFEST).read_text()) if (root / MANIFEST).is_file() else None
+    old = read_manifest(root / MANIFEST) if (root / MANIFEST).is_file() else None
     new = {
         "format": "lorafuse-benchmark/1",
         "preset": settings.preset,

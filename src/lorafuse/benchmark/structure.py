@@ -22,6 +22,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
+from lorafuse.formats.schema import FileModel, Finite
+
 STRUCTURE = "structure.json"
 VALIDATION_PER_TASK = None  # validation examples per task behind the matrix: all of them
 NOT_BEST_RANGE = (0.15, 0.35)  # the paper: 58 of 256
@@ -138,6 +142,15 @@ def measure_structure(root: Path, tasks: list[str], settings, report=None) -> di
     return {k: v for k, v in saved.items() if k not in SAVED_ONLY}
 
 
+class StructureFile(FileModel):
+    """structure.json as the build's offtask stage reads it back (other fields kept)."""
+
+    base_losses: dict[str, Finite]
+    kinds: dict[str, dict[str, Any]]
+    off_task_per_expert: dict[str, Any]
+    matrices: dict[str, Any] = Field(default_factory=dict)
+
+
 SAVED_ONLY = ("matrix", "matrices", "base_losses", "off_task_per_expert")
 
 
@@ -145,18 +158,24 @@ def measure_kind(root: Path, tasks: list[str], settings, kind: str, report=None)
     """The off-task statistics of the experts of `kind` (e.g. the cluster experts) on the
     full validation split, added to `root/structure.json` (`kinds`, and the matrix under
     `matrices`); returns them. LorafuseError if the structure stage has not run."""
-    import json
-
-    from lorafuse.errors import LorafuseError
+    from lorafuse.errors import FileFormatError, LorafuseError
+    from lorafuse.formats.schema import check, read_json
     from lorafuse.io import write_json
 
     path = Path(root) / STRUCTURE
     if not path.is_file():
         raise LorafuseError(f"{path} is missing: run the build's structure stage first")
-    saved = json.loads(path.read_text())
+    saved = read_json(path, what="build structure")
+    check(saved, StructureFile, path, what="build structure")
     report = report or (lambda stage, done, total: None)
     ws = _workspace(root, tasks, settings)
     matrix = _matrix(ws, kind, "offtask", report)
+    gone = [t for t in matrix.tasks if t not in saved["base_losses"]]
+    if gone:
+        raise FileFormatError(
+            f"build structure: {path}: field 'base_losses': missing task(s) {gone[:5]}; "
+            "rebuild with --force"
+        )
     base = [saved["base_losses"][t] for t in matrix.tasks]
     stats = off_task(matrix, base)
     saved["kinds"][kind] = {k: v for k, v in stats.items() if k != "per_expert"}

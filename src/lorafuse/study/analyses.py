@@ -81,12 +81,12 @@ def _clusters(ctx) -> dict[str, Any]:
 
 def _family_of_expert(ctx, lib) -> dict[str, str] | None:
     """expert -> family of its (single) task, when the setup records families."""
-    import json
+    from lorafuse.formats.manifest import read_manifest
 
     manifest = Path(ctx.ws.spec.root) / "manifest.json"
     if not manifest.is_file():
         return None
-    fams = json.loads(manifest.read_text()).get("families") or []
+    fams = read_manifest(manifest).get("families") or []
     of_task = {t: f["name"] for f in fams for t in f["tasks"]}
     out = {}
     for e in lib.experts:
@@ -188,28 +188,22 @@ def _built_matrix(ws, kind: str):
     path = Path(ws.spec.root) / "structure.json"
     if not path.is_file():
         return None
-    try:
+    try:  # a file this check cannot use is measured again, not trusted
         saved = json.loads(path.read_text())
-        d = saved["matrix"]
-    except (ValueError, KeyError, TypeError):
+        m = LossMatrix.from_dict(saved["matrix"], path)
+    except (ValueError, KeyError, TypeError, LorafuseError):
         return None
     if saved.get("split") != GREEDY_SPLIT[0] or saved.get("max_examples_per_task") is not None:
         return None
-    if d.get("experts") != ws.library(kind).names or sorted(d.get("tasks", [])) != sorted(ws.tasks):
+    if m.experts != ws.library(kind).names or sorted(m.tasks) != sorted(ws.tasks):
         return None
-    import torch
-
-    m = LossMatrix(
-        torch.tensor(d["losses"], dtype=torch.float64), d["experts"], d["tasks"],
-        d["n_examples"], d.get("own", {}),
-    )  # fmt: skip
-    m.meta = {**d.get("meta", {}), "from": str(path)}
+    m.meta = {**m.meta, "from": str(path)}
     return m
 
 
 def _fit_figures(ctx, figures: dict[str, str]) -> None:
     """Draw the figures of the study's fits (the minimax LP's coefficients, Figure 6)."""
-    from lorafuse.formats.fits import fit_path
+    from lorafuse.formats.fits import fit_path, read_fit
     from lorafuse.study.figures import plot_minimax
 
     for kind in dict.fromkeys(
@@ -218,7 +212,7 @@ def _fit_figures(ctx, figures: dict[str, str]) -> None:
         fit = fit_path(ctx.ws, "ensemble-minimax", kind)
         if not fit.is_file():
             continue
-        weights = json.loads(fit.read_text())["weights"]
+        weights = read_fit(fit, need=("weights",))["weights"]
         figure = f"{FIGURES}/ensemble-minimax_{kind}.png"
         plot_minimax(weights, ctx.out / figure, f"Minimax LP coefficients ({kind} experts)")
         figures.setdefault("minimax", figure)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from lorafuse.errors import LorafuseError
+from lorafuse.formats.manifest import read_manifest
 
 
 def library_info(ws, cfg) -> dict[str, Any]:
@@ -21,7 +21,7 @@ def library_info(ws, cfg) -> dict[str, Any]:
     families, structure, preset = None, None, None
     manifest = Path(ws.spec.root) / "manifest.json"
     if manifest.is_file():
-        m = json.loads(manifest.read_text())
+        m = read_manifest(manifest)
         families = {f["name"]: f["tasks"] for f in m.get("families", [])} or None
         preset = m.get("preset")
         structure = build_structure(m)

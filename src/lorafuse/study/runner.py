@@ -182,15 +182,14 @@ def _caps(cfg: StudyConfig, cap: int | None) -> dict[str, int | None]:
 def _build(cfg: StudyConfig, root: Path, seed: int, cache: StageCache, bar: Progress,
            tag: str = "") -> None:  # fmt: skip
     """Build (or resume) the benchmark; its closing check is skipped (the study evaluates)."""
-    import json
-
     from lorafuse.benchmark.build import MANIFEST, STAGES, build
+    from lorafuse.formats.manifest import read_manifest
 
     assert cfg.build is not None
     start = time.perf_counter()
     bar.start("build" + tag, None)
     file = root / MANIFEST
-    before = json.loads(file.read_text()).get("stages", {}) if file.is_file() else {}
+    before = read_manifest(file).get("stages", {}) if file.is_file() else {}
     manifest = build(root, cfg.build.preset, seed, on_progress=_stage_bar(bar), evaluate=False)
     done = all(s in before for s in STAGES if s != "evaluate")
     parts = {k: v.get("seconds") for k, v in manifest["stages"].items()}
