@@ -101,3 +101,33 @@ def test_write_is_all_or_nothing(rows, parquet_dir, tmp_path):
     with pytest.raises(DataError, match="lack column"):
         write_flan([{"source": "a"}], out)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_and_empty_files_are_named(rows, parquet_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = (parquet_dir / DATA_FILE).read_bytes()
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(good[: len(good) // 2])
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"garbage")
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({c: pa.array([], pa.string()) for c in COLUMNS}), str(empty))
+    for path, said in [(cut, "not a readable parquet"), (garbage, "not a readable parquet"),
+                       (empty, "holds no rows")]:  # fmt: skip
+        with pytest.raises(DataError, match=said) as info:
+            load_flan(path)
+        assert str(path) in str(info.value)
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text(json.dumps(rows[0]) + "\n{not json\n")
+    with pytest.raises(DataError, match="bad.jsonl: cannot be read as json"):
+        load_flan(bad_jsonl)
+    (tmp_path / "none.jsonl").write_text("")
+    with pytest.raises(DataError, match="none.jsonl"):
+        load_flan(tmp_path / "none.jsonl")
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "state.json").write_text("{trunc")
+    with pytest.raises(DataError, match="not a readable saved dataset"):
+        load_flan(saved)

@@ -40,7 +40,12 @@ def _read(source: str | Path):
 
     path = Path(source)
     if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
-        ds = load_from_disk(str(path))
+        try:
+            ds = load_from_disk(str(path))
+        except Exception as e:  # a truncated or hand-edited save_to_disk folder
+            raise DataError(
+                f"data {path}: not a readable saved dataset ({_first_line(e)})"
+            ) from None
         return concatenate_datasets(list(ds.values())) if isinstance(ds, DatasetDict) else ds
     if path.is_dir():
         files = sorted(path.glob("*.parquet")) or sorted(path.glob("*.jsonl"))
@@ -56,8 +61,16 @@ def _read(source: str | Path):
         kind = "parquet" if files[0].suffix == ".parquet" else "json"
         if files[0].suffix not in (".parquet", ".jsonl", ".json"):
             raise DataError(f"{files[0]}: unknown data format; use .parquet, .jsonl or a folder")
-        data_files = [str(f) for f in files]
-        return load_dataset(kind, data_files=data_files, split="train")
+        if kind == "parquet":
+            for f in files:
+                _check_parquet(f)
+        try:
+            ds = load_dataset(kind, data_files=[str(f) for f in files], split="train")
+        except Exception as e:  # a corrupt file: datasets' and pyarrow's errors alike
+            raise DataError(f"data {path}: cannot be read as {kind} ({_first_line(e)})") from None
+        if len(ds) == 0:
+            raise DataError(f"data {path} holds no rows; point --data at flan-flat data")
+        return ds
     if str(source).count("/") != 1:
         raise DataError(f"data {source} does not exist (and is not a hub id 'owner/name')")
     try:
@@ -65,6 +78,24 @@ def _read(source: str | Path):
     except Exception as e:  # the hub or the cache failed: say so, with the id
         raise DataError(f"could not load hub dataset {source!r}: {e}") from None
     return out if isinstance(out, Dataset) else concatenate_datasets(list(out.values()))
+
+
+def _check_parquet(path: Path) -> None:
+    # A DataError naming a parquet file that is corrupt or has no rows (datasets would
+    # fail later with an error that names neither).
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_metadata(str(path)).num_rows
+    except Exception as e:
+        raise DataError(f"{path} is not a readable parquet file ({_first_line(e)})") from None
+    if rows == 0:
+        raise DataError(f"{path} holds no rows; remove it or write the data again")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def load_flan(
@@ -76,7 +107,8 @@ def load_flan(
     """Read flan-flat data into a `datasets.Dataset`, filtered and validated.
 
     `tasks` keeps only those task names; `max_per_task` keeps at most that many rows per
-    task and split (the first in file order). Raises DataError for missing columns,
+    task and split (the first in file order). Raises DataError for a corrupt or empty
+    file (naming it), missing columns,
     unknown tasks, unknown split values, empty targets, or a kept task with no rows in
     one of `splits`.
     """
