@@ -216,3 +216,26 @@ def test_fewer_than_two_studies_or_one_twice(three):
     with pytest.raises(LorafuseError, match="at least two studies"):
         compare([json.loads((folders[0] / "results.json").read_text())])
     assert not (root / "regimes").exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    "damage, said",
+    [
+        (lambda r: r["claims"][0].update(verdict=None), "field 'claims.0.verdict': expected a str"),
+        (lambda r: r["claims"].append("a claim"), "expected an object, got \"a claim\""),
+        (lambda r: r["methods"][0].update(mean="1.2"), "field 'methods.0.mean': expected a number"),
+        (lambda r: r["methods"][0]["per_task"].update(t0=[1]), "'methods.0.per_task.t0': expected"),
+        (lambda r: r["config"].update(seeds="0,1"), "field 'config.seeds': expected a list"),
+        (lambda r: r["library"].update(structure=[0.3]), "field 'library.structure': expected an"),
+        (lambda r: r.update(robust_claims=[{"claim": "c"}]), "'robust_claims.0.verdict': missing"),
+    ],
+)  # fmt: skip
+def test_a_hand_edited_results_file_names_the_field(two, damage, said):
+    root, a, _ = two
+    results = json.loads(json.dumps(a))
+    damage(results)
+    (root / "a" / "results.json").write_text(json.dumps(results))
+    with pytest.raises(LorafuseError, match="results.json") as e:
+        write_compare([root / "a", root / "b"], root / "regimes")
+    assert said in str(e.value) and "--out" in str(e.value)
+    assert not (root / "regimes").exists()

@@ -25,6 +25,12 @@ def test_run_reuses_and_recomputes(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # nothing half-written left
     (tmp_path / "fit_m@private.json").write_text("{broken")
     assert StageCache(tmp_path).get("fit:m@private", "k2") is None  # a torn file reruns
+    for edited in ("[1]", '{"key": 2, "value": 1}', '{"key": "k2", "seconds": "1", "value": 1}',
+                   '{"key": "k2", "seconds": NaN, "value": 1}', '{"key": "k2"}'):  # fmt: skip
+        (tmp_path / "fit_m@private.json").write_text(edited)
+        assert StageCache(tmp_path).get("fit:m@private", "k2") is None  # so does a bad one
+    assert StageCache(tmp_path).run("fit:m@private", "k2", compute) == {"v": 3}
+    assert StageCache(tmp_path).get("fit:m@private", "k2") == {"v": 3}  # rewritten
 
 
 def test_a_fallback_cache_serves_what_this_one_lacks(tmp_path):

@@ -15,14 +15,15 @@ measured), '-' where the build did not record them.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lorafuse.errors import LorafuseError
+from lorafuse.errors import FileFormatError, LorafuseError
+from lorafuse.formats.schema import check, read_json
 from lorafuse.study.claims import FAILS, HOLDS, MISSING, NOT_CONVERGED, UNSURE
+from lorafuse.study.results_file import StudyResultsFile
 
 RESULTS = "results.json"
 COMPARE_FORMAT = "lorafuse-compare/2"  # /2: any number of studies, ratios, preset
@@ -33,7 +34,8 @@ def load_study(folder: str | os.PathLike) -> dict[str, Any]:
     """The results of a finished study in `folder`.
 
     Raises LorafuseError naming the folder and the fix when it is not a folder, has no
-    results.json, or holds a results.json that is not a finished study's.
+    results.json, or holds a results.json that is not a finished study's, and
+    FileFormatError naming the file and field when a field compare reads is mistyped.
     """
     from lorafuse.study.runner import FORMAT
 
@@ -45,13 +47,17 @@ def load_study(folder: str | os.PathLike) -> dict[str, Any]:
     if not file.is_file():
         raise LorafuseError(f"{root} is not a finished study: it has no {RESULTS}; {again}")
     try:
-        results = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LorafuseError(f"{file} is not valid JSON ({e}); {again}") from None
+        results = read_json(file, what="study results")
+    except FileFormatError as e:
+        raise FileFormatError(f"{e}; {again}") from None
     if not isinstance(results, dict) or results.get("format") != FORMAT:
         raise LorafuseError(f"{file} is not a lorafuse study's results ({FORMAT}); {again}")
     if not isinstance(results.get("claims"), list):
         raise LorafuseError(f"{file} has no claims; {again}")
+    try:
+        check(results, StudyResultsFile, file, what="study results")
+    except FileFormatError as e:
+        raise FileFormatError(f"{e}; {again}") from None
     return results
 
 

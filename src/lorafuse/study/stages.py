@@ -14,8 +14,12 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import Field
+
+from lorafuse.errors import LorafuseError
+from lorafuse.formats.schema import FileModel, Finite, parse_json
 from lorafuse.io import write_json
 
 # Part of every fit's stage key: raised when lorafuse changes how a fit trains for the
@@ -28,6 +32,14 @@ def stage_key(*parts: Any) -> str:
     """A short stable hash of JSON-able parts."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class StageFile(FileModel):
+    """One stored stage: the key it was made with, its time and its (JSON) value."""
+
+    key: str
+    seconds: Annotated[Finite, Field(ge=0)] = 0.0
+    value: Any
 
 
 class StageCache:
@@ -59,11 +71,11 @@ class StageCache:
         f = self.file(stage)
         if not f.is_file():
             return None
-        try:
-            stored = json.loads(f.read_text())
-        except json.JSONDecodeError:
+        try:  # a torn or hand-edited entry is a miss: the stage runs again and rewrites it
+            stored = parse_json(f, StageFile)
+        except LorafuseError:
             return None
-        return stored if stored.get("key") == key else None
+        return stored.model_dump() if stored.key == key else None
 
     def put(self, stage: str, key: str, value: Any, seconds: float) -> None:
         """Store `value` for `stage` under `key`."""
