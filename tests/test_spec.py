@@ -34,3 +34,10 @@ def test_yaml_relative_paths_and_unknown_key(tmp_path):
     with pytest.raises(LorafuseError, match="missing required key 'data'"):
         f.write_text("base_model: x\n")
         load_spec(f)
+
+
+def test_binary_or_non_utf8_spec_names_the_file(tmp_path):
+    f = tmp_path / "spec.yaml"
+    f.write_bytes(b"\xff\xfe\x00\x01binary")
+    with pytest.raises(LorafuseError, match=r"library spec: .*spec.yaml is not UTF-8 text"):
+        load_spec(f)

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lorafuse.errors import LorafuseError
 from lorafuse.formats.manifest import read_manifest
+from lorafuse.formats.schema import read_text
 
 MANIFEST = "manifest.json"
 
@@ -73,8 +74,7 @@ def load_spec(source: str | Path) -> LibrarySpec:
         return _from_benchmark(src)
     if not src.is_file():
         raise LorafuseError(f"library spec {src} does not exist")
-    text = src.read_text()
-    data, lines = parse_yaml(text, src)
+    data, lines = parse_yaml(read_text(src, what="library spec"), src)
     if not isinstance(data, dict):
         raise LorafuseError(f"{src}: a library spec must be a mapping of keys to values")
     data.setdefault("root", str(src.parent))

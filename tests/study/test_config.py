@@ -191,3 +191,10 @@ def test_the_objective_reaches_every_sgd_fits_options_so_its_stage_key(tmp_path)
     assert [m.options.get("objective") for m in methods] == [None] + ["token"] * 4
     with pytest.raises(LorafuseError, match=r"fit_defaults.objective.*'task' or 'token'"):
         load_config(write(tmp_path, text.replace("objective: token", "objective: tokens")))
+
+
+def test_a_binary_config_names_the_file(tmp_path):
+    f = tmp_path / "study.yaml"
+    f.write_bytes(b"\x80\x81 not text")
+    with pytest.raises(LorafuseError, match=r"study config: .*study.yaml is not UTF-8 text"):
+        load_config(f)

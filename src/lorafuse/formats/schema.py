@@ -70,28 +70,36 @@ def _finite_array(value: Any) -> Any:
 FiniteArray = Annotated[Any, AfterValidator(_finite_array)]
 
 
-def read_json(
+def read_text(
     path: str | Path, error: type[LorafuseError] = FileFormatError, what: str = ""
-) -> Any:
-    """The JSON value in `path`; `error` naming the file when it is missing or not JSON."""
+) -> str:
+    """The UTF-8 text of `path`; `error` naming the file when it is missing or unreadable."""
     where = _where(path, what)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise error(f"{where} does not exist") from None
     except IsADirectoryError:
-        raise error(f"{where} is a folder, not a JSON file") from None
+        raise error(f"{where} is a folder, not a file") from None
     except UnicodeDecodeError:
         raise error(f"{where} is not UTF-8 text (a binary or corrupt file?)") from None
     except OSError as e:
         raise error(f"{where} cannot be read ({e.strerror or type(e).__name__})") from None
+
+
+def read_json(
+    path: str | Path, error: type[LorafuseError] = FileFormatError, what: str = ""
+) -> Any:
+    """The JSON value in `path`; `error` naming the file when it is missing or not JSON."""
+    text = read_text(path, error, what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         ends = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")
         cut = " (empty or truncated?)" if ends else ""
         raise error(
-            f"{where} is not valid JSON{cut}: {e.msg} at line {e.lineno}, column {e.colno}"
+            f"{_where(path, what)} is not valid JSON{cut}: {e.msg} at line {e.lineno}, "
+            f"column {e.colno}"
         ) from None
 
 

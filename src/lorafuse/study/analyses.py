@@ -13,7 +13,6 @@ An analysis that fails is recorded with its error; the study goes on.
 
 from __future__ import annotations
 
-import json
 import random
 import traceback
 from pathlib import Path
@@ -183,15 +182,16 @@ def _built_matrix(ws, kind: str):
     """The private expert x task matrix of a benchmark build's structure stage, when it
     was measured on the full validation split over exactly `kind`'s experts and the
     study's tasks (else None: the study measures it)."""
+    from lorafuse.formats.schema import read_json
     from lorafuse.matrix import LossMatrix
 
     path = Path(ws.spec.root) / "structure.json"
     if not path.is_file():
         return None
     try:  # a file this check cannot use is measured again, not trusted
-        saved = json.loads(path.read_text())
+        saved = read_json(path)
         m = LossMatrix.from_dict(saved["matrix"], path)
-    except (ValueError, KeyError, TypeError, LorafuseError):
+    except (KeyError, TypeError, LorafuseError):
         return None
     if saved.get("split") != GREEDY_SPLIT[0] or saved.get("max_examples_per_task") is not None:
         return None

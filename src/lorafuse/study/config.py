@@ -201,12 +201,13 @@ def _method(name: str):
 
 def load_config(source: str | Path) -> StudyConfig:
     """Read and validate a study config (YAML); LorafuseError names the bad key and line."""
+    from lorafuse.formats.schema import read_text
     from lorafuse.spec import explain, parse_yaml
 
     src = Path(source)
     if not src.is_file():
         raise LorafuseError(f"study config {src} does not exist")
-    data, lines = parse_yaml(src.read_text(), src)
+    data, lines = parse_yaml(read_text(src, what="study config"), src)
     if not isinstance(data, dict):
         raise LorafuseError(f"{src}: a study config must be a mapping of keys to values")
     data.setdefault("root", str(src.parent))
