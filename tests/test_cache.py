@@ -23,3 +23,16 @@ def test_weighted_token_nll_is_the_evaluation_mean(mini_bench):
     nll = cached.example_nll()  # (N, M)
     counts = torch.bincount(cached.example)
     assert nll.shape == (3, len(cached.tasks)) and (counts > 0).all()
+
+
+def test_torn_or_foreign_chunks_are_computed_again(mini_bench, tmp_path):
+    ws = Workspace(load_spec(mini_bench))
+    first = expert_target_logprobs(ws, "private", "test", rows_per_pass=1, cache_dir=tmp_path)
+    files = sorted(tmp_path.rglob("chunk_*.pt"))
+    assert len(files) == 3
+    files[0].write_bytes(files[0].read_bytes()[:50])  # torn
+    torch.save({"not": "a chunk"}, files[1])  # foreign
+    torch.save((torch.zeros(2, 5), torch.zeros(2)), files[2])  # another shape
+    again = expert_target_logprobs(ws, "private", "test", rows_per_pass=1, cache_dir=tmp_path)
+    torch.testing.assert_close(again.logp, first.logp)
+    assert all(torch.load(f, weights_only=True)[0].shape[1] == 1 for f in files)  # rewritten

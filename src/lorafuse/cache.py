@@ -80,8 +80,9 @@ def expert_target_logprobs(
         for chunk in chunks(list(range(N)), size, rows_per_pass):
             c0 = chunk[0]
             file = cache / f"chunk_{c0:05d}_{len(chunk)}.pt" if cache else None
-            if file is not None and file.exists():
-                done[c0], example = torch.load(file, weights_only=True)
+            saved = _load_chunk(file, len(chunk)) if file is not None else None
+            if saved is not None:
+                done[c0], example = saved
                 if progress:
                     progress(len(chunk) * len(tasks))
                 continue
@@ -106,6 +107,19 @@ def expert_target_logprobs(
                     torch.save((done[c0], example), tmp)
     logp = torch.cat([done[c] for c in sorted(done)], dim=1).float()  # (K, N)
     return TargetLogprobs(logp, example, tasks, lib.names)
+
+
+def _load_chunk(file: Path, n: int) -> tuple[Tensor, Tensor] | None:
+    # A saved chunk ((K, n) log-probs, (K,) example rows), or None when it is missing,
+    # torn or of another shape: that chunk is then computed again and saved over it.
+    if not file.is_file():
+        return None
+    try:
+        logp, example = torch.load(file, weights_only=True)
+    except Exception:
+        return None
+    ok = isinstance(logp, Tensor) and isinstance(example, Tensor) and logp.dim() == 2
+    return (logp, example) if ok and logp.shape == (len(example), n) else None
 
 
 def _cache_folder(cache_dir, ws, kind, split, max_per_task, names, tasks) -> Path | None:
