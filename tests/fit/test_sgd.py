@@ -233,3 +233,19 @@ def test_search_lr_keeps_the_lowest_validation_loss():
     assert [r["lr"] for r in runs] == [0.1, 0.01, 0.001]
     lr, _, _ = search_lr([0.001], run)  # no validation at all: the first rate
     assert lr == 0.001
+
+
+@pytest.mark.parametrize(
+    "payload, said",
+    [
+        ([1, 2], "not a lorafuse fit checkpoint"),
+        ({"params": {"w": torch.zeros(3)}}, "not a lorafuse fit checkpoint"),
+        ({"params": [1], "optimizer": {}, "state": {}, "best": None}, "other parameters"),
+    ],
+)
+def test_a_foreign_checkpoint_is_refused_by_name(tmp_path, payload, said):
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save(payload, ckpt)
+    with pytest.raises(LorafuseError, match=said) as info:
+        run(SGDSettings(lr=0.05, epochs=1, batch_size=8), checkpoint=ckpt)
+    assert str(ckpt) in str(info.value) and "delete it" in str(info.value)

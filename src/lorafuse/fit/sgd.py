@@ -299,7 +299,14 @@ def _load(path: Path, named, opt) -> dict[str, Any]:
         payload = torch.load(path, weights_only=True)
     except Exception as e:
         raise LorafuseError(f"cannot resume from {path} ({e}); delete it to start over") from None
-    if set(payload["params"]) != set(named):
+    keys = ("params", "optimizer", "state", "best")
+    if not isinstance(payload, dict) or not all(k in payload for k in keys):
+        got = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
+        raise LorafuseError(
+            f"checkpoint {path} is not a lorafuse fit checkpoint (needs {list(keys)}, got "
+            f"{got}); delete it to start over"
+        )
+    if not isinstance(payload["params"], dict) or set(payload["params"]) != set(named):
         raise LorafuseError(f"checkpoint {path} is for other parameters; delete it to start over")
     with torch.no_grad():
         for n, p in named.items():
