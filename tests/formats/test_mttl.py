@@ -243,13 +243,12 @@ def test_names_of_weights_alone_are_checked(mttl_lib, tmp_path):
         read_library(mttl_lib, alpha=16.0, use_meta=False)
 
 
-def test_sub_folder_names_stay_inside_the_output(llama_dir, mttl_lib, tmp_path):
+def test_sub_folder_experts_read_but_do_not_convert_yet(llama_dir, mttl_lib, tmp_path):
     write_mttl_expert(mttl_lib, llama_dir, "task_a", seed=1, expert_name="group/task_a")
     out = tmp_path / "peft"
     lib = read_library(mttl_lib)
-    written = convert_library(lib, out, select=["group/task_a", "cluster_0"])
-    assert written == [out / "group/task_a", out / "cluster_0"]
-    assert (out / "group/task_a/adapter_model.safetensors").is_file()
-    assert json.loads((out / "group/task_a/lorafuse_expert.json").read_text())["tasks"] == [
-        "task_a"
-    ]
+    assert [e.name for e in lib] == ["cluster_0", "group/task_a"]
+    with pytest.raises(ExpertError, match="'group/task_a'.*sub-folder expert.*--experts"):
+        convert_library(lib, out)
+    assert not out.exists() and not list(tmp_path.glob(".peft*"))
+    assert convert_library(lib, out, select=["cluster_0"]) == [out / "cluster_0"]

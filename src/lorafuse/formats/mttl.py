@@ -126,7 +126,8 @@ def convert_library(
     target_modules, the base model), adapter_model.safetensors and lorafuse_expert.json
     (its tasks). All experts are written under a temporary name and renamed together:
     on any error nothing is left at `out`. Raises ExpertError (bad weights, unknown
-    selection) or OutputExistsError (`out` exists and not `force`).
+    selection, a name that is not a plain folder name: `..`, absolute, or a sub-folder
+    `a/b`, which is not supported yet) or OutputExistsError (`out` exists and not `force`).
     """
     if select:
         known = {e.name: e for e in experts}
@@ -139,11 +140,16 @@ def convert_library(
         raise ExpertError("the mttl library holds no expert to convert (all deleted?)")
     for e in experts:
         safe_name(e.name, e.meta_file or e.ckpt)
+        if "/" in e.name:
+            raise ExpertError(
+                f"expert {e.name!r} ({e.meta_file or e.ckpt}) is a sub-folder expert; "
+                "converting those is not supported yet: leave it out with --experts"
+            )
     with atomic_dir(out, force) as tmp:
         for e in experts:
             tensors, modules, rank = peft_tensors(e)
             folder = tmp / e.name
-            folder.mkdir(parents=True, exist_ok=True)  # "a" after "a/b" (sub-folder experts)
+            folder.mkdir()
             _save_tensors(tensors, folder / SAFETENSORS_NAME)
             cfg = adapter_config(rank, modules, e.base_model, lora_alpha=e.alpha)
             cfg.save_pretrained(str(folder))
