@@ -72,10 +72,11 @@ def test_bin_weights_loaded_weights_only(llama_experts, tmp_path):
         torch.testing.assert_close(mod.A[0], mod.A[1])
 
 
-def test_mismatched_target_modules(llama_dir, llama_experts, tmp_path):
+def test_different_target_modules_fuse_over_the_union(llama_dir, llama_experts, tmp_path):
     other = make_adapter(llama_dir, tmp_path / "qonly", 5, ["q_proj"], r=4, lora_alpha=8)
-    with pytest.raises(LibraryMismatchError, match="qonly.*different target modules"):
-        ExpertLibrary.load([llama_experts[0], other])
+    lib = ExpertLibrary.load([other, llama_experts[0]])
+    assert set(lib.modules) == set(ExpertLibrary.load([llama_experts[0]]).modules)
+    assert all("q_proj" in m for m in lib.covered(0)) and len(lib.covered(0)) == 2
 
 
 def test_mismatched_shapes(llama_experts, tmp_path):

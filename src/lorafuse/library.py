@@ -75,9 +75,11 @@ class ExpertLibrary:
 
         Reads each weights file once with safetensors (or `torch.load(weights_only=True)`
         for `.bin`) and copies each tensor straight into its slot of the stacked result.
-        Raises ExpertError for an unreadable or non-LoRA expert and LibraryMismatchError
-        when experts differ in target modules, shapes or base model; each message names
-        the expert and module.
+        Experts may adapt different modules: the library holds the union, and an expert's
+        factors are zero on a module it does not adapt (rank 0 there), so it contributes
+        exactly nothing there, as PEFT does with that adapter alone. Raises ExpertError
+        for an unreadable or non-LoRA expert and LibraryMismatchError when experts differ
+        in shapes or base model; each message names the expert and module.
         """
         dirs = find_expert_dirs(list(paths))
         names = _unique_names(dirs)
@@ -92,7 +94,8 @@ class ExpertLibrary:
                 A=torch.zeros(N, R, D, dtype=dtype, device=device),
                 B=torch.zeros(N, O, R, dtype=dtype, device=device),
                 scale=torch.tensor([c.scaling(m) for c in configs], dtype=torch.float32),
-                rank=torch.tensor([s[m][0][0] for s in shapes], dtype=torch.long),
+                # rank 0 (and zero factors): the expert does not adapt this module
+                rank=torch.tensor([s[m][0][0] if m in s else 0 for s in shapes]),
                 fan_in_fan_out=configs[0].fan_in_fan_out,
             )
         for i, (d, n) in enumerate(zip(dirs, names)):
@@ -179,14 +182,32 @@ class ExpertLibrary:
         """Short target-module names (the last path component), sorted and unique."""
         return sorted({m.rsplit(".", 1)[-1] for m in self.modules})
 
+    def covered(self, i: int) -> list[str]:
+        """The modules expert `i` adapts (rank > 0 there), in library order."""
+        return [m for m, mod in self.modules.items() if int(mod.rank[i]) > 0]
+
+    def coverage(self) -> dict[str, list[int]]:
+        """Short module name -> per expert, how many modules of that name it adapts."""
+        table: dict[str, list[int]] = {}
+        for m, mod in self.modules.items():
+            row = table.setdefault(m.rsplit(".", 1)[-1], [0] * len(self))
+            for i, r in enumerate(mod.rank.tolist()):
+                row[i] += r > 0
+        return dict(sorted(table.items()))
+
     def describe(self) -> list[dict[str, Any]]:
-        """One dict per expert: name, rank, alpha, scaling, modules, params, tasks."""
+        """One dict per expert: name, rank, alpha, scaling, modules, params, tasks.
+
+        Rank and scaling are over the modules the expert adapts (a list when they differ
+        from module to module, by rank_pattern / alpha_pattern).
+        """
         params = self.expert_params()
-        short = ",".join(self.module_summary())
         rows = []
         for i, e in enumerate(self.experts):
-            scales = sorted({round(float(mod.scale[i]), 6) for mod in self.modules.values()})
-            ranks = sorted({int(mod.rank[i]) for mod in self.modules.values()})
+            mine = [self.modules[m] for m in self.covered(i)]
+            scales = sorted({round(float(mod.scale[i]), 6) for mod in mine})
+            ranks = sorted({int(mod.rank[i]) for mod in mine})
+            short = sorted({m.rsplit(".", 1)[-1] for m in self.covered(i)})
             rows.append(
                 {
                     "name": e.name,
@@ -194,8 +215,8 @@ class ExpertLibrary:
                     "alpha": e.lora_alpha,
                     "scaling": scales[0] if len(scales) == 1 else scales,
                     "rslora": e.use_rslora,
-                    "modules": short,
-                    "n_modules": len(self.modules),
+                    "modules": ",".join(short),
+                    "n_modules": len(mine),
                     "params": params[i],
                     "tasks": e.tasks,
                     "base_model": e.base_model,
@@ -313,23 +334,16 @@ def _read_shapes(path: Path, name: str) -> dict[str, tuple[tuple[int, ...], tupl
 
 
 def _check_layout(names, configs, shapes) -> dict[str, tuple[int, int, int]]:
-    # module -> (R, D, O), after checking every expert adapts the same modules alike.
-    ref = shapes[0]
+    # module -> (R, D, O) over the union of the experts' modules, after checking that
+    # every expert adapting a module agrees on its shape (the same base model).
+    first: dict[str, tuple[str, int, int]] = {}  # module -> (expert, D, O) first seen
     for n, c, s in zip(names, configs, shapes):
-        extra, missing = sorted(set(s) - set(ref)), sorted(set(ref) - set(s))
-        if extra or missing:
-            raise LibraryMismatchError(
-                f"expert {n} adapts different target modules than expert {names[0]}: "
-                f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
-                f"extra {extra[:4]}{' ...' if len(extra) > 4 else ''}; "
-                "experts must target the same modules of the same base model"
-            )
         for m, (a, b) in s.items():
-            (_, D0), (O0, _) = ref[m]
+            ref_name, D0, O0 = first.setdefault(m, (n, a[1], b[0]))
             if a[1] != D0 or b[0] != O0:
                 raise LibraryMismatchError(
                     f"expert {n}, module {m}: shape in={a[1]} out={b[0]} differs from expert "
-                    f"{names[0]}'s in={D0} out={O0}; experts must come from the same base model"
+                    f"{ref_name}'s in={D0} out={O0}; experts must come from the same base model"
                 )
             r_cfg, _ = c.rank_alpha(m)
             if r_cfg != a[0]:
@@ -342,7 +356,8 @@ def _check_layout(names, configs, shapes) -> dict[str, tuple[int, int, int]]:
                 f"expert {n}: fan_in_fan_out={c.fan_in_fan_out} differs from expert "
                 f"{names[0]}; experts must come from the same base architecture"
             )
-    return {m: (max(s[m][0][0] for s in shapes), ref[m][0][1], ref[m][1][0]) for m in ref}
+    # first expert's modules in its order, then modules other experts add, as first seen
+    return {m: (max(s[m][0][0] for s in shapes if m in s), D, O) for m, (_, D, O) in first.items()}
 
 
 def _iter_tensors(path: Path, name: str) -> Iterator[tuple[str, Tensor]]:

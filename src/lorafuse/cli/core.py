@@ -37,9 +37,32 @@ def info(
                 tasks,
             )
         console.print(table)
-        modules = ", ".join(lib.module_summary())
-        console.print(f"target modules (every expert): {modules}", highlight=False)
+        console.print(_coverage_table(lib))
         console.print(f"base model: {lib.base_model or 'not recorded'}", highlight=False)
+
+
+def _coverage_table(lib):
+    """Experts grouped by the modules they adapt: per module name, how many layers."""
+    from rich.table import Table
+
+    cov = lib.coverage()  # short name -> per expert count
+    union = {s: sum(m.rsplit(".", 1)[-1] == s for m in lib.modules) for s in cov}
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for i, name in enumerate(lib.names):
+        groups.setdefault(tuple(cov[s][i] for s in cov), []).append(name)
+    same = (
+        "every expert adapts the same modules"
+        if len(groups) == 1
+        else "mixed: fused over the union"
+    )
+    table = Table(title=f"module coverage ({same}): modules adapted per name, of the union's")
+    table.add_column("experts")
+    for s in cov:
+        table.add_column(f"{s} ({union[s]})", justify="right")
+    for counts, names in groups.items():
+        shown = ", ".join(names[:4]) + (f" +{len(names) - 4}" if len(names) > 4 else "")
+        table.add_row(shown, *map(str, counts))
+    return table
 
 
 def merge(
