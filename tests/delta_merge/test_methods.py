@@ -116,3 +116,25 @@ def test_saved_adapter_reproduces_the_merged_model(lib, llama_dir, tokens, tmp_p
     full = load_base(llama_dir)
     full.load_state_dict(merged_state_dict(full, merged))
     assert (adapter(tokens).logits - full(tokens).logits).abs().max() <= 1e-4
+
+
+def test_task_arithmetic_exact_rank_stops_at_min_o_d():
+    """More summed ranks than min(O, D): the exact export has rank min(O, D), same delta."""
+    from lorafuse.factors import StackedModule
+    from lorafuse.library import Expert
+
+    g = torch.Generator().manual_seed(0)
+    N, R, D, O = 6, 4, 10, 8
+    mod = StackedModule(
+        A=torch.randn(N, R, D, generator=g),
+        B=torch.randn(N, O, R, generator=g),
+        scale=torch.rand(N, generator=g) + 0.5,
+        rank=torch.full((N,), R),
+    )
+    small = ExpertLibrary([Expert(f"x{i}") for i in range(N)], {"m": mod})
+    w = torch.rand(N, generator=g) - 0.3
+    merged = delta_merge(small, "task-arithmetic", w)
+    A, B = merged.modules["m"]
+    assert A.shape == (O, D) and B.shape == (O, O)
+    ref = torch.einsum("n,nor,nrd->od", w * mod.scale, mod.B, mod.A)
+    torch.testing.assert_close(B @ A, ref, atol=1e-5, rtol=1e-5)

@@ -29,14 +29,18 @@ from lorafuse.merge import MergedAdapter, Weights, resolve_weights
 
 # ---- the methods ---------------------------------------------------------------------
 def task_arithmetic(
-    library: ExpertLibrary, weights: Weights = None, *, normalize: bool = False, rank=None
+    library: ExpertLibrary,
+    weights: Weights = None,
+    *,
+    normalize: bool = False,
+    rank: int | None = None,
 ) -> MergedAdapter:
     """dW = sum_i w_i s_i B_i A_i (weights need not sum to 1); `normalize` divides by sum_i w_i.
 
     normalize=False is mergekit's task_arithmetic and PEFT's `svd`/`cat`; normalize=True
     is mergekit's linear. Folded from the factors, no (O, D) matrix: exact at rank
-    sum_i r_i, or truncated to `rank` from the factors' QR. Raises LorafuseError for
-    bad weights (and weights summing to 0 with normalize) or rank.
+    sum_i r_i (min(O, D) if smaller, through the factors' QR), or truncated to `rank`.
+    Raises LorafuseError for bad weights (and weights summing to 0 with normalize) or rank.
     """
     per_module = _weights(library, weights, normalize)
     _check_rank(rank)
@@ -45,6 +49,8 @@ def task_arithmetic(
         A, B = mod.fold(per_module[name], "deltas")  # (M, D), (O, M)
         if rank is not None:
             B, A, energy[name] = truncate_product(B, A, rank)
+        elif A.shape[0] > min(A.shape[1], B.shape[0]):  # more columns than the rank can be
+            B, A, _ = truncate_product(B, A, min(A.shape[1], B.shape[0]))
         modules[name] = (A, B)
     options = {"normalize": normalize}
     return _adapter(library, modules, energy, weights, per_module, "task-arithmetic", options, rank)
@@ -57,7 +63,7 @@ def ties(
     density: float = 0.2,
     sign_of: str = "deltas",
     divide_by: str = "count",
-    rank=None,
+    rank: int | None = None,
 ) -> MergedAdapter:
     """TIES: trim each dW_i to its top `density` magnitudes, elect a sign, disjoint mean.
 
@@ -82,7 +88,7 @@ def dare_linear(
     drop: float = 0.9,
     seed: int = 0,
     normalize: bool = False,
-    rank=None,
+    rank: int | None = None,
 ) -> MergedAdapter:
     """DARE: drop each entry of each dW_i with rate `drop`, rescale by 1/(1-drop), sum w_i.
 
@@ -104,7 +110,7 @@ def dare_ties(
     seed: int = 0,
     sign_of: str = "deltas",
     divide_by: str = "count",
-    rank=None,
+    rank: int | None = None,
 ) -> MergedAdapter:
     """DARE's drop and rescale on each dW_i, then TIES' sign election and disjoint merge.
 
@@ -126,7 +132,7 @@ def magnitude_prune(
     *,
     density: float = 0.2,
     normalize: bool = False,
-    rank=None,
+    rank: int | None = None,
 ) -> MergedAdapter:
     """sum_i w_i trim(dW_i): each delta keeps its top `density` magnitudes (no election).
 
@@ -146,7 +152,7 @@ def breadcrumbs(
     density: float = 0.9,
     gamma: float = 0.01,
     normalize: bool = False,
-    rank=None,
+    rank: int | None = None,
 ) -> MergedAdapter:
     """Model Breadcrumbs: drop each dW_i's `gamma` largest magnitudes, keep the next `density`.
 
@@ -165,7 +171,9 @@ def breadcrumbs(
     return _dense(library, weights, recipe, rank, "breadcrumbs", options, normalize)
 
 
-def peft_linear(library: ExpertLibrary, weights: Weights = None, *, rank=None) -> MergedAdapter:
+def peft_linear(
+    library: ExpertLibrary, weights: Weights = None, *, rank: int | None = None
+) -> MergedAdapter:
     """PEFT's `linear`: the factors summed with sqrt(|w_i s_i|), the sign on A's side.
 
     B* = sum_i sqrt(|w_i s_i|) B_i and A* = sum_i sign(w_i s_i) sqrt(|w_i s_i|) A_i.
