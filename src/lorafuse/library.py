@@ -8,7 +8,7 @@ zero-padded (exact: the padded rows and columns contribute nothing).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from torch import Tensor
 
 from lorafuse.errors import ExpertError, LibraryMismatchError
 from lorafuse.factors import StackedModule
+from lorafuse.formats.hub import expand_lists, fetch_adapter, is_hub_ref, parse_ref
 from lorafuse.formats.peft import (
     BIN_NAME,
     SAFETENSORS_NAME,
@@ -41,6 +42,7 @@ class Expert:
     r: int = 0
     lora_alpha: float = 0.0
     use_rslora: bool = False
+    source: str | None = None  # the hub id it was fetched from (None: a local folder)
 
 
 class ExpertLibrary:
@@ -70,8 +72,14 @@ class ExpertLibrary:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         base_model: str | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> ExpertLibrary:
-        """Load PEFT adapter folders (or folders of them) into one stacked library.
+        """Load PEFT adapters into one stacked library.
+
+        `paths` holds adapter folders, folders of them, hub ids (`owner/name`,
+        `owner/name@revision`, `owner/name/sub/folder`: fetched into the hub cache, read
+        from it offline) and `.txt` files listing any of these one per line.
+        `progress(1)` is called after each hub id is fetched.
 
         Reads each weights file once with safetensors (or `torch.load(weights_only=True)`
         for `.bin`) and copies each tensor straight into its slot of the stacked result.
@@ -81,8 +89,8 @@ class ExpertLibrary:
         for an unreadable or non-LoRA expert and LibraryMismatchError when experts differ
         in shapes or base model; each message names the expert and module.
         """
-        dirs = find_expert_dirs(list(paths))
-        names = _unique_names(dirs)
+        dirs, labels, sources = _expert_dirs(paths, progress)
+        names = _unique_names(labels)
         configs = [read_config(d) for d in dirs]
         _check_base(names, configs, base_model)
         shapes = [_read_shapes(d, n) for d, n in zip(dirs, names)]
@@ -113,12 +121,13 @@ class ExpertLibrary:
                 else:
                     mod.B[i, :, :r].copy_(tensor)
         experts = []
-        for d, n, c in zip(dirs, names, configs):
+        for d, n, c, src in zip(dirs, names, configs, sources):
             meta = read_metadata(d)
             experts.append(
                 Expert(
                     name=n,
                     path=d,
+                    source=src,
                     tasks=list(meta.get("tasks", [])),
                     base_model=c.base_model,
                     r=c.r,
@@ -226,11 +235,30 @@ class ExpertLibrary:
 
 
 # ---- loading helpers -------------------------------------------------------------------
-def _unique_names(dirs: list[Path]) -> list[str]:
-    names = [d.name for d in dirs]
-    if len(set(names)) == len(names):
-        return names
-    return [f"{d.parent.name}/{d.name}" if names.count(d.name) > 1 else d.name for d in dirs]
+def _expert_dirs(paths, progress) -> tuple[list[Path], list[tuple[str, str]], list[str | None]]:
+    # Expert folders in order; per folder a (short, long) label and its hub id (or None).
+    dirs, labels, sources = [], [], []
+    for entry in expand_lists(list(paths)):
+        ref = parse_ref(str(entry)) if is_hub_ref(entry) else None
+        if ref is not None:
+            dirs.append(fetch_adapter(ref))
+            short = (ref.subfolder or ref.repo).rsplit("/", 1)[-1]
+            labels.append((short, str(ref)))
+            sources.append(str(ref))
+            if progress is not None:
+                progress(1)
+            continue
+        for d in find_expert_dirs([entry]):
+            dirs.append(d)
+            labels.append((d.name, f"{d.parent.name}/{d.name}"))
+            sources.append(None)
+    return dirs, labels, sources
+
+
+def _unique_names(labels: list[tuple[str, str]]) -> list[str]:
+    # The short name (folder or repo/sub-folder name) unless two experts share it.
+    shorts = [s for s, _ in labels]
+    return [s if shorts.count(s) == 1 else long for s, long in labels]
 
 
 def _check_base(names: list[str], configs: list[ExpertConfig], base_model: str | None) -> None:
