@@ -8,6 +8,7 @@ A YAML spec for a real setup (paths relative to the file, or hub ids):
       private: experts/private     # a folder of PEFT adapter folders
       mbc: experts/mbc
       shared: experts/shared
+      hub: [owner/expert-a, owner/bundle/x@v1]   # hub ids (or a .txt file listing them)
     task_map:                      # optional; default: each expert's recorded tasks
       mbc: {task_a: cluster_0, task_b: cluster_1}
     dtype: bf16
@@ -39,7 +40,7 @@ class LibrarySpec(BaseModel):
 
     base_model: str
     data: str
-    experts: dict[str, str] = Field(default_factory=dict)
+    experts: dict[str, str | list[str]] = Field(default_factory=dict)
     tokenizer: str | None = None
     task_map: dict[str, dict[str, str]] = Field(default_factory=dict)
     tasks: list[str] | None = None
@@ -49,6 +50,11 @@ class LibrarySpec(BaseModel):
     batch_size: int = Field(32, gt=0)
     fits: str = "fits"
     root: str = "."
+
+    def expert_paths(self, kind: str) -> list[str]:
+        """The entries of one expert kind (folders, hub ids, .txt lists), paths resolved."""
+        entry = self.experts[kind]
+        return [self.path(e) for e in ([entry] if isinstance(entry, str) else entry)]
 
     def path(self, value: str) -> str:
         """`value` resolved against the spec's folder when it names a local path."""

@@ -83,9 +83,8 @@ class Workspace:
                 f"no experts of kind {kind!r}; this setup has {', '.join(self.kinds) or 'none'}"
             )
         if kind not in self._libraries:
-            path = self.spec.path(self.spec.experts[kind])
             try:
-                lib = ExpertLibrary.load([path], base_model=self.base_id)
+                lib = ExpertLibrary.load(self.spec.expert_paths(kind), base_model=self.base_id)
             except LibraryMismatchError as e:
                 raise LibraryMismatchError(f"{e} (setup base model: {self.base_id})") from None
             self._libraries[kind] = lib

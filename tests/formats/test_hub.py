@@ -126,3 +126,23 @@ def test_a_local_folder_wins_over_an_id(hub, llama_experts, tmp_path):
     lib = ExpertLibrary.load(["owner/expert-a"])
     assert lib.experts[0].source is None
     assert same_tensors(lib, ExpertLibrary.load([llama_experts[3]]))
+
+
+def test_a_spec_kind_may_list_ids_or_a_text_file(hub, llama_dir, tmp_path):
+    from lorafuse.spec import LibrarySpec
+    from lorafuse.study.stages import setup_key
+    from lorafuse.workspace import Workspace
+
+    (tmp_path / "ids.txt").write_text("owner/bundle/x\nowner/bundle/y\n")
+    spec = LibrarySpec(
+        base_model=str(llama_dir),
+        data=str(tmp_path),
+        experts={"hub": ["owner/expert-a", "owner/expert-a@v1"], "listed": "ids.txt"},
+        root=str(tmp_path),
+    )
+    ws = Workspace(spec)
+    assert ws.library("hub").names == ["owner/expert-a", "owner/expert-a@v1"]
+    assert ws.library("listed").names == ["x", "y"]
+    key = setup_key(ws)
+    (tmp_path / "ids.txt").write_text("owner/bundle/x\n")
+    assert setup_key(ws) != key  # the list is part of the setup's identity

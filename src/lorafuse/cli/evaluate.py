@@ -29,8 +29,8 @@ def setup_inputs(ws) -> dict[str, list[str]]:
         inputs[f"the setup's {label}"] = [spec.path(value)]
     if spec.tokenizer:
         inputs["the setup's tokenizer"] = [spec.path(spec.tokenizer)]
-    for kind, folder in spec.experts.items():
-        inputs[f"the {kind} experts"] = [spec.path(folder)]
+    for kind in spec.experts:
+        inputs[f"the {kind} experts"] = spec.expert_paths(kind)
     return {k: [v for v in vs if Path(v).exists()] for k, vs in inputs.items()}
 
 

@@ -96,10 +96,15 @@ class StageCache:
 def setup_key(ws) -> str:
     """Identity of the setup: the spec and each expert file's size and mtime."""
     files = []
-    for kind, folder in sorted(ws.spec.experts.items()):
-        for f in sorted(Path(ws.spec.path(folder)).rglob("adapter_model.*")):
-            st = f.stat()
-            files.append([kind, str(f), st.st_size, st.st_mtime_ns])
+    for kind in sorted(ws.spec.experts):
+        for entry in ws.spec.expert_paths(kind):
+            if not Path(entry).exists():  # a hub id: its name (and revision) identifies it
+                files.append([kind, entry])
+            elif Path(entry).is_file():  # a .txt list of ids
+                files.append([kind, entry, Path(entry).read_text(errors="replace")])
+            for f in sorted(Path(entry).rglob("adapter_model.*")):
+                st = f.stat()
+                files.append([kind, str(f), st.st_size, st.st_mtime_ns])
     spec = ws.spec.model_dump(exclude={"fits"})
     return stage_key(spec, files, ws.base_id, str(ws.device), str(ws.dtype))
 
