@@ -89,11 +89,11 @@ class ExpertLibrary:
         for an unreadable or non-LoRA expert and LibraryMismatchError when experts differ
         in shapes or base model; each message names the expert and module.
         """
-        dirs, labels, sources = _expert_dirs(paths, progress)
-        names = _unique_names(labels)
+        dirs, labels, sources = expert_dirs(paths, progress)
+        names = unique_names(labels)
         configs = [read_config(d) for d in dirs]
         _check_base(names, configs, base_model)
-        shapes = [_read_shapes(d, n) for d, n in zip(dirs, names)]
+        shapes = [read_shapes(d, n) for d, n in zip(dirs, names)]
         layout = _check_layout(names, configs, shapes)
         N = len(dirs)
         modules: dict[str, StackedModule] = {}
@@ -235,8 +235,11 @@ class ExpertLibrary:
 
 
 # ---- loading helpers -------------------------------------------------------------------
-def _expert_dirs(paths, progress) -> tuple[list[Path], list[tuple[str, str]], list[str | None]]:
-    # Expert folders in order; per folder a (short, long) label and its hub id (or None).
+def expert_dirs(
+    paths: Sequence[str | Path], progress: Callable[[int], None] | None = None
+) -> tuple[list[Path], list[tuple[str, str]], list[str | None]]:
+    """Expert folders for `paths` (folders, folders of them, hub ids, .txt lists), in
+    order; per folder a (short, long) name and the hub id it came from (None: local)."""
     dirs, labels, sources = [], [], []
     for entry in expand_lists(list(paths)):
         ref = parse_ref(str(entry)) if is_hub_ref(entry) else None
@@ -255,8 +258,9 @@ def _expert_dirs(paths, progress) -> tuple[list[Path], list[tuple[str, str]], li
     return dirs, labels, sources
 
 
-def _unique_names(labels: list[tuple[str, str]]) -> list[str]:
-    # The short name (folder or repo/sub-folder name) unless two experts share it.
+def unique_names(labels: list[tuple[str, str]]) -> list[str]:
+    """Each expert's short name (folder, or repo/sub-folder name), or its long one when
+    two experts share the short one."""
     shorts = [s for s, _ in labels]
     return [s if shorts.count(s) == 1 else long for s, long in labels]
 
@@ -337,8 +341,9 @@ class _SafetensorsHandle:
         return tuple(self.h.get_slice(key).get_shape())
 
 
-def _read_shapes(path: Path, name: str) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-    # module -> (A shape (r, D), B shape (O, r)), from headers only.
+def read_shapes(path: Path, name: str) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """module -> (A shape (r, D), B shape (O, r)) of one expert, from the file's header
+    only (no tensor is read); ExpertError for an unreadable or non-LoRA file."""
     found: dict[str, dict[str, tuple[int, ...]]] = {}
     with _open_weights(path, name) as (f, h):
         for key in h.names():

@@ -7,21 +7,52 @@ from pathlib import Path
 import typer
 
 from lorafuse.cli import options as opt
-from lorafuse.cli.common import console, parse_dtype, parse_floats, seed_everything, user_errors
+from lorafuse.cli.common import (
+    console,
+    parse_dtype,
+    parse_floats,
+    progress_bar,
+    seed_everything,
+    user_errors,
+)
+
+EXPERTS_HELP = (
+    "PEFT adapter folders, folders of them, hub ids (owner/name[/sub/folder][@revision]) "
+    "or .txt files listing any of these."
+)
 
 
 def info(
-    experts: list[Path] = typer.Argument(..., help="PEFT adapter folders, or folders of them."),
+    experts: list[Path] = typer.Argument(..., help=EXPERTS_HELP),
+    check: bool = typer.Option(
+        False, "--check", help="Check whether they can be fused, reading headers only."
+    ),
+    base: str = typer.Option(
+        None, help="With --check: the base model (folder or cached id) to check shapes against."
+    ),
     seed: int = opt.seed(help="Random seed (info is deterministic; kept for symmetry)."),
 ) -> None:
-    """Table of the experts: name, rank, alpha, scaling, target modules, parameters."""
+    """Table of the experts: name, rank, alpha, scaling, target modules, parameters.
+
+    With --check, per expert its recorded base model, modules, rank, alpha, scaling and
+    every reason it would be refused, from configs and weight-file headers only; exit 0
+    when the library can be fused, 2 when not.
+    """
     from rich.table import Table
 
     with user_errors():
         seed_everything(seed)
+        from lorafuse.errors import LorafuseError
+
+        if base is not None and not check:
+            raise LorafuseError("--base goes with --check (info on loaded experts needs none)")
+        if check:
+            _check(experts, base)
+            return
         from lorafuse.library import ExpertLibrary
 
-        lib = ExpertLibrary.load(experts)
+        with _fetching(experts) as advance:
+            lib = ExpertLibrary.load(experts, progress=advance)
         table = Table(title=f"{len(lib)} experts, {len(lib.modules)} target modules")
         for col in ("name", "rank", "alpha", "scaling", "modules", "params", "tasks"):
             table.add_column(col, justify="right" if col in ("rank", "params") else "left")
@@ -39,6 +70,53 @@ def info(
         console.print(table)
         console.print(_coverage_table(lib))
         console.print(f"base model: {lib.base_model or 'not recorded'}", highlight=False)
+
+
+def _fetching(experts):
+    """A progress bar over the hub ids among `experts` (a no-op when there are none)."""
+    import contextlib
+
+    from lorafuse.formats.hub import count_hub_refs
+
+    n = count_hub_refs(experts)
+    return progress_bar(n, "fetching experts") if n else contextlib.nullcontext(None)
+
+
+def _check(experts: list[Path], base: str | None) -> None:
+    from rich.table import Table
+
+    from lorafuse.check import check_experts
+
+    with _fetching(experts) as advance:
+        checks = check_experts(experts, base, progress=advance)
+    bad = [c for c in checks if not c.ok]
+    table = Table(title=f"{len(checks)} experts checked: {len(bad)} would be refused")
+    for col in ("name", "base model", "modules", "rank", "alpha", "scaling", "problems"):
+        table.add_column(col, justify="right" if col in ("modules", "rank") else "left")
+
+    def one(values):
+        return str(values[0]) if len(values) == 1 else str(values)
+
+    for c in checks:
+        table.add_row(
+            c.name if c.source is None else f"{c.name} ({c.source})",
+            c.base_model or "-",
+            str(len(c.modules)),
+            one(c.ranks) if c.ranks else "-",
+            f"{c.alpha:g}" if c.alpha is not None else "-",
+            one(c.scalings) if c.scalings else "-",
+            "; ".join(c.problems) or "ok",
+        )
+    console.print(table)
+    if bad:
+        from lorafuse.errors import LorafuseError
+
+        names = ", ".join(c.name for c in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        raise LorafuseError(
+            f"{len(bad)} of {len(checks)} experts cannot be fused ({names}); see the problems "
+            "column, and leave those experts out or fix them"
+        )
+    console.print(f"ok: the {len(checks)} experts can be fused", highlight=False)
 
 
 def _coverage_table(lib):
@@ -66,7 +144,7 @@ def _coverage_table(lib):
 
 
 def merge(
-    experts: list[Path] = typer.Argument(..., help="PEFT adapter folders, or folders of them."),
+    experts: list[Path] = typer.Argument(..., help=EXPERTS_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (a PEFT adapter)."),
     weights: str = typer.Option(
         None, help="Comma-separated weights, one per expert (default 1/N)."
@@ -110,7 +188,8 @@ def merge(
                 f"--base {base} is not a transformers model folder (no config.json); give the "
                 "folder the base model was saved to (save_pretrained)"
             )
-        lib = ExpertLibrary.load(experts)
+        with _fetching(experts) as advance:
+            lib = ExpertLibrary.load(experts, progress=advance)
         merged = merge_experts(lib, values, space, rank)
         model = tok = state = None
         if base is not None:  # load before writing anything: a bad base writes nothing
