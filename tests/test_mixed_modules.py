@@ -8,6 +8,7 @@ that adapter alone; checked against PeftModel (one adapter, and add_weighted_ada
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -128,3 +129,19 @@ def test_info_shows_which_expert_covers_which_modules(mixed):
     assert row[header.index("o_proj (2)")] == "1" and row[header.index("up_proj (2)")] == "1"
     row = next(r for r in rows if r and r[0] == "exclude")
     assert row[header.index("o_proj (2)")] == "0"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weight_files(mixed, tmp_path, dtype):
+    from safetensors.torch import load_file, save_file
+
+    half = tmp_path / "half"
+    shutil.copytree(mixed[1], half)
+    sd = {k: v.to(dtype) for k, v in load_file(str(half / "adapter_model.safetensors")).items()}
+    save_file(sd, str(half / "adapter_model.safetensors"))
+    lib = ExpertLibrary.load([half])
+    for key, t in sd.items():
+        module = key.removeprefix("base_model.model.").split(".lora_")[0]
+        stacked = lib.modules[module]
+        got = stacked.A[0] if ".lora_A." in key else stacked.B[0]
+        assert got.dtype == torch.float32 and torch.equal(got, t.float())
