@@ -103,6 +103,8 @@ class PeftKind(FileModel):
     use_dora: bool = False
     lora_bias: bool = False
     modules_to_save: list[str] | None = None
+    target_parameters: list[str] | None = None
+    trainable_token_indices: Any = None
 
 
 def _valid_patterns(patterns: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -165,6 +167,18 @@ def read_config(path: Path) -> ExpertConfig:
             f"expert {name}: modules_to_save={kind.modules_to_save} trains full modules "
             "besides LoRA, which cannot be mixed; use adapters without modules_to_save"
         )
+    if kind.target_parameters:
+        raise ExpertError(
+            f"expert {name}: target_parameters={kind.target_parameters[:3]} puts LoRA on "
+            "parameters (such as a mixture-of-experts layer's fused expert weights), not on "
+            "Linear layers; lorafuse fuses LoRA on Linear/Conv1D modules only: use experts "
+            "trained with target_modules"
+        )
+    if kind.trainable_token_indices:
+        raise ExpertError(
+            f"expert {name}: trainable_token_indices trains embedding rows besides LoRA, "
+            "which cannot be mixed; use adapters without trainable tokens"
+        )
     cfg = check(raw, AdapterConfigFile, cfg_path, ExpertError, f"expert {name}")
     return ExpertConfig(
         path=path,
@@ -202,6 +216,12 @@ def parse_key(key: str, expert: str) -> tuple[str, str]:
         return m.group("module"), m.group("factor")
     if "lora_magnitude_vector" in short:
         raise ExpertError(f"expert {expert}: tensor {key} is a DoRA magnitude; not plain LoRA")
+    if ".base_layer." in short:
+        raise ExpertError(
+            f"expert {expert}: tensor {key} is a full copy of a base layer, which PEFT saves "
+            "when an adapter adapts an embedding (or resized it); only Linear/Conv1D LoRA "
+            "is supported"
+        )
     if "lora_embedding" in short:
         raise ExpertError(
             f"expert {expert}: tensor {key} adapts an embedding; only Linear/Conv1D LoRA "
