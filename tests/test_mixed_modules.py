@@ -145,3 +145,45 @@ def test_half_precision_weight_files(mixed, tmp_path, dtype):
         stacked = lib.modules[module]
         got = stacked.A[0] if ".lora_A." in key else stacked.B[0]
         assert got.dtype == torch.float32 and torch.equal(got, t.float())
+
+
+@pytest.fixture(scope="module")
+def mixed_bench(mini_bench, tmp_path_factory):
+    """The mini benchmark with its private experts on three different module sets."""
+    import json as _json
+
+    bench = tmp_path_factory.mktemp("mixed_bench") / "bench"
+    shutil.copytree(mini_bench, bench)
+    private = bench / "experts" / "private"
+    sets = [["q_proj"], ["v_proj", "down_proj"], ["q_proj", "k_proj", "up_proj", "o_proj"]]
+    for i, (folder, targets) in enumerate(zip(sorted(private.iterdir()), sets)):
+        shutil.rmtree(folder)
+        make_adapter(bench / "base", folder, 700 + i, targets, r=2 + i, lora_alpha=8)
+        (folder / "lorafuse_expert.json").write_text(_json.dumps({"tasks": [folder.name]}))
+    return bench
+
+
+def test_matrix_and_methods_on_a_mixed_library(mixed_bench, tmp_path):
+    from lorafuse.matrix import expert_task_matrix
+    from lorafuse.methods.run import evaluate_method
+    from lorafuse.spec import load_spec
+    from lorafuse.workspace import Workspace
+    from tests.evalref import reference_task_losses
+
+    ws = Workspace(load_spec(mixed_bench))
+    lib = ws.library("private")
+    assert len({tuple(lib.covered(i)) for i in range(len(lib))}) == 3
+    m = expert_task_matrix(ws, "private", "validation", rows_per_pass=64)
+    refs = {}
+    for i, e in enumerate(m.experts):
+        refs[e] = reference_task_losses(
+            mixed_bench, "validation", mixed_bench / "experts/private" / e
+        )
+        for j, t in enumerate(m.tasks):
+            assert m.losses[i, j].item() == pytest.approx(refs[e][t], abs=1e-5)
+    oracle = evaluate_method(ws, "oracle", "validation")
+    for task, v in oracle.per_task.items():  # the oracle is each task's own expert, alone
+        assert v["loss"] == pytest.approx(refs[task][task], abs=1e-5)
+    for name in ("merge-uniform", "merge-uniform-full", "ensemble-uniform", "arrow-top1"):
+        r = evaluate_method(ws, name, "validation")
+        assert all(torch.isfinite(torch.tensor(v["loss"])) for v in r.per_task.values()), name
