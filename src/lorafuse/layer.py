@@ -15,9 +15,11 @@ None. tests/fast prove the two agree.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from lorafuse import fast as fastpath
+from lorafuse.base_layers import base_shape, compute_dtype, layer_shape
 from lorafuse.errors import LorafuseError
 from lorafuse.factors import StackedModule
 from lorafuse.mixers.protocol import Mixer
@@ -33,43 +35,44 @@ def check_space(space: str) -> str:
     return space
 
 
-def base_shape(base: nn.Module) -> tuple[int, int]:
-    """(D, O) of an nn.Linear or a transformers Conv1D (weight stored (D, O))."""
-    w = base.weight
-    if isinstance(base, nn.Linear):
-        return w.shape[1], w.shape[0]
-    if type(base).__name__ == "Conv1D":
-        return w.shape[0], w.shape[1]
-    raise LorafuseError(f"cannot fuse a {type(base).__name__}; only nn.Linear and Conv1D")
-
-
 class FusedLoRALinear(nn.Module):
     """`base(x)` plus N LoRA experts mixed by the coefficients `mixer(x)` returns.
 
     The mixer (lorafuse.mixers.protocol.Mixer: a Module or any callable; None: the base
     layer alone) returns (N,), (B, N) or (B, T, N) coefficients for input x of shape
     (B, T, D) (or (T, D) with (N,) / (T, N) coefficients). Gradients flow to the mixer's
-    parameters; the experts' factors are buffers (frozen). `fast=False` builds the layer
-    without its fast path (the reference alone). Raises LorafuseError when the experts'
-    shape is not the base layer's or the space is unknown.
+    parameters; the experts' factors are buffers (frozen). The base layer is an
+    nn.Linear, a Conv1D or a bitsandbytes 4-bit / 8-bit layer (lorafuse.base_layers): the
+    base output always comes from it, and the experts compute in its weight's dtype, or
+    beside a quantized layer in its compute dtype (`dtype`, the model's activations, when
+    it names none), x cast to it and back. `fast=False` builds the layer without its fast
+    path (the reference alone). Raises LorafuseError for a layer of another kind, when
+    the experts' shape is not the base layer's, or the space is unknown.
     """
 
     def __init__(
-        self, base: nn.Module, stacked: StackedModule, space: str, name: str = "", fast=True
+        self,
+        base: nn.Module,
+        stacked: StackedModule,
+        space: str,
+        name: str = "",
+        fast=True,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
         N, R, D, O = stacked.shape
-        if base_shape(base) != (D, O):
+        shape = layer_shape(base, name)
+        if shape != (D, O):
             raise LorafuseError(
-                f"module {name}: the model's layer is (in={base_shape(base)[0]}, "
-                f"out={base_shape(base)[1]}) but the experts expect (in={D}, out={O}); "
-                "the experts were trained on a different base model"
+                f"module {name}: the model's layer is (in={shape[0]}, out={shape[1]}) but the "
+                f"experts expect (in={D}, out={O}); the experts were trained on a different "
+                "base model"
             )
         self.base = base
         self.name = name
         self.space = check_space(space)
         self.num_experts, self.rank, self.out_features = N, R, O
-        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        like = {"device": base.weight.device, "dtype": compute_dtype(base, dtype)}
         # Rank-major order, row r*N + i = expert i's r-th factor: the products with the
         # coefficients (M, R, N) then run along N, not along the short R (vectorised).
         A = stacked.A.to(**like).transpose(0, 1).reshape(R * N, D)
@@ -109,13 +112,16 @@ class FusedLoRALinear(nn.Module):
         `coefficients` (N,), (B, N) or (B, T, N); raises LorafuseError when they do not fit.
         """
         N, R = self.num_experts, self.rank
+        dtype = x.dtype  # beside a quantized base the experts' compute dtype may differ
+        x = x.to(self.A_rows.dtype)
         l = self.token_coefficients(coefficients, x).unsqueeze(-2)  # (1, N) or (M, 1, N)
         u = x.reshape(-1, x.shape[-1]) @ self.A_cat  # (M, R*N): A_i x, rank-major
         u = u.unflatten(-1, (R, N))  # (M, R, N)
         if self.space == "factors":
             u = (u * l).sum(-1, keepdim=True)  # (M, R, 1): (sum_j l_j A_j) x
         z = (u * l).flatten(-2)  # (M, R*N): l_i A_i x, or l_i (sum_j l_j A_j) x
-        return (z @ self.B_cat).view(*x.shape[:-1], self.out_features)  # sum_i s_i B_i z_i
+        y = (z @ self.B_cat).view(*x.shape[:-1], self.out_features)  # sum_i s_i B_i z_i
+        return y if dtype == x.dtype else y.to(dtype)  # (..., O), autocast's dtype kept
 
     def token_coefficients(self, c: Tensor, x: Tensor) -> Tensor:
         """Coefficients c as (N,) or one row per token (M, N), M = x.numel() / D.

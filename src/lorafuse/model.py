@@ -1,7 +1,9 @@
 """Attach an ExpertLibrary to a transformers model as fused layers, and detach it.
 
-`attach` swaps each targeted nn.Linear / Conv1D for a FusedLoRALinear in place, so the
-model keeps its class: forward, `generate` and the KV cache work unchanged. A Fusion is a
+`attach` swaps each targeted nn.Linear / Conv1D / bitsandbytes 4-bit or 8-bit layer for a
+FusedLoRALinear in place, so the model keeps its class: forward, `generate` and the KV
+cache work unchanged. A quantized base layer stays quantized (the experts run beside it);
+`refuse_quantized` is the guard for anything that would need its full weight. A Fusion is a
 context manager, and `attached(...)` is the form to use: it detaches on every exit path.
 
     with attached(model, library, "factors") as fusion:
@@ -17,6 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from lorafuse.base_layers import layer_shape, quantized_modules
 from lorafuse.errors import LibraryMismatchError, LorafuseError
 from lorafuse.layer import FusedLoRALinear, Mixer, check_space
 from lorafuse.library import ExpertLibrary
@@ -121,15 +124,18 @@ def attach(
 ) -> Fusion:
     """Replace each library module of `model` by a FusedLoRALinear; return the Fusion.
 
-    The factors are cast to each base layer's device and dtype. The model's parameters
-    are frozen. Without `mixer` the coefficients start uniform. Raises
-    LibraryMismatchError when a library module is missing from the model or has another
-    shape.
+    The factors are cast to each base layer's device and dtype (beside a bitsandbytes
+    4-bit / 8-bit layer: its compute dtype, else the dtype of the model's first floating
+    parameter, its activations). The model's parameters are frozen. Without `mixer` the
+    coefficients start uniform. Raises LibraryMismatchError when a library module is
+    missing from the model or has another shape, LorafuseError (naming the module and its
+    type) when it is a layer lorafuse cannot fuse into.
     """
     check_space(space)
     if any(isinstance(m, FusedLoRALinear) for m in model.modules()):
         raise LorafuseError("the model has fused layers already; detach the first Fusion first")
     fusion = Fusion(model, library, space)
+    activations = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     for name, stacked in library.modules.items():
         try:
             base = model.get_submodule(name)
@@ -138,8 +144,9 @@ def attach(
                 f"the experts adapt module {name}, which the model does not have; the experts "
                 f"were trained on another base model ({library.base_model or 'unknown'})"
             ) from None
+        layer_shape(base, name)  # a layer of a kind lorafuse fuses into, else LorafuseError
         try:
-            fusion.layers[name] = FusedLoRALinear(base, stacked, space, name)
+            fusion.layers[name] = FusedLoRALinear(base, stacked, space, name, dtype=activations)
         except LorafuseError as e:
             raise LibraryMismatchError(str(e)) from None
     for p in model.parameters():
@@ -179,6 +186,29 @@ def detach_all(model: nn.Module) -> int:
         fusion.layers = layers
         fusion.detach()
     return len(layers)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether `model` holds bitsandbytes 4-bit / 8-bit layers (no full-precision weights)."""
+    return bool(quantized_modules(model))
+
+
+def refuse_quantized(model: nn.Module, action: str = "save a merged full model") -> None:
+    """Raise LorafuseError if `model` is quantized: `action` would dequantize it silently.
+
+    The message names the first quantized modules and says what to do instead (export
+    the merged experts as a PEFT adapter, or load the base model unquantized).
+    """
+    found = quantized_modules(model)
+    if found:
+        kinds = "/".join(sorted(set(found.values())))
+        names = ", ".join(list(found)[:3]) + (" ..." if len(found) > 3 else "")
+        raise LorafuseError(
+            f"cannot {action}: the base model is quantized ({len(found)} bitsandbytes "
+            f"{kinds} layers: {names}) and has no full-precision weights to merge into; "
+            "export the merged experts as a PEFT adapter (lorafuse merge without --base) and "
+            "load it on the quantized model, or load the base model unquantized"
+        )
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

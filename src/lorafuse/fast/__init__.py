@@ -11,9 +11,11 @@ that makes it fast and equals it by test (tests/fast):
 
 The rule, in one place (`choose`, called once when a FusedLoRALinear is built):
 - LORAFUSE_FAST=0 (read then): no fast path; the layer runs its reference forward.
-- Otherwise a JointPath, on every device and dtype. For an nn.Linear base its weight and
-  bias join the joint GEMM (as views of its buffer); a transformers Conv1D (weight
-  stored (D, O)) keeps its own product, and only the experts' and a router's rows
+- Otherwise a JointPath, on every device and dtype. For a base whose output is exactly
+  F.linear(x, W, b) (lorafuse.base_layers.joins_gemm: an nn.Linear with a full floating
+  weight and nn.Linear's forward) its weight and bias join the joint GEMM (as views of
+  its buffer); any other base (a transformers Conv1D, weight stored (D, O); a quantized
+  or custom Linear) keeps its own product, and only the experts' and a router's rows
   share one.
 Per call, the JointPath declines (returns None, and the reference runs) under autocast
 and when x's dtype is not the layer's. Everything else it decides per call
@@ -32,6 +34,7 @@ import os
 
 from torch import nn
 
+from lorafuse.base_layers import joins_gemm
 from lorafuse.fast.joint import JointPath
 
 SWITCH = "LORAFUSE_FAST"  # "0": every fused layer built from now on runs the reference
@@ -43,4 +46,4 @@ def choose(layer: nn.Module) -> JointPath | None:
     """The fast path of a newly built FusedLoRALinear, or None (the rule above)."""
     if os.environ.get(SWITCH, "1").strip().lower() in ("0", "false", "off", "no"):
         return None
-    return JointPath(layer, join_base=isinstance(layer.base, nn.Linear))
+    return JointPath(layer, join_base=joins_gemm(layer.base))
