@@ -167,7 +167,7 @@ def test_merging_into_quantized_weights_is_refused(setup, kind):
     model = quantized(base_dir, kind)
     merged = merge(ExpertLibrary.load(dirs), torch.tensor([0.5, 0.3, 0.2]), "deltas")
     bits = kind.replace("bit", "-bit")
-    with pytest.raises(LorafuseError, match=f"{bits} layer .*PEFT adapter"):
+    with pytest.raises(LorafuseError, match=f"quantized .*{bits} layers: .*q_proj.*PEFT adapter"):
         merged_state_dict(model, merged)  # the full model `merge --base` would save
     with pytest.raises(LorafuseError, match=f"quantized .*{bits}.*q_proj.*PEFT adapter"):
         refuse_quantized(model)

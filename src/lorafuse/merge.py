@@ -186,8 +186,12 @@ def merged_state_dict(model: nn.Module, merged: MergedAdapter) -> dict[str, Tens
     """The model's state dict with each module's weight replaced by W + delta.
 
     The delta is B @ A, transposed for Conv1D (weights stored (D, O)); computed in fp32
-    and cast back to the weight's dtype. Raises LorafuseError for a missing module.
+    and cast back to the weight's dtype. Raises LorafuseError for a missing module, or a
+    quantized model (merging into it would dequantize it silently).
     """
+    from lorafuse.model import refuse_quantized
+
+    refuse_quantized(model)
     sd = dict(model.state_dict())
     for name, (A, B) in merged.modules.items():
         key = f"{name}.weight"
