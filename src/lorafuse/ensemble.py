@@ -64,16 +64,29 @@ def ensemble_logprobs(
         fusion.set_coefficients(coefficient_rows(eye[chunk], B))  # (n*B, N)
         with torch.no_grad():
             logits = model(input_ids=ids.repeat(n, 1), attention_mask=mask.repeat(n, 1)).logits
-        logits = logits.float().view(n, B, *logits.shape[1:])  # (n, B, T, V)
-        w = weights[chunk].to(logits.device, torch.float32)  # (n,)
-        if level == "probs":
-            part = torch.logsumexp(
-                torch.log_softmax(logits, -1) + w.log()[:, None, None, None], 0
-            )  # (B, T, V)
-            out = part if out is None else torch.logaddexp(out, part)
-        else:
-            part = (w[:, None, None, None] * logits).sum(0)  # (B, T, V)
-            out = part if out is None else out + part
+        logits = logits.view(n, B, *logits.shape[1:])  # (n, B, T, V)
+        part = mix_part(logits, weights[chunk], level)  # (B, T, V)
+        out = part if out is None else add_parts(out, part, level)
     if out is None:
         raise LorafuseError("every ensemble weight is zero; at least one expert must be used")
-    return out if level == "probs" else torch.log_softmax(out, -1)
+    return finish(out, level)
+
+
+def mix_part(logits: Tensor, weights: Tensor, level: str) -> Tensor:
+    """One group of experts' share of the mixture: logits (n, ..., V), weights (n,) ->
+    (..., V): log sum_i w_i p_i at level probs, sum_i w_i z_i at level logits (fp32)."""
+    w = weights.to(logits.device, torch.float32)  # (n,)
+    w = w.view(-1, *([1] * (logits.dim() - 1)))  # (n, 1, ..., 1)
+    if level == "probs":
+        return torch.logsumexp(torch.log_softmax(logits.float(), -1) + w.log(), 0)
+    return (w * logits.float()).sum(0)
+
+
+def add_parts(a: Tensor, b: Tensor, level: str) -> Tensor:
+    """Two groups' shares added (log-sum-exp of log-probabilities, or a sum of logits)."""
+    return torch.logaddexp(a, b) if level == "probs" else a + b
+
+
+def finish(total: Tensor, level: str) -> Tensor:
+    """The mixture's next-token log-probabilities (..., V) from every group's shares."""
+    return total if level == "probs" else torch.log_softmax(total, -1)

@@ -7,6 +7,8 @@ from functools import partial
 
 import torch
 
+from lorafuse.errors import LorafuseError
+from lorafuse.generate import ModelDecoder
 from lorafuse.methods.method import Context, Cost, Method, Prepared
 from lorafuse.model import attached
 
@@ -35,12 +37,27 @@ def prepare_oracle(ctx: Context) -> Prepared:
     with ExitStack() as stack:
         fusion = stack.enter_context(attached(ws.model, library, "factors"))
 
-        def forward(batch):
-            rows = torch.tensor([index[t] for t in batch.tasks])
+        def route(tasks: list[str]) -> None:
+            unknown = sorted({t for t in tasks if t not in index})
+            if unknown:
+                known = ", ".join(sorted(index)[:8]) + (" ..." if len(index) > 8 else "")
+                raise LorafuseError(
+                    f"the oracle routes each input to its task's expert and has no "
+                    f"{ctx.kind} expert for task {unknown[0]!r}; give one of its tasks: {known}"
+                )
+            rows = torch.tensor([index[t] for t in tasks])
             fusion.set_coefficients(eye[rows])  # (B, N): each row its task's expert
+
+        def forward(batch):
+            route(batch.tasks)
             return _logits(ws, batch)
 
-        return Prepared(forward, stack.pop_all().close, info={"experts": ctx.kind})
+        def decoder(tasks: list[str]) -> ModelDecoder:
+            route(tasks)  # the coefficients hold for every step of the batch
+            return ModelDecoder(ws.model)
+
+        info = {"experts": ctx.kind}
+        return Prepared(forward, stack.pop_all().close, info=info, decoder=decoder)
 
 
 def _first(fusion) -> None:

@@ -22,6 +22,7 @@ from lorafuse.ensemble import ensemble_logprobs
 from lorafuse.errors import LorafuseError
 from lorafuse.fit.options import Options
 from lorafuse.formats.fits import load_fit
+from lorafuse.generate import EnsembleDecoder
 from lorafuse.methods.method import Context, Cost, Fitted, Method, Prepared
 from lorafuse.model import attached
 
@@ -66,8 +67,12 @@ def ensemble_prepared(ctx: Context, weights: torch.Tensor, level: str = "probs")
             t = {k: v.to(ws.device) for k, v in batch.tensors.items()}
             return ensemble_logprobs(ws.model, fusion, t, w, level, ROWS_PER_PASS)
 
+        def decoder(tasks):
+            return EnsembleDecoder(ws.model, fusion, w, level)
+
         info = {"experts": ctx.kind, "level": level, "nonzero": int((w > 0).sum())}
-        return Prepared(forward, stack.pop_all().close, passes=int((w > 0).sum()), info=info)
+        n = int((w > 0).sum())
+        return Prepared(forward, stack.pop_all().close, passes=n, info=info, decoder=decoder)
 
 
 def uniform_weights(ctx: Context) -> torch.Tensor:

@@ -73,6 +73,12 @@ class Context:
 class Prepared:
     """A ready-to-run method: `forward(batch) -> logits (B, T, V)` and a clean-up.
 
+    `decoder(tasks) -> Decoder` (lorafuse.generate) generates with the method, given the
+    task of each row of a batch of prompts; None (the default) generates with the
+    workspace's model as the method set it up (base, merged, routed, one expert), which
+    is right for every method whose forward is that model's. An oracle (coefficients per
+    row from the tasks) and an output-level ensemble give their own.
+
     A context manager: `with method.prepare(ctx) as prepared:` closes it (detaches the
     experts it attached) on every exit path.
     """
@@ -81,6 +87,7 @@ class Prepared:
     close: Callable[[], None] = lambda: None
     passes: int = 1  # forward passes of the base model per token at inference
     info: dict[str, Any] = field(default_factory=dict)
+    decoder: Callable[[list[str]], Any] | None = None
 
     def __enter__(self) -> Prepared:
         return self

@@ -69,6 +69,110 @@ def evaluate_method(
     return summarize(sums, counts, tasks, name, split, settings)
 
 
+ROWS_PER_STEP = 256  # prompt rows x experts run per decoding forward
+
+
+def _decoding(ws, prepared, tasks: list[str], batch_size: int | None):
+    """(decoder factory, prompts per batch) of a prepared method: an ensemble of n
+    experts runs n rows per prompt, so its batches hold fewer prompts."""
+    from lorafuse.generate import ModelDecoder
+
+    decoder = prepared.decoder or (lambda tasks: ModelDecoder(ws.model))
+    size = batch_size or ws.spec.batch_size
+    return decoder, max(1, min(size, ROWS_PER_STEP // max(1, prepared.passes)))
+
+
+def generate_answers(
+    ws,
+    name: str,
+    split: str = "test",
+    kind: str = "private",
+    max_per_task: int | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Greedy answers of method `name` to every example of `split` (at most
+    `max_per_task` per task), scored by exact match and Rouge-L (lorafuse.answers).
+
+    Returns score_answers' dict plus "settings" (caps, tokens generated, seconds) and
+    "samples" (each task's first example: prompt end, reference, answer). Raises
+    LorafuseError as evaluate_method does.
+    """
+    from lorafuse.answers import MAX_NEW_TOKENS, answer_prompts, decode_answers, score_answers
+    from lorafuse.generate import generate_ids
+
+    method, ctx = method_context(ws, name, kind)
+    cap = max_new_tokens or MAX_NEW_TOKENS
+    prompts = answer_prompts(ws, split, max_per_task, cap)
+    tok = ws.tokenizer
+    start = time.perf_counter()
+    with method.prepare(ctx) as prepared:
+        decoder, size = _decoding(ws, prepared, prompts.tasks, batch_size)
+        rows = generate_ids(
+            decoder, prompts.ids, prompts.caps, tok.eos_token_id, ws.pad_id, prompts.tasks,
+            size, ws.device, progress,
+        )  # fmt: skip
+        passes = prepared.passes
+    answers = decode_answers(tok, rows)
+    out = score_answers(answers, prompts.references, prompts.tasks)
+    out["settings"] = {
+        "experts": kind,
+        "split": split,
+        "max_examples_per_task": max_per_task,
+        "max_new_tokens": cap,
+        "examples": len(answers),
+        "generated_tokens": sum(len(r) for r in rows),
+        "passes": passes,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    seen: dict[str, dict[str, str]] = {}
+    for ids, ref, task, answer in zip(prompts.ids, prompts.references, prompts.tasks, answers):
+        if task not in seen:
+            prompt = tok.decode(ids, skip_special_tokens=True)
+            seen[task] = {"prompt": prompt[-120:], "reference": ref, "answer": answer}
+    out["samples"] = dict(sorted(seen.items()))
+    return out
+
+
+def generate_text(
+    ws,
+    name: str,
+    prompts: list[str],
+    kind: str = "private",
+    task: str | None = None,
+    max_new_tokens: int = 32,
+) -> list[str]:
+    """Greedy continuations of `prompts` by method `name` over the `kind` experts.
+
+    `ws` is a Workspace, or a benchmark folder or library spec (a path) to open one.
+    `task` is each prompt's task, which an oracle needs (its expert is the task's).
+    Raises LorafuseError for an unknown method or kind, an oracle without a known task,
+    an empty prompt or max_new_tokens < 1.
+    """
+    from lorafuse.answers import decode_answers
+    from lorafuse.generate import generate_ids
+    from lorafuse.workspace import Workspace
+
+    if not isinstance(ws, Workspace):
+        from lorafuse.spec import load_spec
+
+        ws = Workspace(load_spec(ws))
+    if max_new_tokens < 1:
+        raise LorafuseError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+    method, ctx = method_context(ws, name, kind)
+    tok = ws.tokenizer
+    ids = tok(list(prompts), add_special_tokens=False)["input_ids"]
+    tasks = [task or ""] * len(ids)
+    with method.prepare(ctx) as prepared:
+        decoder, size = _decoding(ws, prepared, tasks, None)
+        rows = generate_ids(
+            decoder, ids, [max_new_tokens] * len(ids), tok.eos_token_id, ws.pad_id, tasks,
+            size, ws.device,
+        )  # fmt: skip
+    return decode_answers(tok, rows)
+
+
 def total_rows(ws, split: str, max_per_task: int | None) -> int:
     """Number of examples `evaluate_method` will run (for progress bars)."""
     return len(ws.examples(split, max_per_task))
