@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from lorafuse.errors import ExpertError, OutputExistsError
+from lorafuse.errors import ExpertError, LorafuseWarning, OutputExistsError
 from lorafuse.formats.mttl import convert_library, read_library, resolve_library
 from lorafuse.library import ExpertLibrary
 from tests.conftest import load_base
@@ -243,12 +243,50 @@ def test_names_of_weights_alone_are_checked(mttl_lib, tmp_path):
         read_library(mttl_lib, alpha=16.0, use_meta=False)
 
 
-def test_sub_folder_experts_read_but_do_not_convert_yet(llama_dir, mttl_lib, tmp_path):
-    write_mttl_expert(mttl_lib, llama_dir, "task_a", seed=1, expert_name="group/task_a")
-    out = tmp_path / "peft"
+def test_sub_folder_experts_convert_to_flat_folders(llama_dir, mttl_lib, tmp_path, tokens):
+    (mttl_lib / "group" / "deeper").mkdir(parents=True)
+    weights = write_mttl_expert(
+        mttl_lib / "group", llama_dir, "task_a", seed=1, expert_name="group/task_a"
+    )
+    write_mttl_expert(mttl_lib / "group" / "deeper", llama_dir, "x", seed=2, expert_name=None)
     lib = read_library(mttl_lib)
-    assert [e.name for e in lib] == ["cluster_0", "group/task_a"]
-    with pytest.raises(ExpertError, match="'group/task_a'.*sub-folder expert.*--experts"):
-        convert_library(lib, out)
-    assert not out.exists() and not list(tmp_path.glob(".peft*"))
-    assert convert_library(lib, out, select=["cluster_0"]) == [out / "cluster_0"]
+    assert [e.name for e in lib] == ["cluster_0", "group/deeper/x", "group/task_a", "task_a"]
+    out = tmp_path / "peft"
+    written = convert_library(lib, out)
+    flat = ["cluster_0", "group--deeper--x", "group--task_a", "task_a"]
+    assert [p.name for p in written] == flat
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)
+    meta = json.loads((out / "group--task_a" / "lorafuse_expert.json").read_text())
+    assert meta["mttl_expert"] == "group/task_a"
+    # the converted sub-folder expert reproduces mttl's forward, as the top-level ones do
+    rank, alpha, _, _ = EXPERTS["task_a"]
+    ref = mttl_forward(llama_dir, weights, alpha / rank, tokens)
+    model = PeftModel.from_pretrained(load_base(llama_dir), out / "group--task_a").eval()
+    assert (model(tokens).logits - ref).abs().max() <= 1e-5
+    lib2 = ExpertLibrary.load([out])
+    assert lib2.names == flat
+
+
+def test_sub_folder_meta_without_its_ckpt_fails_loudly(llama_dir, mttl_lib):
+    (mttl_lib / "group").mkdir()
+    write_mttl_expert(mttl_lib / "group", llama_dir, "task_a", seed=1, expert_name="group/t")
+    (mttl_lib / "group" / "task_a.ckpt").unlink()
+    with pytest.raises(ExpertError, match="expert group/t: task_a.meta has no"):
+        read_library(mttl_lib)
+
+
+def test_colliding_folder_names_are_refused(llama_dir, mttl_lib, tmp_path):
+    (mttl_lib / "a").mkdir()
+    write_mttl_expert(mttl_lib / "a", llama_dir, "task_a", seed=1, expert_name="a/b")
+    write_mttl_expert(mttl_lib, llama_dir, "task_b", seed=2, expert_name="a--b")
+    with pytest.raises(ExpertError, match="'a--b' and 'a/b'|'a/b' and 'a--b'"):
+        convert_library(read_library(mttl_lib), tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+
+
+def test_ckpt_files_without_meta_are_reported(llama_dir, mttl_lib):
+    import shutil
+
+    shutil.copy(mttl_lib / "cluster_0.ckpt", mttl_lib / "stray.ckpt")
+    with pytest.warns(LorafuseWarning, match="1 .ckpt file.*stray.ckpt.*--ignore-meta"):
+        read_library(mttl_lib)

@@ -40,13 +40,21 @@ def import_mttl(
         lib = read_library(folder, alpha=alpha, use_meta=not ignore_meta)
         written = convert_library(lib, out, select=select, force=force, source=str(source))
         by_name = {e.name: e for e in lib}
+        chosen = [by_name[n] for n in select] if select else [e for e in lib]
         table = Table(title=f"{len(written)} mttl experts -> PEFT adapters in {out}")
-        for col in ("expert", "rank", "alpha", "tasks", "base model"):
+        for col in ("expert", "folder", "rank", "alpha", "tasks", "base model"):
             table.add_column(col)
-        for path in written:
-            e = by_name[path.name]
+        for e, path in zip(chosen, written):
             tasks = ",".join(e.tasks[:3]) + (" ..." if len(e.tasks) > 3 else "")
-            table.add_row(e.name, str(e.rank or "-"), f"{e.alpha:g}", tasks, e.base_model or "-")
+            row = (
+                e.name,
+                path.name,
+                str(e.rank or "-"),
+                f"{e.alpha:g}",
+                tasks,
+                e.base_model or "-",
+            )
+            table.add_row(*row)
         console.print(table)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from lorafuse.errors import ExpertError
+from lorafuse.errors import ExpertError, LorafuseWarning
 from lorafuse.formats.peft import KEY_PREFIX, METADATA_NAME, SAFETENSORS_NAME, adapter_config
 from lorafuse.formats.schema import FileModel, Finite, PositiveInt, check, one_of
 from lorafuse.io import atomic_dir
@@ -85,9 +86,9 @@ def read_library(
     file, a non-LoRA expert or a duplicate name.
     """
     folder = Path(folder)
-    metas = sorted(folder.glob("*.meta")) if use_meta else []
+    metas = _files(folder, ".meta") if use_meta else []
     if not metas:
-        ckpts = sorted(folder.glob("*.ckpt"))
+        ckpts = _files(folder, ".ckpt")
         if not ckpts:
             raise ExpertError(
                 f"{folder} holds no .meta or .ckpt files: it is not an mttl expert library"
@@ -98,10 +99,14 @@ def read_library(
                 f"mttl library {folder} {why}, so the LoRA alpha is unknown; pass --alpha "
                 "(the paper's experts: 16)"
             )
-        return [MttlExpert(safe_name(c.stem, c), c, [c.stem], alpha=alpha) for c in ckpts]
+        out = []
+        for c in ckpts:
+            name = safe_name(c.relative_to(folder).with_suffix("").as_posix(), c)
+            out.append(MttlExpert(name, c, [name.rsplit("/", 1)[-1]], alpha=alpha))
+        return out
     experts: dict[str, MttlExpert] = {}
     for path in metas:
-        expert = _from_meta(path, alpha)
+        expert = _from_meta(path, alpha, path.relative_to(folder).with_suffix("").as_posix())
         if expert is None:
             continue
         if expert.name in experts:
@@ -110,7 +115,35 @@ def read_library(
                 f"({experts[expert.name].meta_file.name} and {path.name}); remove one"
             )
         experts[expert.name] = expert
+    claimed = {e.ckpt.resolve() for e in experts.values()}
+    claimed |= {p.with_suffix(".ckpt").resolve() for p in metas}  # deleted experts' too
+    orphans = [c for c in _files(folder, ".ckpt") if c.resolve() not in claimed]
+    if orphans:
+        shown = ", ".join(str(c.relative_to(folder)) for c in orphans[:3])
+        warnings.warn(
+            f"mttl library {folder}: {len(orphans)} .ckpt file(s) have no .meta and were "
+            f"left out ({shown}{' ...' if len(orphans) > 3 else ''}); --ignore-meta reads "
+            ".ckpt files alone",
+            LorafuseWarning,
+            stacklevel=2,
+        )
     return [experts[n] for n in sorted(experts)]
+
+
+def _files(folder: Path, suffix: str) -> list[Path]:
+    # mttl keeps sub-folder experts (add_expert("group/x")) as group/x.meta + group/x.ckpt
+    # and finds them with **/*.meta; hidden folders (temporary writes, .git) are skipped.
+    return sorted(
+        p
+        for p in folder.rglob(f"*{suffix}")
+        if p.is_file() and not any(d.startswith(".") for d in p.relative_to(folder).parts[:-1])
+    )
+
+
+def folder_name(name: str) -> str:
+    """The output folder of expert `name`: sub-folder names flattened (`group/x` ->
+    `group--x`), so every adapter is a direct child of the output folder."""
+    return name.replace("/", "--")
 
 
 def convert_library(
@@ -126,8 +159,9 @@ def convert_library(
     target_modules, the base model), adapter_model.safetensors and lorafuse_expert.json
     (its tasks). All experts are written under a temporary name and renamed together:
     on any error nothing is left at `out`. Raises ExpertError (bad weights, unknown
-    selection, a name that is not a plain folder name: `..`, absolute, or a sub-folder
-    `a/b`, which is not supported yet) or OutputExistsError (`out` exists and not `force`).
+    selection, a name that could leave `out`: `..`, absolute; two names mapping to one
+    folder) or OutputExistsError (`out` exists and not `force`). A sub-folder expert
+    `group/x` is written to `out/group--x/` (`folder_name`).
     """
     if select:
         known = {e.name: e for e in experts}
@@ -138,24 +172,27 @@ def convert_library(
         experts = [known[n] for n in select]
     if not experts:
         raise ExpertError("the mttl library holds no expert to convert (all deleted?)")
+    seen: dict[str, str] = {}
     for e in experts:
         safe_name(e.name, e.meta_file or e.ckpt)
-        if "/" in e.name:
+        other = seen.setdefault(folder_name(e.name).lower(), e.name)
+        if other != e.name:
             raise ExpertError(
-                f"expert {e.name!r} ({e.meta_file or e.ckpt}) is a sub-folder expert; "
-                "converting those is not supported yet: leave it out with --experts"
+                f"experts {other!r} and {e.name!r} would both be written to folder "
+                f"{folder_name(e.name)!r} (sub-folders become '--'; names compared without "
+                "case); leave one out with --experts"
             )
     with atomic_dir(out, force) as tmp:
         for e in experts:
             tensors, modules, rank = peft_tensors(e)
-            folder = tmp / e.name
+            folder = tmp / folder_name(e.name)
             folder.mkdir()
             _save_tensors(tensors, folder / SAFETENSORS_NAME)
             cfg = adapter_config(rank, modules, e.base_model, lora_alpha=e.alpha)
             cfg.save_pretrained(str(folder))
             info = {"tasks": e.tasks, "kind": "mttl", "mttl_expert": e.name, "source": source}
             (folder / METADATA_NAME).write_text(json.dumps(info, indent=2) + "\n")
-    return [Path(out) / e.name for e in experts]
+    return [Path(out) / folder_name(e.name) for e in experts]
 
 
 def peft_tensors(expert: MttlExpert) -> tuple[dict[str, Tensor], list[str], int]:
@@ -254,12 +291,13 @@ def safe_name(name: str, source: Path | str) -> str:
     return name
 
 
-def _from_meta(path: Path, alpha: float | None) -> MttlExpert | None:
-    # The expert a .meta file describes, or None if it is marked deleted.
-    meta = check(_load(path, path.stem), MttlMeta, path, ExpertError, f"expert {path.stem}")
+def _from_meta(path: Path, alpha: float | None, where: str) -> MttlExpert | None:
+    # The expert a .meta file describes (`where`: its path in the library, no suffix), or
+    # None if it is marked deleted.
+    meta = check(_load(path, path.stem), MttlMeta, path, ExpertError, f"expert {where}")
     if meta.expert_deleted:
         return None
-    name = safe_name(meta.expert_name or path.stem, path)
+    name = safe_name(meta.expert_name or where, path)
     training = meta.training_config or MttlConfig()
     config = meta.expert_config or training
     modifier = config.modifier if config.modifier is not None else config.model_modifier
