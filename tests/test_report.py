@@ -65,3 +65,23 @@ def test_missing_truncated_and_non_object_files(tmp_path):
         load_results([tmp_path])
     with pytest.raises(LorafuseError, match="does not exist"):
         load_results([tmp_path / "nope.json"])
+
+
+def test_answers_are_read_back_and_shown(tmp_path):
+    answers = {
+        "exact_match": {"mean": 0.5, "se": 0.25},
+        "rouge_l": {"mean": 0.75, "se": 0.125},
+        "n_tasks": 2,
+        "per_task": {"a": {"exact_match": 1.0, "rouge_l": 1.0, "n_examples": 2}},
+    }
+    (tmp_path / "r.json").write_text(json.dumps({**GOOD, "answers": answers}))
+    (tmp_path / "s.json").write_text(json.dumps(GOOD))  # an older file: no answers
+    results = load_results([tmp_path])
+    assert results[0].answers == answers and results[1].answers is None
+    table = markdown_table(results)
+    assert "exact match | Rouge-L |" in table
+    assert "| 0.5000 +- 0.2500 | 0.7500 +- 0.1250 |" in table
+    bad = {**answers, "exact_match": {"mean": "x", "se": 0}}
+    (tmp_path / "r.json").write_text(json.dumps({**GOOD, "answers": bad}))
+    with pytest.raises(FileFormatError, match="answers.exact_match.mean"):
+        load_results([tmp_path / "r.json"])

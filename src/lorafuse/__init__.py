@@ -25,6 +25,9 @@ _LAZY = {
     "save_adapter": "lorafuse.merge",
     "save_merged_model": "lorafuse.merge",
     "LorafuseError": "lorafuse.errors",
+    "Workspace": "lorafuse.workspace",
+    "generate_text": "lorafuse.methods.run",
+    "generate_answers": "lorafuse.methods.run",
 }
 
 __all__ = sorted(_LAZY)

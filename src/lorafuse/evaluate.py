@@ -63,10 +63,12 @@ class Result:
     token_mean: float
     per_task: dict[str, dict[str, float]]
     settings: dict[str, Any] = field(default_factory=dict)
+    # Generated answers (lorafuse.answers): exact match and Rouge-L, mean +- se over tasks.
+    answers: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the result file's schema)."""
-        return {
+        out = {
             "method": self.method,
             "split": self.split,
             "mean": self.mean,
@@ -76,6 +78,9 @@ class Result:
             "settings": self.settings,
             "per_task": self.per_task,
         }
+        if self.answers is not None:
+            out["answers"] = self.answers
+        return out
 
     @classmethod
     def from_dict(cls, d: Any, source: str | Path = "result") -> Result:
@@ -91,7 +96,23 @@ class Result:
             token_mean=float(f.token_mean),
             per_task=d["per_task"],
             settings=f.settings,
+            answers=None if f.answers is None else d["answers"],
         )
+
+
+class Score(FileModel):
+    """A metric's mean and standard error over tasks."""
+
+    mean: float
+    se: float
+
+
+class AnswersFile(FileModel):
+    """The generated answers' scores in a result file."""
+
+    exact_match: Score
+    rouge_l: Score
+    per_task: dict[str, dict[str, float]]
 
 
 class ResultFile(FileModel):
@@ -106,6 +127,7 @@ class ResultFile(FileModel):
     token_mean: float = math.nan
     per_task: dict[str, dict[str, float]]
     settings: dict[str, Any] = Field(default_factory=dict)
+    answers: AnswersFile | None = None
 
 
 def standard_error(values: Sequence[float]) -> float:

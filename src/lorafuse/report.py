@@ -28,14 +28,30 @@ def load_results(paths: Sequence[str | Path]) -> list[Result]:
 
 
 def markdown_table(results: Sequence[Result]) -> str:
-    """| method | experts | split | tasks | loss +- se | token loss | passes | as markdown."""
+    """| method | experts | split | tasks | loss +- se | token loss | passes | as markdown,
+    with exact match and Rouge-L (mean +- se over tasks) when a result has answers."""
+    answers = any(r.answers for r in results)
     head = (
-        "| method | experts | split | tasks | loss (mean +- se over tasks) | token loss | passes |"
+        "| method | experts | split | tasks | loss (mean +- se over tasks) | token loss | passes |"  # noqa: E501
     )
-    rows = [head, "|---|---|---|---:|---:|---:|---:|"]
+    rule = "|---|---|---|---:|---:|---:|---:|"
+    if answers:
+        head += " exact match | Rouge-L |"
+        rule += "---:|---:|"
+    rows = [head, rule]
     for r in results:
-        rows.append(
+        row = (
             f"| {r.method} | {r.settings.get('experts', '')} | {r.split} | {r.n_tasks} "
             f"| {r.mean:.4f} +- {r.se:.4f} | {r.token_mean:.4f} | {r.settings.get('passes', 1)} |"
         )
+        if answers:
+            row += "".join(f" {score(r.answers, m)} |" for m in ("exact_match", "rouge_l"))
+        rows.append(row)
     return "\n".join(rows)
+
+
+def score(answers: dict | None, metric: str) -> str:
+    """'0.4375 +- 0.0698' of a metric of generated answers, '' without answers."""
+    if not answers or metric not in answers:
+        return ""
+    return f"{answers[metric]['mean']:.4f} +- {answers[metric]['se']:.4f}"

@@ -21,8 +21,18 @@ def test_eval_writes_results_and_table(mini_bench, tmp_path):
     assert data["method"] == "single:count" and data["n_tasks"] == 3
     assert set(data["per_task"]) == {"count", "reverse", "upper"}
     assert data["settings"]["seed"] == 0
+    answers = data["answers"]  # generated answers, scored per task
+    assert set(answers["per_task"]) == set(data["per_task"])
+    em = [v["exact_match"] for v in answers["per_task"].values()]
+    assert answers["exact_match"]["mean"] == pytest.approx(sum(em) / 3)
     res = runner.invoke(app, ["table", str(out)])
     assert res.exit_code == 0 and "| single:count | private | test | 3 |" in res.output
+    assert "exact match | Rouge-L |" in res.output
+    res = runner.invoke(app, [*args, "--method", "base", "--no-answers", "--max-new-tokens", "0"])
+    assert res.exit_code == 2 and "0 is not a count >= 1" in " ".join(res.output.split())
+    one = tmp_path / "one.json"
+    res = runner.invoke(app, [*args[:-1], str(one), "--method", "base", "--no-answers"])
+    assert res.exit_code == 0 and "answers" not in json.loads(one.read_text())
 
 
 def test_eval_unknown_method_and_spec(mini_bench, tmp_path):

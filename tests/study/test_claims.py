@@ -508,3 +508,30 @@ def test_top1_top4_gap_rests_on_the_route_sgd_fit():
     for m in res["methods"][2:]:
         m["fit"] = fit_ended(True)
     assert row(claims(res), 16)["verdict"] == "holds"
+
+
+def with_answers(m: dict, exact: list[float]) -> dict:
+    per_task = {f"t{i}": {"exact_match": x, "rouge_l": x, "n_examples": 4}
+                for i, x in enumerate(exact)}  # fmt: skip
+    em = {"mean": statistics.fmean(exact), "se": 0.01}
+    return {**m, "answers": {"exact_match": em, "rouge_l": em, "per_task": per_task}}
+
+
+def test_each_claim_is_also_decided_on_exact_match():
+    # Claim 8, "global SGD merging beats layer-wise": on the loss global is clearly worse,
+    # on exact match clearly better (hand-computed paired differences of 1 - EM below).
+    glob = with_answers(method("merge-sgd-global", [1.0, 1.1, 1.2]), [0.9, 0.8, 0.7])
+    layer = with_answers(method("merge-sgd-layer", [0.5, 0.6, 0.6]), [0.5, 0.5, 0.3])
+    rows = {r["id"]: r for r in claims(results(glob, layer))}
+    assert rows[8]["verdict"] == "does not hold"
+    em = rows[8]["exact_match"]
+    assert em["verdict"] == "holds"
+    (comp,) = em["numbers"]["comparisons"]
+    d = [(1 - 0.9) - (1 - 0.5), (1 - 0.8) - (1 - 0.5), (1 - 0.7) - (1 - 0.3)]
+    assert comp["diff"] == pytest.approx(statistics.fmean(d))
+    assert comp["se"] == pytest.approx(statistics.stdev(d) / math.sqrt(3))
+    # a method without answers leaves the exact-match side not measured
+    rows = {r["id"]: r for r in claims(results(glob, method("merge-sgd-layer", [0.5] * 3)))}
+    assert rows[8]["exact_match"]["verdict"] == "not measured"
+    assert "no answers" in rows[8]["exact_match"]["why"]
+    assert rows[17]["exact_match"]["verdict"] == "n/a"  # a statistic of the loss matrix

@@ -46,6 +46,12 @@ def test_results_schema_and_finite_losses(study):
         assert sorted(m["per_task"]) == sorted(tasks)
         assert m["mean"] == pytest.approx(sum(m["per_task"].values()) / len(tasks))
         assert m["cost"]["passes"] >= 1 and m["cost"]["relative_flops"] >= 1
+        answers = m["answers"]  # generated answers, scored per task like the loss
+        assert sorted(answers["per_task"]) == sorted(tasks)
+        em = [v["exact_match"] for v in answers["per_task"].values()]
+        assert answers["exact_match"]["mean"] == pytest.approx(sum(em) / len(tasks))
+        assert all(0 <= x <= 1 for x in em) and m["seconds"]["answers"] >= 0
+        assert answers["settings"]["examples"] == 3 * len(tasks)  # the micro test cap
     # fitted methods point to their fits; ensembles were scored from the cached passes
     assert by[("ensemble-exact", "mbc")]["fit"]["weights"]
     assert by[("ensemble-exact", "mbc")]["settings"]["from_cache"]
@@ -81,6 +87,18 @@ def test_a_rerun_reuses_every_stage_and_gives_the_same_numbers(study):
     again = run_study(StudyRun(cfg, out))
     assert all(s["cached"] for k, s in again["stages"].items() if k != "build")
     assert [m.get("mean") for m in again["methods"]] == [m.get("mean") for m in first["methods"]]
+
+
+def test_answers_follow_the_generation_setting(study):
+    cfg, out, _ = study
+    fewer = cfg.model_copy(update={"generation": cfg.generation.model_copy(update={"examples": 1})})
+    again = run_study(StudyRun(fewer, out, methods=["base"]))
+    assert again["stages"]["eval:base@mbc"]["cached"]
+    assert not again["stages"]["answers:base@mbc"]["cached"]
+    assert again["methods"][0]["answers"]["settings"]["examples"] == len(again["library"]["tasks"])
+    off = run_study(StudyRun(cfg.model_copy(update={"generation": None}), out, methods=["base"]))
+    assert "answers" not in off["methods"][0]
+    assert off["claims"][0]["exact_match"]["verdict"] == "not measured"
 
 
 def test_a_changed_setting_reruns_only_what_depends_on_it(study, tmp_path):

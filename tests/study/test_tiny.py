@@ -64,6 +64,12 @@ def test_tiny_study_end_to_end(tmp_path, monkeypatch):
         "holds", "does not hold", "inconclusive", "inconclusive (not converged)", "not measured",
     }  # fmt: skip
     _check_protocol(results)
+    for m in results["methods"]:  # every method generated its answers
+        assert 0 <= m["answers"]["exact_match"]["mean"] <= 1, m["name"]
+    assert {c["exact_match"]["verdict"] for c in results["claims"]} <= {
+        "holds", "does not hold", "inconclusive", "inconclusive (not converged)", "n/a",
+    }  # fmt: skip
     report = (tmp_path / "runs/study/report.md").read_text()
     assert "ensemble-uniform" in report and "route-sgd" in report and "converged" in report
+    assert "verdict (exact match)" in report and "exact match ± se" in report
     assert (tmp_path / "runs/study/report.html").is_file()

@@ -29,11 +29,21 @@ def _options(
 
 
 def _register() -> None:
-    from lorafuse.cli import compare, convert, core, evaluate, methods, structure, study
+    from lorafuse.cli import (
+        compare,
+        convert,
+        core,
+        evaluate,
+        generate,
+        methods,
+        structure,
+        study,
+    )
 
     core.register(app)
     convert.register(app)
     evaluate.register(app)
+    generate.register(app)
     methods.register(app)
     structure.register(app)
     study.register(app)

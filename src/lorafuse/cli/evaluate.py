@@ -51,11 +51,18 @@ def eval_command(
     experts: str = typer.Option("private", help="Which expert kind: private, mbc, ..."),
     out: Path = typer.Option(None, help="Result JSON (one method) or folder (several)."),
     max_examples_per_task: int = opt.count(None, help="Cap per task for quick runs."),
+    answers: bool = typer.Option(
+        True, help="Also generate each example's answer: exact match and Rouge-L per task."
+    ),
+    max_new_tokens: int = opt.count(
+        64, help="Most tokens of a generated answer (each task's cap comes from its data)."
+    ),
     device: str = opt.device(None, help="cpu, cuda, cuda:1 ... (default: the spec's)."),
     dtype: str = opt.dtype(None, help="fp32 or bf16 (default: the spec's)."),
     seed: int = opt.seed(),
 ) -> None:
-    """Per-task test loss of one or more methods, mean +- standard error over tasks.
+    """Per-task test loss of one or more methods, mean +- standard error over tasks, and
+    (unless --no-answers) the exact match and Rouge-L of their greedy answers.
 
     Every method is evaluated before any result is written; results replace earlier files
     of the same name.
@@ -63,7 +70,7 @@ def eval_command(
     with user_errors():
         seed_everything(seed)
         from lorafuse.io import check_disjoint, check_output, write_json
-        from lorafuse.methods.run import evaluate_method, total_rows
+        from lorafuse.methods.run import evaluate_method, generate_answers, total_rows
         from lorafuse.report import markdown_table
 
         ws = _workspace(library, device, dtype)
@@ -79,6 +86,12 @@ def eval_command(
             total = total_rows(ws, split, max_examples_per_task)
             with progress_bar(total, name) as advance:
                 r = evaluate_method(ws, name, split, experts, max_examples_per_task, advance)
+            if answers:
+                with progress_bar(total, f"{name}: answers") as advance:
+                    r.answers = generate_answers(
+                        ws, name, split, experts, max_examples_per_task, max_new_tokens,
+                        progress=advance,
+                    )  # fmt: skip
             r.settings["seed"] = seed
             results.append(r)
         for target, r in zip(targets, results):

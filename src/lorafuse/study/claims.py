@@ -361,12 +361,52 @@ def claims(results: dict) -> list[dict]:
     decided; "" when it is), "methods" ([name, kind] of every method it compared), "parts"
     (each {"text", "rule", "verdict", "evidence", "methods"}), "numbers" (the comparisons,
     each {"a", "b", "diff", "se", "n_tasks", "verdict"}, what was missing and the fits that
-    did not converge)}. Never raises on missing methods or failed analyses.
+    did not converge), "exact_match" (the claim decided on the generated answers' exact
+    match, as {"verdict", "evidence", "why", "numbers"}: each method's per-task
+    exact-match error 1 - EM in place of its loss; "n/a" for a statistic of the loss
+    matrix)}. Never raises on missing methods or failed analyses.
     """
     figure, private = study_kinds(results)
     kinds = {"cluster": figure, "private": private}
-    idx = lookup(results)
-    return [_decide(c, idx, kinds, results.get("analyses") or {}) for c in TABLE]
+    idx, analyses = lookup(results), results.get("analyses") or {}
+    rows = [_decide(c, idx, kinds, analyses) for c in TABLE]
+    errors = answer_errors(idx)
+    for c, row in zip(TABLE, rows):
+        row["exact_match"] = _on_answers(c, errors, kinds, analyses)
+    return rows
+
+
+# On exact match each method's per-task "loss" is its exact-match error, 1 - EM: the same
+# rules then read "A beats B" as "A answers more of each task exactly", paired over tasks.
+ANSWERS_NOTE = "exact-match error (1 - exact match) per task"
+LOSS_ONLY = ("not_best", "greedy")  # statistics of the validation loss matrix
+
+
+def answer_errors(idx: dict[Key, dict]) -> dict[Key, dict]:
+    """Each method of `idx` with its per-task exact-match error (1 - EM) as `per_task`,
+    `mean` and `se`; a method without scored answers is marked "no answers"."""
+    out = {}
+    for key, m in idx.items():
+        ans = m.get("answers") or {}
+        per_task = ans.get("per_task") or {}
+        if m.get("status") != "ok" or "exact_match" not in ans or not per_task:
+            status = "no answers" if m.get("status") == "ok" else m.get("status")
+            out[key] = {**m, "status": status, "per_task": {}}
+            continue
+        errors = {t: 1.0 - v["exact_match"] for t, v in per_task.items()}
+        em = ans["exact_match"]
+        out[key] = {**m, "per_task": errors, "mean": 1.0 - em["mean"], "se": em["se"]}
+    return out
+
+
+def _on_answers(c: Claim, errors: dict[Key, dict], kinds, analyses) -> dict[str, Any]:
+    """{"verdict", "evidence", "why", "numbers"} of claim `c` decided on exact match."""
+    if all(isinstance(p, Statistic) and p.what in LOSS_ONLY for p in c.parts):
+        return {"verdict": "n/a", "evidence": "a statistic of the validation loss matrix",
+                "why": "", "numbers": {}}  # fmt: skip
+    row = _decide(c, errors, kinds, analyses)
+    keep = ("verdict", "evidence", "why", "numbers")
+    return {k: row[k] for k in keep}
 
 
 def claim_methods(claim: Claim, kinds: dict[str, str]) -> list[Key]:

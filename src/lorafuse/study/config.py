@@ -10,6 +10,7 @@
     private_experts: private                  # Section 5's kind: HC, connectivity,
                                               #   refactoring, greedy; Figure 4's other side
     examples: {fit: 16, validation: 8, test: 20}   # caps per task (null: all)
+    generation: {examples: 10, max_new_tokens: 32}  # answers per task (null: off)
     fit_defaults: {lr_grid: [0.001], max_steps: 40}
     methods:
       - base
@@ -69,6 +70,16 @@ class Examples(_Strict):
     test: int | None = Field(None, gt=0)
 
 
+class Generation(_Strict):
+    """Generated answers of every method (exact match, Rouge-L), beside the test loss:
+    `examples` per task (at most the test cap; null: the test cap), `max_new_tokens` the
+    most tokens of an answer (each task's cap comes from its data). `generation: null`
+    in a config switches them off."""
+
+    examples: int | None = Field(10, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+
+
 class MethodConfig(_Strict):
     """One method to run: its name (`name:arg` allowed), expert kind and fit options."""
 
@@ -116,6 +127,7 @@ class StudyConfig(_Strict):
     device: str | None = None
     dtype: str | None = None
     examples: Examples = Field(default_factory=Examples)
+    generation: Generation | None = Field(default_factory=Generation)
     fit_defaults: dict[str, Any] = Field(default_factory=dict)
     methods: list[MethodConfig]
     analyses: Analyses = Field(default_factory=Analyses)

@@ -87,6 +87,40 @@ def figure2(results: dict, path: str | os.PathLike) -> Path | None:
     return save_png(fig, path)
 
 
+def figure2_answers(results: dict, path: str | os.PathLike) -> Path | None:
+    """Beside Figure 2: exact match and Rouge-L (mean over tasks +- se) of every method's
+    greedy answers, the methods in Figure 2's order, one panel per metric. Returns None
+    when no method has scored answers."""
+    from matplotlib.figure import Figure
+
+    methods = ordered(results)
+    scored = [(m.get("answers") or {}) for m in methods]
+    if not any("exact_match" in a for a in scored):
+        return None
+    n = len(methods)
+    fig = Figure(figsize=(10, 1.6 + 0.3 * n))
+    y = np.arange(n)[::-1]  # first method on top, as in Figure 2
+    main = study_kinds(results)[0]
+    for i, (metric, title) in enumerate((("exact_match", "exact match"), ("rouge_l", "Rouge-L"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for yi, m, a in zip(y, methods, scored):
+            if metric in a:
+                colour = COLOURS.get(m.get("family"), "black")
+                s = a[metric]
+                ax.errorbar(s["mean"], yi, xerr=s.get("se") or 0.0, fmt="o", color=colour,
+                            ms=6, capsize=3)  # fmt: skip
+            else:
+                ax.text(0.02, yi, "no answers", va="center", fontsize=8, color="tab:red")
+        ax.set_yticks(y, [method_label(m, main) for m in methods] if i == 0 else [], fontsize=9)
+        ax.set_ylim(-0.7, n - 0.3)
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_xlabel(f"{title} (mean over tasks ± se; higher is better)")
+        ax.grid(axis="x", color="0.92")
+    fig.suptitle(f"Generated answers per method ({_library_text(results)})", fontsize=10)
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
 def figure5(results: dict, path: str | os.PathLike, kind: str | None = None) -> Path | None:
     """Figure 5: probability vs logit ensembling, and low-rank vs full-rank merging.
 

@@ -20,6 +20,7 @@ from lorafuse.study.claims import RULE, claims, lookup, paired, study_kinds, usa
 from lorafuse.study.figures import (
     cost_text,
     figure2,
+    figure2_answers,
     figure4,
     figure5,
     kind_title,
@@ -32,6 +33,10 @@ from lorafuse.study.render_seeds import seed_claims_blocks, seed_methods_table
 
 DRAWN = {
     "figure2": (figure2, "Figure 2: test loss ± se of every method with its inference cost."),
+    "figure2_answers": (
+        figure2_answers,
+        "Beside Figure 2: exact match and Rouge-L ± se of every method's greedy answers.",
+    ),
     "figure4": (figure4, "Figure 4: private vs cluster (MBC) experts."),
     "figure5": (
         figure5,
@@ -99,21 +104,23 @@ def _blocks(
         main = study_kinds(results)[0]
         blocks.append(("ul", [f"{method_label(m, main)} ({m.get('status')}): "
                               f"{m.get('error') or '-'}" for m in broken]))  # fmt: skip
-    blocks += [img.pop("figure2")] if "figure2" in img else []
+    blocks += [img.pop(k) for k in ("figure2", "figure2_answers") if k in img]
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
     verdicts = seed_claims_blocks(results) or [
         ("p", "Verdicts: " + ", ".join(f"{v}: {n}" for v, n in counts.items())),
         ("table", ["#", "claim (what we test)", "the paper's words", "the paper's numbers",
-                   "verdict", "our numbers"],
+                   "verdict (NLL)", "our numbers (NLL)", "verdict (exact match)",
+                   "our numbers (exact-match error)"],
          [[str(r.get("id", i)), r["claim"], r["paper"], r.get("paper_numbers", ""),
-           r["verdict"], _evidence_and_why(r)]
+           r["verdict"], _evidence_and_why(r), *_on_answers(r)]
           for i, r in enumerate(rows, 1)]),
     ]  # fmt: skip
     blocks += [
         ("h2", "Claims of the paper"),
         ("p", "Decision rule: " + RULE),
+        ("p", ANSWERS_RULE),
         *verdicts,
         ("h2", "Private vs cluster (MBC) experts"),
         _kinds_table(results),
@@ -125,6 +132,20 @@ def _blocks(
     blocks += [("h2", "Analyses"), ("ul", _analyses(results.get("analyses") or {}))]
     blocks += [("h2", "Stage timings"), _stages_table(results.get("stages") or {})]
     return blocks
+
+
+ANSWERS_RULE = (
+    "Each claim is decided twice, side by side: on the test loss (NLL, the paper's measure) "
+    "and on the exact match of the greedy answers (ours), where each method's per-task "
+    "exact-match error (1 - exact match) takes the place of its loss under the same rules."
+)
+
+
+def _on_answers(r: dict) -> list[str]:
+    em = r.get("exact_match")
+    if not em:
+        return ["not measured", "no answers in these results"]
+    return [em["verdict"], _evidence_and_why(em)]
 
 
 def _evidence_and_why(r: dict) -> str:
@@ -205,8 +226,9 @@ def _seeds(cfg: dict) -> str:
 
 
 def _figure2_table(results: dict) -> Block:
-    head = ["method", "family", "experts", "test loss ± se", "passes", "relative FLOPs",
-            "steps", "val loss", "converged", "fit s", "eval s", "status"]  # fmt: skip
+    head = ["method", "family", "experts", "test loss ± se", "exact match ± se",
+            "Rouge-L ± se", "passes", "relative FLOPs", "steps", "val loss", "converged",
+            "fit s", "eval s", "answers s", "status"]  # fmt: skip
     rows = []
     for m in ordered(results):
         cost, secs = m.get("cost") or {}, m.get("seconds") or {}
@@ -214,10 +236,24 @@ def _figure2_table(results: dict) -> Block:
         rel = rel.replace(" FLOPs", "").replace("cost n/a", "-")
         rows.append([
             m["name"], str(m.get("family", "")), str(m.get("experts") or "private"),
-            _loss(m), str(cost.get("passes", "-")), rel, *fit_cells(m.get("fit")),
-            _secs(secs.get("fit")), _secs(secs.get("eval")), str(m.get("status", "")),
+            _loss(m), answer_cell(m, "exact_match"), answer_cell(m, "rouge_l"),
+            str(cost.get("passes", "-")), rel, *fit_cells(m.get("fit")),
+            _secs(secs.get("fit")), _secs(secs.get("eval")), _secs(secs.get("answers")),
+            str(m.get("status", "")),
         ])  # fmt: skip
     return ("table", head, rows)
+
+
+def answer_cell(m: dict, metric: str) -> str:
+    """'0.438 ± 0.070' of a method's generated answers on `metric`; '-' without them, the
+    error when their generation failed."""
+    ans = m.get("answers") or {}
+    if ans.get("status") == "failed":
+        return f"failed: {_clip(str(ans.get('error')), 60)}"
+    score = ans.get(metric)
+    if not isinstance(score, dict) or score.get("mean") is None:
+        return "-"
+    return f"{score['mean']:.3f} ± {score.get('se') or 0.0:.3f}"
 
 
 def fit_cells(fit: dict | None) -> list[str]:

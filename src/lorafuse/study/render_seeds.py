@@ -30,15 +30,19 @@ def seed_claims_blocks(results: dict) -> list[tuple] | None:
     if not runs or rows is None:
         return None
     evidence = {r["claim"]: r["evidence"] for r in results.get("claims") or []}
+    on_answers = {
+        r["claim"]: (r.get("exact_match") or {}).get("verdict", "-")
+        for r in results.get("claims") or []
+    }
     first = next(iter(runs))
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
     head = ["#", "claim", "paper", *(f"seed {s}" for s in runs), "robust",
-            f"evidence (seed {first})"]  # fmt: skip
+            f"evidence (seed {first})", f"exact match (seed {first})"]  # fmt: skip
     table = [
         [str(i), r["claim"], r.get("paper", ""), *(r["verdicts"].get(s, "-") for s in runs),
-         r["verdict"], evidence.get(r["claim"], "-")]
+         r["verdict"], evidence.get(r["claim"], "-"), on_answers.get(r["claim"], "-")]
         for i, r in enumerate(rows, 1)
     ]  # fmt: skip
     return [

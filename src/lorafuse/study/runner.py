@@ -265,6 +265,7 @@ class _Context:
         except Exception as e:  # a method's bug must not stop the others
             tb = traceback.format_exc(limit=3)
             return self._failed(record, stage, f"{type(e).__name__}: {e}", tb)
+        answers, answers_cached = self.answers(m, fit_key)
         record.update(
             mean=result["mean"],
             se=result["se"],
@@ -276,7 +277,10 @@ class _Context:
             seconds={"fit": fit_seconds, "eval": result["settings"].get("seconds")},
             fit=fit,
         )
-        self.bar.finish(stage, cached)
+        if answers is not None:
+            record["answers"] = answers
+            record["seconds"]["answers"] = (answers.get("settings") or {}).get("seconds")
+        self.bar.finish(stage, cached and answers_cached)
         return record
 
     def _failed(self, record, stage, error: str, tb: str | None = None) -> dict[str, Any]:
@@ -351,6 +355,42 @@ class _Context:
         value = result.to_dict()
         self.cache.put(stage, key, value, time.perf_counter() - start)
         return value, False
+
+    def answers(self, m: MethodConfig, fit_key: str) -> tuple[dict | None, bool]:
+        """The method's generated answers on the test subset, scored (cached by its fit,
+        the answers' cap and max_new_tokens); None when the config has no `generation`.
+        A failure is recorded in the answers ({"status": "failed", "error"}), not raised:
+        the method's loss still stands."""
+        from lorafuse.methods.run import generate_answers
+
+        gen = self.cfg.generation
+        if gen is None:
+            return None, True
+        cap = self.answers_cap()
+        key = stage_key(fit_key, "answers", m.name, m.experts, cap, gen.max_new_tokens)
+        stage = f"answers:{m.name}@{m.experts}"
+        stored = self.cache.get(stage, key)
+        if stored is not None:
+            return stored, True
+        start = time.perf_counter()
+        try:
+            value = generate_answers(
+                self.ws, m.name, "test", m.experts, cap, gen.max_new_tokens,
+                progress=self.bar.advance,
+            )  # fmt: skip
+        except LorafuseError as e:
+            return {"status": "failed", "error": str(e)}, False
+        except Exception as e:  # a bug in one method's generation must not stop the study
+            return {"status": "failed", "error": f"{type(e).__name__}: {e}"}, False
+        self.cache.put(stage, key, value, time.perf_counter() - start)
+        return value, False
+
+    def answers_cap(self) -> int | None:
+        """Answers per task: the config's `generation.examples`, at most the test cap."""
+        gen, test = self.cfg.generation, self.caps["test"]
+        if gen is None or gen.examples is None:
+            return test
+        return gen.examples if test is None else min(gen.examples, test)
 
     def test_cache(self, kind: str):
         """Every `kind` expert's target log-probabilities on the test subset (one pass)."""
