@@ -72,7 +72,7 @@ def evaluate_method(
 ROWS_PER_STEP = 256  # prompt rows x experts run per decoding forward
 
 
-def _decoding(ws, prepared, tasks: list[str], batch_size: int | None):
+def decoding(ws, prepared, tasks: list[str], batch_size: int | None):
     """(decoder factory, prompts per batch) of a prepared method: an ensemble of n
     experts runs n rows per prompt, so its batches hold fewer prompts."""
     from lorafuse.generate import ModelDecoder
@@ -108,7 +108,7 @@ def generate_answers(
     tok = ws.tokenizer
     start = time.perf_counter()
     with method.prepare(ctx) as prepared:
-        decoder, size = _decoding(ws, prepared, prompts.tasks, batch_size)
+        decoder, size = decoding(ws, prepared, prompts.tasks, batch_size)
         rows = generate_ids(
             decoder, prompts.ids, prompts.caps, tok.eos_token_id, ws.pad_id, prompts.tasks,
             size, ws.device, progress,
@@ -165,7 +165,7 @@ def generate_text(
     ids = tok(list(prompts), add_special_tokens=False)["input_ids"]
     tasks = [task or ""] * len(ids)
     with method.prepare(ctx) as prepared:
-        decoder, size = _decoding(ws, prepared, tasks, None)
+        decoder, size = decoding(ws, prepared, tasks, None)
         rows = generate_ids(
             decoder, ids, [max_new_tokens] * len(ids), tok.eos_token_id, ws.pad_id, tasks,
             size, ws.device,
