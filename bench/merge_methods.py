@@ -3,22 +3,25 @@
 N random experts (A_i (R, D), B_i (O, R), scaling alpha / r = 2) on one Linear
 (D = O = 2560, R = 4) are merged by every method of lorafuse.delta_merge and, where PEFT
 has one, by PEFT's add_weighted_adapter on the same experts, weights and settings, to the
-same output rank K (PEFT's `_svd` forms; `linear` keeps rank R on both sides). Each
-(method, tool) runs in a fresh process: the wall time of the one merge call and its peak
-extra resident memory (the process's VmHWM after resetting it through
-/proc/self/clear_refs, minus the resident size before the call: tracemalloc does not see
-torch's CPU allocator). Every process may grow its address space by at most
---memory-cap-gib past its setup; a merge that needs more prints "over cap" (PEFT holds
-all N deltas (O, D) several times; lorafuse a few (O, D) buffers whatever N).
+same output rank K (PEFT's `_svd` forms; `linear` keeps rank R on both sides).
+- time: the median over --rounds rounds, lorafuse and PEFT interleaved within a round
+  (in alternating order) so that the load of a shared machine hits both alike; each
+  tool is warmed up first (a merge at D=O=64, one (O, D) SVD: LAPACK's first call at a
+  size is slow).
+- peak memory: one call per fresh process, the process's VmHWM after resetting it
+  through /proc/self/clear_refs minus its resident size before the call (tracemalloc
+  does not see torch's CPU allocator). Each process may grow its address space by at
+  most --memory-cap-gib past its set-up; a merge that needs more shows "over cap" and
+  is not timed (PEFT holds all N deltas (O, D) several times over; lorafuse a few (O, D)
+  buffers whatever N).
+- agree: each deterministic method against PEFT at a small size (--check-dim, same N),
+  the largest difference of the merged deltas relative to their largest entry. DARE
+  draws different masks in PEFT (its global RNG) and lorafuse (a generator per seed,
+  module and expert), so it is not compared here (the tests check its properties).
+Both tools spend much of a sparsifying merge in the one (O, D) SVD of the export.
 
-Before timing, each deterministic method is checked against PEFT at a small size
-(--check-dim, same N): the largest difference of the merged deltas relative to their
-largest entry. DARE draws different masks in PEFT (its global RNG) and lorafuse (a
-generator per seed, module and expert), so it is not compared (the tests check its
-properties).
-
-    python bench/merge_methods.py [--experts 32] [--rank 16] [--seed 0]
-    python bench/merge_methods.py --experts 256
+    python bench/merge_methods.py [--experts 32] [--rank 16] [--rounds 3] [--seed 0]
+    python bench/merge_methods.py --experts 256 --rounds 1
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -108,38 +112,35 @@ def peft_model(A, B, scale):
     return model
 
 
-def merge_lorafuse(lib, method, weights, kw) -> torch.Tensor:
-    """lorafuse's merge; returns the merged delta B @ A (O, D)."""
+def merge_lorafuse(lib, method, weights, kw):
+    """lorafuse's merge (a MergedAdapter)."""
     from lorafuse.delta_merge import delta_merge
 
-    A, B = delta_merge(lib, method, weights.tolist(), **kw).modules["proj"]
-    return B @ A
+    return delta_merge(lib, method, weights.tolist(), **kw)
 
 
-def merge_peft(model, method, weights, kw) -> torch.Tensor:
-    """PEFT's add_weighted_adapter; returns the merged delta B @ A * scaling (O, D)."""
+def merge_peft(model, method, weights, kw):
+    """PEFT's add_weighted_adapter into adapter `merged` (deleted first if there)."""
+    if "merged" in model.peft_config:
+        model.delete_adapter("merged")
     names = [n for n in model.peft_config if n.startswith("e")]
     model.add_weighted_adapter(names, weights.tolist(), "merged", PEFT_TYPE[method], **kw)
-    return model.base_model.model.proj.get_delta_weight("merged").detach()
 
 
 def check(args) -> dict[str, float]:
-    """Largest |lorafuse - PEFT| / max |PEFT| per deterministic method, at --check-dim."""
+    """Largest |lorafuse - PEFT| / max |PEFT| of the merged deltas, at --check-dim."""
     A, B, scale, weights = experts(args, args.check_dim)
     lib, out = lorafuse_library(A, B, scale), {}
     for method, kind in PEFT_TYPE.items():
         if kind is None or method in RANDOM:
             continue
         ours_kw, peft_kw = options(method, args)
-        ref = merge_peft(peft_model(A, B, scale), method, weights, peft_kw)
-        ours = merge_lorafuse(lib, method, weights, ours_kw)
-        out[method] = float((ours - ref).abs().max() / ref.abs().max())
+        model = peft_model(A, B, scale)
+        merge_peft(model, method, weights, peft_kw)
+        ref = model.base_model.model.proj.get_delta_weight("merged").detach()  # (O, D)
+        A2, B2 = merge_lorafuse(lib, method, weights, ours_kw).modules["proj"]
+        out[method] = float((B2 @ A2 - ref).abs().max() / ref.abs().max())
     return out
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def prepare(method: str, tool: str, args, dim: int):
@@ -153,23 +154,29 @@ def prepare(method: str, tool: str, args, dim: int):
     return lambda: merge_peft(model, method, weights, peft_kw)
 
 
-def child(args) -> None:
-    """One merge in this fresh process: prints seconds, peak extra MiB (or over cap).
-
-    Off the clock first: a merge at D=O=64 (imports, code paths) and one SVD of a (O, D)
-    matrix (LAPACK's first call at a size is slow; every `_svd` form makes one).
-    """
-    torch.set_num_threads(args.threads)
-    method, tool = args.child.split(":")
+def warm_up(method: str, tool: str, args) -> None:
+    """Off the clock: a merge at D=O=64 (imports, code paths) and one (O, D) SVD (LAPACK's
+    first call at a size is slow; every `_svd` form makes one)."""
     prepare(method, tool, args, 64)()
     torch.linalg.svd(torch.randn(args.dim, args.dim), full_matrices=False)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def memory_child(args) -> None:
+    """One merge in this fresh process: prints its peak extra MiB, or that it is over cap."""
+    torch.set_num_threads(args.threads)
+    method, tool = args.memory_of.split(":")
+    warm_up(method, tool, args)
     run = prepare(method, tool, args, args.dim)
     cap = _status_kib("VmSize") * 1024 + int(args.memory_cap_gib * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak resident set (VmHWM) to the current size
     before = _status_kib("VmRSS")
-    t0 = time.perf_counter()
     try:
         run()
     except (RuntimeError, MemoryError) as e:
@@ -177,12 +184,12 @@ def child(args) -> None:
             raise
         print(json.dumps({"over_cap": True}))
         return
-    seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "mib": (_status_kib("VmHWM") - before) / 1024}))
+    print(json.dumps({"mib": (_status_kib("VmHWM") - before) / 1024}))
 
 
-def measure(method: str, tool: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", f"{method}:{tool}", *sys.argv[1:]]
+def peak_memory(method: str, tool: str, args) -> dict:
+    """{"mib": ...}, {"over_cap": True} or {"error": True}, from a fresh process."""
+    cmd = [sys.executable, __file__, "--memory-of", f"{method}:{tool}", *sys.argv[1:]]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
     if out.returncode != 0:
         print(f"{method} ({tool}) failed: {out.stderr.strip()[-2000:]}", file=sys.stderr)
@@ -190,12 +197,22 @@ def measure(method: str, tool: str, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _cell(r: dict, key: str, fmt: str) -> str:
-    if "over_cap" in r:
-        return "over cap"
-    if "error" in r:
-        return "error"
-    return format(r[key], fmt) if key in r else "-"
+def time_pair(method: str, tools: list[str], args) -> dict[str, float]:
+    """Median seconds per tool over --rounds interleaved rounds, and the median ratio."""
+    runs = {}
+    for tool in tools:
+        warm_up(method, tool, args)
+        runs[tool] = prepare(method, tool, args, args.dim)
+    times: dict[str, list[float]] = {t: [] for t in tools}
+    for r in range(args.rounds):
+        for tool in tools[r % len(tools) :] + tools[: r % len(tools)]:
+            t0 = time.perf_counter()
+            runs[tool]()
+            times[tool].append(time.perf_counter() - t0)
+    out = {t: statistics.median(ts) for t, ts in times.items()}
+    if len(tools) == 2:
+        out["ratio"] = statistics.median(p / o for o, p in zip(times["lorafuse"], times["peft"]))
+    return out
 
 
 def main() -> None:
@@ -209,47 +226,65 @@ def main() -> None:
     p.add_argument("--crumbs-density", type=float, default=0.9, help="breadcrumbs")
     p.add_argument("--gamma", type=float, default=0.01, help="breadcrumbs")
     p.add_argument("--methods", nargs="+", default=list(PEFT_TYPE), choices=list(PEFT_TYPE))
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--memory-cap-gib", type=float, default=8.0)
     p.add_argument("--check-dim", type=int, default=256)
     p.add_argument("--child-timeout", type=float, default=900.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = p.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    if args.child:
-        return child(args)
+    if args.memory_of:
+        return memory_child(args)
     torch.set_num_threads(args.threads)
     import peft
 
+    load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     agree = check(args)
     D, N = args.dim, args.experts
     print(
         f"one layer D=O={D}, N={N} experts of rank {args.r}, merged to rank K={args.rank} "
         f"(peft-linear: rank {args.r}, no SVD); density {args.density}, drop {args.drop}, "
         f"breadcrumbs density {args.crumbs_density} gamma {args.gamma}; seed {args.seed}; fp32, "
-        f"{args.threads} threads, torch {torch.__version__}, peft {peft.__version__}; one call "
-        f"per fresh process after a warm-up; peak = VmHWM - VmRSS before the call; cap "
-        f"{args.memory_cap_gib:g} GiB; agree = max |lorafuse - PEFT| / max |PEFT| at "
-        f"D=O={args.check_dim}"
+        f"{args.threads} threads, torch {torch.__version__}, peft {peft.__version__}. Time: "
+        f"median of {args.rounds} interleaved rounds after a warm-up (x = median of the "
+        "per-round PEFT/lorafuse ratios). Peak: VmHWM - VmRSS before the call, one call per "
+        f"fresh process, address space capped at {args.memory_cap_gib:g} GiB past set-up. "
+        f"agree: max |lorafuse - PEFT| / max |PEFT| at D=O={args.check_dim}"
     )
     head = ("method", "PEFT type", "lorafuse s", "PEFT s", "PEFT/ours", "ours MiB", "PEFT MiB")
     print(f"{head[0]:<17}{head[1]:<21}" + "".join(f"{h:>11}" for h in head[2:]) + f"{'agree':>10}")
     for method in args.methods:
-        ours = measure(method, "lorafuse", args)
         kind = PEFT_TYPE[method]
-        ref = measure(method, "peft", args) if kind else {}
-        ratio = (
-            f"{ref['seconds'] / ours['seconds']:.2f}"
-            if "seconds" in ref and "seconds" in ours
-            else "-"
-        )
+        mem = {"lorafuse": peak_memory(method, "lorafuse", args)}
+        if kind:
+            mem["peft"] = peak_memory(method, "peft", args)
+        timed = [t for t, m in mem.items() if "mib" in m]  # PEFT over the cap: not timed
+        t = time_pair(method, timed, args)
+        cells = [
+            f"{t['lorafuse']:.2f}" if "lorafuse" in t else "-",
+            f"{t['peft']:.2f}" if "peft" in t else "-",
+            f"{t['ratio']:.2f}" if "ratio" in t else "-",
+            *(_memory_cell(mem.get(tool)) for tool in ("lorafuse", "peft")),
+        ]
         check_cell = f"{agree[method]:.1e}" if method in agree else "-"
         print(
-            f"{method:<17}{kind or '(none)':<21}{_cell(ours, 'seconds', '.2f'):>11}"
-            f"{_cell(ref, 'seconds', '.2f'):>11}{ratio:>11}{_cell(ours, 'mib', '.0f'):>11}"
-            f"{_cell(ref, 'mib', '.0f'):>11}{check_cell:>10}"
-        )
+            f"{method:<17}{kind or '(none)':<21}" + "".join(f"{c:>11}" for c in cells)
+            + f"{check_cell:>10}", flush=True,
+        )  # fmt: skip
+    after = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(
+        f"load average (1, 5, 15 min) before {load_before}, after {after} on {os.cpu_count()} CPUs"
+    )
+
+
+def _memory_cell(m: dict | None) -> str:
+    if m is None:
+        return "-"
+    if "over_cap" in m:
+        return "over cap"
+    return f"{m['mib']:.0f}" if "mib" in m else "error"
 
 
 if __name__ == "__main__":
