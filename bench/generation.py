@@ -15,6 +15,7 @@ the time generation adds to the study, method by method.
 
     python bench/generation.py --library runs/small --fits runs/study/fits
     python bench/generation.py --library runs/small --experts private --skip-study
+    python bench/generation.py --library runs/small --skip-ensemble   # part 2 only
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -95,6 +97,8 @@ def ensemble_vs_peft(ws, kind: str, prompts: int, tokens: int, rounds: int) -> N
           f"{new / e:.1f} ensemble tokens/s")  # fmt: skip
     print(f"  {N} separate PEFT adapter runs (transformers generate): {q:.3f} s, "
           f"{new / q:.1f} ensemble tokens/s ({N * new / q:.1f} adapter tokens/s)")  # fmt: skip
+    print(f"  per round, s: ensemble {', '.join(f'{x:.2f}' for x in ens_s)}; "
+          f"PEFT {', '.join(f'{x:.2f}' for x in peft_s)}")  # fmt: skip
     print(f"  speed-up of the batched ensemble: {statistics.median(ratios):.2f}x wall "
           f"(per round: {', '.join(f'{r:.2f}' for r in ratios)}), "
           f"{statistics.median(cpu_ratios):.2f}x CPU time "
@@ -107,8 +111,8 @@ def study_generation(ws, preset: str, fits: str | None) -> None:
     from lorafuse.study.config import preset_config
 
     cfg = preset_config(preset)
-    if fits:
-        ws.spec.fits = fits
+    if fits:  # the spec reads `fits` against its own folder: give it absolute
+        ws.spec.fits = str(Path(fits).resolve())
     gen, test = cfg.generation, cfg.examples.test
     cap = test if gen.examples is None else min(gen.examples, test or gen.examples)
     print(f"\ngeneration the `{preset}` study adds: {cap} answers per task x "
@@ -128,8 +132,8 @@ def study_generation(ws, preset: str, fits: str | None) -> None:
             print(f"{m.name:<26} {m.experts:<8} skipped: {str(err).splitlines()[0][:70]}")
             continue
         total_e, total_a = total_e + e, total_a + a
-        print(f"{m.name:<26} {m.experts:<8} {e:>8.2f} {a:>10.2f} "
-              f"{r['settings']['generated_tokens']:>7} {r['exact_match']['mean']:>12.3f}")  # fmt: skip
+        tokens, em = r["settings"]["generated_tokens"], r["exact_match"]["mean"]
+        print(f"{m.name:<26} {m.experts:<8} {e:>8.2f} {a:>10.2f} {tokens:>7} {em:>12.3f}")
     print(f"{'total':<35} {total_e:>8.2f} {total_a:>10.2f}  (answers / eval: "
           f"{total_a / max(total_e, 1e-9):.2f}x)")  # fmt: skip
 
@@ -148,12 +152,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-study", action="store_true", help="part 1 only")
+    ap.add_argument("--skip-ensemble", action="store_true", help="part 2 only")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     ws = Workspace(load_spec(args.library))
-    ensemble_vs_peft(ws, args.experts, args.prompts, args.tokens, args.rounds)
+    if not args.skip_ensemble:
+        ensemble_vs_peft(ws, args.experts, args.prompts, args.tokens, args.rounds)
     if not args.skip_study:
         study_generation(ws, args.preset, args.fits)
 
