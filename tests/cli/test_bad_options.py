@@ -28,6 +28,7 @@ BAD = {
     "nonneg": ["-1", "nan", "-inf"],
     "number": ["nan", "inf"],
     "probability": ["1", "1.5", "-0.1", "nan"],
+    "fraction": ["0", "1.5", "-0.1", "nan"],
     "device": ["tpu9", "cuda:x", "gpu", "[/]"],
     "dtype": ["fp8", "float32", "[/]"],
     "split": ["dev", "TEST", "[draft]"],

@@ -106,3 +106,70 @@ def test_merge_bad_expert_and_existing_output(llama_dir, llama_experts, tmp_path
     res = runner.invoke(app, ["merge", *map(str, llama_experts), "--out", str(out), "--force"])
     assert res.exit_code == 0 and (out / "adapter_model.safetensors").exists()
     assert torch.isfinite(torch.tensor(1.0))
+
+
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("ties", ["--density", "0.5"]),
+        ("dare-ties", ["--drop", "0.3", "--seed", "7"]),
+        ("task-arithmetic", ["--normalize", "--weights", "1,2,1,1"]),
+        ("magnitude-prune", []),
+        ("breadcrumbs", ["--density", "0.8", "--gamma", "0.05", "--rank", "3"]),
+        ("peft-linear", []),
+    ],
+)
+def test_merge_methods_through_the_cli(llama_experts, tmp_path, method, extra):
+    from safetensors.torch import load_file
+
+    from lorafuse.delta_merge import delta_merge
+
+    out = tmp_path / "m"
+    res = runner.invoke(
+        app, ["merge", *map(str, llama_experts), "--out", str(out), "--method", method, *extra]
+    )
+    assert res.exit_code == 0, res.output
+    assert f"by {method}" in res.output
+    options = {}
+    for flag, key, cast in (
+        ("--density", "density", float),
+        ("--drop", "drop", float),
+        ("--gamma", "gamma", float),
+    ):
+        if flag in extra:
+            options[key] = cast(extra[extra.index(flag) + 1])
+    if "--normalize" in extra:
+        options["normalize"] = True
+    if method.startswith("dare"):
+        options["seed"] = 7
+    weights = [1.0, 2.0, 1.0, 1.0] if "--weights" in extra else None
+    rank = 3 if "--rank" in extra else None
+    api = delta_merge(ExpertLibrary.load(llama_experts), method, weights, rank, **options)
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    for name, (A, B) in api.modules.items():
+        a = saved[f"base_model.model.{name}.lora_A.weight"]
+        b = saved[f"base_model.model.{name}.lora_B.weight"]
+        torch.testing.assert_close(b @ a, B @ A, atol=1e-5, rtol=1e-4)
+    meta = json.loads((out / "lorafuse_expert.json").read_text())
+    assert meta["merge_method"] == method
+
+
+@pytest.mark.parametrize(
+    "extra, said",
+    [
+        (["--method", "soup"], "unknown --method 'soup'"),
+        (["--method", "ties", "--density", "0"], "0.0 is not a fraction in (0, 1]"),
+        (["--method", "ties", "--density", "1.5"], "1.5"),
+        (["--method", "dare-linear", "--drop", "1"], "1.0 is not a probability"),
+        (["--method", "ties", "--drop", "0.5"], "takes no option ['drop']"),
+        (["--density", "0.5"], "--method linear takes no --density"),
+        (["--method", "ties", "--space", "deltas"], "--space is linear's"),
+        (["--method", "ties", "--weights", "nan,1,1,1"], "nan"),
+        (["--method", "ties", "--weights", "1,1"], "4 numbers"),
+    ],
+)
+def test_merge_method_bad_options(llama_experts, tmp_path, extra, said):
+    out = tmp_path / "never"
+    res = runner.invoke(app, ["merge", *map(str, llama_experts), "--out", str(out), *extra])
+    assert res.exit_code == 2 and said in " ".join(res.output.split()), res.output
+    assert not out.exists() and "Traceback" not in res.output

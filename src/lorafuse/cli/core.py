@@ -149,7 +149,22 @@ def merge(
     weights: str = typer.Option(
         None, help="Comma-separated weights, one per expert (default 1/N)."
     ),
-    space: str = typer.Option("factors", help="factors (A,B averaged) or deltas (B A averaged)."),
+    method: str = typer.Option(
+        "linear",
+        help="linear (the paper's, in --space), task-arithmetic, ties, dare-linear, dare-ties, "
+        "magnitude-prune, breadcrumbs or peft-linear (see the README's merge table).",
+    ),
+    space: str = typer.Option(
+        "factors", help="linear only: factors (A,B averaged) or deltas (B A averaged)."
+    ),
+    density: float = opt.fraction(
+        None, help="ties, magnitude-prune, breadcrumbs: share of each delta kept."
+    ),
+    drop: float = opt.probability(None, help="dare-linear, dare-ties: share of entries dropped."),
+    gamma: float = opt.probability(None, help="breadcrumbs: share of the largest dropped."),
+    normalize: bool = typer.Option(
+        None, "--normalize/--no-normalize", help="Divide by the sum of the weights (mergekit)."
+    ),
     rank: int = opt.count(None, help="Truncate each module's delta to this rank by SVD."),
     base: Path = typer.Option(
         None, help="Base model folder: also save a full merged transformers model."
@@ -166,6 +181,7 @@ def merge(
     """
     with user_errors():
         seed_everything(seed)
+        from lorafuse.delta_merge import METHODS, delta_merge
         from lorafuse.errors import LorafuseError
         from lorafuse.io import check_disjoint, check_output
         from lorafuse.layer import check_space
@@ -175,6 +191,19 @@ def merge(
 
         check_space(space)
         values = parse_floats(weights, "--weights")
+        given = {"density": density, "drop": drop, "gamma": gamma, "normalize": normalize}
+        given = {k: v for k, v in given.items() if v is not None}
+        if method not in ("linear", *METHODS):
+            raise LorafuseError(
+                f"unknown --method {method!r}; choose linear, {', '.join(sorted(METHODS))}"
+            )
+        if method == "linear" and given:
+            raise LorafuseError(
+                f"--method linear takes no {', '.join('--' + k for k in given)}; those belong "
+                "to task-arithmetic, ties, dare-*, magnitude-prune and breadcrumbs"
+            )
+        if method != "linear" and space != "factors":
+            raise LorafuseError(f"--space is linear's; --method {method} works on the deltas")
         if (base is None) != (model_out is None):
             raise LorafuseError("--base and --model-out go together (both or neither)")
         check_output(out, force, kind="dir")
@@ -190,7 +219,13 @@ def merge(
             )
         with _fetching(experts) as advance:
             lib = ExpertLibrary.load(experts, progress=advance)
-        merged = merge_experts(lib, values, space, rank)
+        if method == "linear":
+            merged = merge_experts(lib, values, space, rank)
+        else:
+            takes_seed = "seed" in (METHODS[method].__kwdefaults__ or {})
+            merged = delta_merge(
+                lib, method, values, rank, **given, **({"seed": seed} if takes_seed else {})
+            )
         model = tok = state = None
         if base is not None:  # load before writing anything: a bad base writes nothing
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -209,9 +244,15 @@ def merge(
 
                 shutil.rmtree(out, ignore_errors=True)  # both outputs or neither
                 raise
-        msg = f"merged {len(lib)} experts in {space} space -> {out} (rank {merged.rank})"
-        if merged.energy is not None:
-            msg += f"; spectral energy kept: min {merged.min_energy():.4f}"
+        how = f"in {space} space" if method == "linear" else f"by {method}"
+        msg = f"merged {len(lib)} experts {how} -> {out} (rank {merged.rank})"
+        if merged.energy:
+            kept = list(merged.energy.values())
+            worst = min(merged.energy, key=merged.energy.get)
+            msg += (
+                f"; spectral energy kept per module: worst {min(kept):.4f} ({worst}), "
+                f"mean {sum(kept) / len(kept):.4f}"
+            )
         console.print(msg, highlight=False)
         if model is not None:
             console.print(f"full merged model -> {model_out}", highlight=False)

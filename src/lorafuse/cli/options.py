@@ -7,7 +7,8 @@ option and the value. Nothing here imports torch (so `--help` stays fast).
 - `count`: a whole number >= 1 (or >= `minimum`): threads, steps, ranks, caps, batches.
 - `seed`: a whole number in [0, 2**32 - 1] (what NumPy and torch both accept).
 - `number`: a finite float, optionally > 0 or >= 0: learning rates, alpha, deltas.
-- `probability`: a finite float in [0, 1) (or [0, 1] with `one=True`).
+- `probability`: a finite float in [0, 1) (a rate: dropout, a drop rate).
+- `fraction`: a finite float in (0, 1] (a share kept: a density).
 - `device`: cpu, cuda, cuda:N, mps, xpu, xpu:N (whether it exists is checked on use).
 - `dtype`: fp32, bf16 or fp16.
 - `split`: train, validation or test.
@@ -95,19 +96,31 @@ def number(default: Any, *decls: str, help: str, positive: bool = False, nonneg:
     return typer.Option(default, *decls, parser=_as_float, callback=_kind(check, kind), help=help)
 
 
-def probability(default: Any, *decls: str, help: str, one: bool = False) -> Any:
-    """A finite float in [0, 1) (in [0, 1] when `one`)."""
+def probability(default: Any, *decls: str, help: str) -> Any:
+    """A finite float in [0, 1): a rate such as dropout or a drop rate."""
 
     def check(value: float | None) -> float | None:
         if value is None:
             return value
-        top_ok = value <= 1 if one else value < 1
-        if not (math.isfinite(value) and value >= 0 and top_ok):
-            where = "[0, 1]" if one else "[0, 1)"
-            raise typer.BadParameter(f"{value} is not a probability in {where}")
+        if not (math.isfinite(value) and 0 <= value < 1):
+            raise typer.BadParameter(f"{value} is not a probability in [0, 1)")
         return value
 
     check = _kind(check, "probability")
+    return typer.Option(default, *decls, parser=_as_float, callback=check, help=help)
+
+
+def fraction(default: Any, *decls: str, help: str) -> Any:
+    """A finite float in (0, 1]: a share kept, such as a density."""
+
+    def check(value: float | None) -> float | None:
+        if value is None:
+            return value
+        if not (math.isfinite(value) and 0 < value <= 1):
+            raise typer.BadParameter(f"{value} is not a fraction in (0, 1]")
+        return value
+
+    check = _kind(check, "fraction")
     return typer.Option(default, *decls, parser=_as_float, callback=check, help=help)
 
 
