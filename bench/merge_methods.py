@@ -179,8 +179,10 @@ def memory_child(args) -> None:
     before = _status_kib("VmRSS")
     try:
         run()
-    except (RuntimeError, MemoryError) as e:
-        if "memory" not in str(e).lower() and not isinstance(e, MemoryError):
+    except (RuntimeError, MemoryError) as e:  # torch: "can't allocate memory" or bad_alloc
+        if not isinstance(e, MemoryError) and not any(
+            word in str(e).lower() for word in ("memory", "bad_alloc")
+        ):
             raise
         print(json.dumps({"over_cap": True}))
         return
