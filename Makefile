@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,lm-eval]'
+	$(PIP) install -q -e '.[dev,lm-eval,search]'
 	touch $(STAMP)
 
 setup: $(STAMP)

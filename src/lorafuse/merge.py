@@ -48,6 +48,27 @@ class MergedAdapter:
         """The smallest fraction of spectral energy kept by any module (None: exact)."""
         return min(self.energy.values()) if self.energy else None
 
+    def as_library(self, name: str = "merged") -> ExpertLibrary:
+        """The adapter as a one-expert library (scale 1, each module at its own rank, zero-
+        padded to the largest): attached with coefficient 1 it adds exactly B @ A per module,
+        as PEFT adds the saved adapter."""
+        from lorafuse.factors import StackedModule
+        from lorafuse.library import Expert
+
+        R = self.rank
+        modules = {}
+        for module, (A, B) in self.modules.items():
+            r, D = A.shape
+            Ap = torch.zeros(1, R, D)  # (1, R, D)
+            Ap[0, :r] = A
+            Bp = torch.zeros(1, B.shape[0], R)  # (1, O, R)
+            Bp[0, :, :r] = B
+            modules[module] = StackedModule(
+                Ap, Bp, torch.ones(1), torch.tensor([r]), fan_in_fan_out=self.fan_in_fan_out
+            )
+        expert = Expert(name, base_model=self.base_model, r=R, lora_alpha=float(R))
+        return ExpertLibrary([expert], modules)
+
 
 def resolve_weights(library: ExpertLibrary, weights: Weights) -> dict[str, Tensor]:
     """Per-module coefficient vectors (N,) from None (uniform), one vector, or a mapping.

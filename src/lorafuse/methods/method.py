@@ -160,7 +160,9 @@ class Method:
     -> (N,)` for a probability-level ensemble (scored from cached passes); `experts` a
     fixed expert kind (the shared expert) instead of the caller's; `paper` the figures
     and appendices of the paper that show it (the claims select methods by role and tag);
-    `study_experts` which of a study's kinds it mixes by default (cluster or private).
+    `study_experts` which of a study's kinds it mixes by default (cluster or private);
+    `origin` where a method beyond the paper comes from ("PEFT / mergekit", "LoraHub"):
+    the report marks it "beyond the paper" (None: the paper's, or lorafuse's context).
     """
 
     name: str
@@ -177,6 +179,7 @@ class Method:
     experts: str | None = None
     paper: tuple[Tag, ...] = ()
     study_experts: StudyExperts = "cluster"
+    origin: str | None = None
 
     def needed_fit(self, options: Options) -> str | None:
         """The method whose fit this method's fit reads, given its options (or None)."""

@@ -9,7 +9,17 @@ family file) and one row here. Names may carry an argument after a colon, e.g.
 from __future__ import annotations
 
 from lorafuse.errors import LorafuseError
-from lorafuse.methods import baselines, distill, ensemble_sgd, ensembles, hc, merging, routing
+from lorafuse.methods import (
+    baselines,
+    delta_merges,
+    distill,
+    ensemble_sgd,
+    ensembles,
+    hc,
+    merge_search,
+    merging,
+    routing,
+)
 from lorafuse.methods.method import Method
 
 METHODS: tuple[Method, ...] = (
@@ -18,6 +28,8 @@ METHODS: tuple[Method, ...] = (
     *ensemble_sgd.METHODS,
     *distill.METHODS,
     *merging.METHODS,
+    *delta_merges.METHODS,
+    *merge_search.METHODS,
     *routing.METHODS,
     *hc.METHODS,
 )
