@@ -143,6 +143,8 @@ def test_merge_methods_through_the_cli(llama_experts, tmp_path, method, extra):
     if method.startswith("dare"):
         options["seed"] = 7
     weights = [1.0, 2.0, 1.0, 1.0] if "--weights" in extra else None
+    if method in ("ties", "dare-ties") and weights is None:
+        weights = [1.0] * len(llama_experts)  # the CLI's default for disjoint means
     rank = 3 if "--rank" in extra else None
     api = delta_merge(ExpertLibrary.load(llama_experts), method, weights, rank, **options)
     saved = load_file(str(out / "adapter_model.safetensors"))

@@ -119,6 +119,10 @@ def _check(experts: list[Path], base: str | None) -> None:
     console.print(f"ok: the {len(checks)} experts can be fused", highlight=False)
 
 
+#: merges whose disjoint mean already averages: their default weight is 1 per expert
+DISJOINT_MEANS = ("ties", "dare-ties")
+
+
 def _coverage_table(lib):
     """Experts grouped by the modules they adapt: per module name, how many layers."""
     from rich.table import Table
@@ -222,6 +226,8 @@ def merge(
         if method == "linear":
             merged = merge_experts(lib, values, space, rank)
         else:
+            if values is None and method in DISJOINT_MEANS:  # they average already
+                values = [1.0] * len(lib)
             takes_seed = "seed" in (METHODS[method].__kwdefaults__ or {})
             merged = delta_merge(
                 lib, method, values, rank, **given, **({"seed": seed} if takes_seed else {})
