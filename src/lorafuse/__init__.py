@@ -22,6 +22,8 @@ _LAZY = {
     "attach": "lorafuse.model",
     "attached": "lorafuse.model",
     "merge": "lorafuse.merge",
+    "delta_merge": "lorafuse.delta_merge",
+    "check_experts": "lorafuse.check",
     "save_adapter": "lorafuse.merge",
     "save_merged_model": "lorafuse.merge",
     "LorafuseError": "lorafuse.errors",
