@@ -171,7 +171,7 @@ def test_figure2_claims_use_no_appendix_or_own_method():
 
 def test_every_claim_row_on_empty_and_realistic_results():
     empty = claims({"methods": []})
-    assert [r["id"] for r in empty] == list(range(1, 20))
+    assert [r["id"] for r in empty] == list(range(1, 23))
     assert {r["verdict"] for r in empty} == {"not measured"}
     assert all(r["why"].startswith("not measured") for r in empty)
     full = claims(realistic_results())
@@ -535,3 +535,49 @@ def test_each_claim_is_also_decided_on_exact_match():
     assert rows[8]["exact_match"]["verdict"] == "not measured"
     assert "no answers" in rows[8]["exact_match"]["why"]
     assert rows[17]["exact_match"]["verdict"] == "n/a"  # a statistic of the loss matrix
+
+
+# ---- comparisons beyond the paper ---------------------------------------------------------
+def test_beyond_the_paper_rows_are_labelled_and_pick_their_methods():
+    rows = {r["id"]: r for r in claims(results())}
+    assert [i for i, r in rows.items() if r["beyond"]] == [20, 21, 22]
+    for i in (20, 21, 22):
+        assert rows[i]["paper"].startswith("beyond the paper: ") and rows[i]["quote"] == ""
+        assert rows[i]["section"] == "beyond the paper"
+    assert rows[20]["methods"] == [["merge-ties", CLUSTER], ["merge-uniform", CLUSTER]]
+    assert rows[21]["methods"] == [["merge-dare-ties", CLUSTER], ["merge-uniform", CLUSTER]]
+    assert rows[22]["methods"] == [["merge-search", CLUSTER], ["merge-sgd-global", CLUSTER]]
+    assert not any(r["beyond"] for i, r in rows.items() if i < 20)
+
+
+@pytest.mark.parametrize(("claim_id", "name"), [(20, "merge-ties"), (21, "merge-dare-ties")])
+def test_sparsifying_merges_against_uniform_merging(claim_id, name):
+    uniform = method("merge-uniform", B)
+    ok = row(claims(results(method(name, A), uniform)), claim_id)
+    diff, se = hand(A, B)
+    (c,) = ok["numbers"]["comparisons"]
+    assert ok["verdict"] == "holds" and (c["a"], c["b"]) == (name, "merge-uniform")
+    assert c["diff"] == pytest.approx(diff) and c["se"] == pytest.approx(se)
+    assert (
+        row(claims(results(method(name, B), method("merge-uniform", A))), claim_id)["verdict"]
+        == "does not hold"
+    )
+    unsure = row(claims(results(method(name, C), method("merge-uniform", A))), claim_id)
+    assert unsure["verdict"] == "inconclusive"
+    assert row(claims(results(uniform)), claim_id)["verdict"] == "not measured"
+
+
+def test_merge_search_equivalent_to_sgd_merging():
+    """Equivalence within 5% of merge-sgd-global's loss, computed by hand: |d| + 2 se."""
+    sgd = method("merge-sgd-global", A)
+    near = [x + d for x, d in zip(A, [0.01, 0.0, 0.02, 0.01])]
+    r = row(claims(results(method("merge-search", near), sgd)), 22)
+    diff, se = hand(near, A)
+    assert abs(diff) + 2 * se <= 0.05 * statistics.fmean(A)
+    assert r["verdict"] == "holds"
+    far = row(claims(results(method("merge-search", B), sgd)), 22)
+    diff, se = hand(B, A)
+    assert abs(diff) - 2 * se > 0.05 * statistics.fmean(A) and far["verdict"] == "does not hold"
+    late = method("merge-search", near, fit={"converged": False, "stop": "pass budget"})
+    r = row(claims(results(late, sgd)), 22)
+    assert r["verdict"] == "inconclusive (not converged)" and "pass budget" in r["why"]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
+from lorafuse.methods.registry import BY_NAME
 from lorafuse.study.figures import cost_text, figure2, figure4, figure5, ordered, sparse_curve
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -42,6 +43,9 @@ METHODS = [
     ("merge-uniform", "merging", "private", 1.15, 1, 1.004),
     ("arrow-top4", "baseline", "private", 1.00, 1, 1.02),
     ("route-sgd", "routing", "private", 0.95, 1, 1.31),
+    ("merge-ties", "merging", "mbc", 1.09, 1, 1.0),
+    ("merge-dare-ties", "merging", "mbc", 1.10, 1, 1.0),
+    ("merge-search", "merging", "mbc", 1.06, 1, 1.0),
 ]
 
 
@@ -83,6 +87,8 @@ def realistic_results(n_tasks: int = 40, seed: int = 0) -> dict:
                 "fit": fit,
             }
         )
+        if origin := BY_NAME[name.partition(":")[0]].origin:  # beyond the paper
+            methods[-1]["origin"] = origin
     methods.append(
         {
             "name": "route-sgd-arrow",

@@ -193,3 +193,21 @@ def test_report_states_the_library_structure(tmp_path):
     res["library"]["structure"] = None
     md = render(res, tmp_path / "b")["report.md"].read_text()
     assert "structure | not measured" in md
+
+
+def test_methods_and_claims_beyond_the_paper_are_marked(tmp_path):
+    from lorafuse.study.labels import beyond_note, marked_label
+
+    res = realistic_results()
+    md = render(res, tmp_path)["report.md"].read_text()
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("|")}
+    assert "merging, beyond the paper (PEFT / mergekit)" in rows["merge-ties"]
+    assert "merging, beyond the paper (LoraHub)" in rows["merge-search"]
+    assert "beyond the paper" not in rows["merge-sgd-global"]
+    for i in ("20", "21", "22"):
+        assert "beyond the paper: " in rows[i]
+    by_name = {m["name"]: m for m in res["methods"] if m["experts"] == "mbc"}
+    assert marked_label(by_name["merge-ties"], "mbc") == "merge-ties \u2020"
+    assert marked_label(by_name["merge-uniform"], "mbc") == "merge-uniform"
+    assert beyond_note(res["methods"]) == "\u2020 beyond the paper: PEFT / mergekit, LoraHub"
+    assert beyond_note([by_name["merge-uniform"]]) is None

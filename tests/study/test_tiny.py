@@ -41,6 +41,24 @@ def _check_protocol(results: dict) -> None:
     assert {k for _, k in map(tuple, rows[2]["methods"])} == {cluster}
 
 
+def _check_beyond_the_paper(results: dict) -> None:
+    """The merges beyond the paper ran, marked, with their fits; their claims are labelled."""
+    by = {m["name"]: m for m in results["methods"] if m["experts"] == "mbc"}
+    for name in ("merge-ties", "merge-ties-rank:2", "merge-dare-ties", "merge-search"):
+        assert by[name]["origin"] == BY_NAME[name.partition(":")[0]].origin, name
+    assert "origin" not in by["merge-sgd-global"]
+    ties = by["merge-ties"]["fit"]
+    assert ties["density"] in (0.2, 0.5) and len(ties["runs"]) == 2
+    rank2 = by["merge-ties-rank:2"]["settings"]
+    assert rank2["rank"] == 2 and 0 < rank2["energy_min"] <= rank2["energy_mean"] <= 1
+    search = by["merge-search"]["fit"]
+    assert search["passes"] <= 9 and search["objective"] <= search["start_objective"]
+    assert search["converged"] is (search["stop"] != "pass budget")
+    rows = {r["id"]: r for r in results["claims"]}
+    assert all(rows[i]["beyond"] and rows[i]["paper"].startswith("beyond the paper") for i in
+               (20, 21, 22))  # fmt: skip
+
+
 def test_tiny_study_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the preset builds into runs/tiny under the current folder
     result = CliRunner().invoke(app, ["study", "--preset", "tiny", "--out", "runs/study"])
@@ -54,7 +72,7 @@ def test_tiny_study_end_to_end(tmp_path, monkeypatch):
         assert math.isfinite(m["mean"]) and math.isfinite(m["se"])
         assert all(math.isfinite(v) for v in m["per_task"].values())
         assert {"passes", "added_flops_per_token", "relative_flops"} <= set(m["cost"])
-    learned = [m for m in results["methods"] if (m.get("fit") or {}).get("stop")]
+    learned = [m for m in results["methods"] if (m.get("fit") or {}).get("steps") is not None]
     assert {m["name"] for m in learned} >= {"ensemble-sgd", "ensemble-distill", "route-sgd"}
     for m in learned:  # every SGD fit says how it ended
         fit = m["fit"]
@@ -64,6 +82,7 @@ def test_tiny_study_end_to_end(tmp_path, monkeypatch):
         "holds", "does not hold", "inconclusive", "inconclusive (not converged)", "not measured",
     }  # fmt: skip
     _check_protocol(results)
+    _check_beyond_the_paper(results)
     for m in results["methods"]:  # every method generated its answers
         assert 0 <= m["answers"]["exact_match"]["mean"] <= 1, m["name"]
     assert {c["exact_match"]["verdict"] for c in results["claims"]} <= {
@@ -72,4 +91,5 @@ def test_tiny_study_end_to_end(tmp_path, monkeypatch):
     report = (tmp_path / "runs/study/report.md").read_text()
     assert "ensemble-uniform" in report and "route-sgd" in report and "converged" in report
     assert "verdict (exact match)" in report and "exact match ± se" in report
+    assert "merging, beyond the paper (PEFT / mergekit)" in report
     assert (tmp_path / "runs/study/report.html").is_file()

@@ -33,7 +33,7 @@ INSTALL = "pip install 'lorafuse[search]'"
 class SearchSettings:
     """Settings of one search (saved with its result)."""
 
-    max_passes: int = 100  # evaluations of f, the start's included
+    max_passes: int = 200  # evaluations of f, the start's included
     popsize: int | None = None  # candidates per generation (None: cma's 4 + 3 ln n)
     sigma: float = 0.1  # initial step size
     bound: float = 1.5  # every coordinate in [-bound, bound]

@@ -41,7 +41,7 @@ class SearchOptions(Options):
     """Options of merge-search (LoraHub's defaults for the bound and the L1 weight)."""
 
     max_passes: int = Field(
-        100, ge=2, description="budget: objective evaluations (forward passes over the fit data)"
+        200, ge=2, description="budget: objective evaluations (forward passes over the fit data)"
     )
     popsize: int | None = Field(
         None, ge=2, description="candidates per CMA-ES generation (null: 4 + 3 ln n)"

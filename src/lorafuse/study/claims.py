@@ -1,4 +1,5 @@
-"""The paper's claims, one row per sentence of the paper, decided on a study's results.
+"""The paper's claims, one row per sentence of the paper, decided on a study's results,
+then a few comparisons beyond the paper (`EXTRA`: its rivals from PEFT, mergekit, LoraHub).
 
 `TABLE` is declarative: each `Claim` quotes the paper's words with their section, says in
 our words what is tested, and lists its parts (each half of a two-part sentence is one
@@ -128,7 +129,9 @@ Part = Compare | Statistic
 @dataclass(frozen=True)
 class Claim:
     """One sentence of the paper: `quote` (its words), `section`, `claim` (what we test),
-    `parts`, and `paper_numbers` (the numbers it prints, verbatim; "" when it prints none)."""
+    `parts`, and `paper_numbers` (the numbers it prints, verbatim; "" when it prints none).
+    A comparison beyond the paper (`EXTRA`) has section BEYOND, no quote, and says in
+    `source` where its question comes from."""
 
     id: int
     section: str
@@ -137,8 +140,20 @@ class Claim:
     parts: tuple[Part, ...]
     paper_numbers: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    source: str = ""
+
+    @property
+    def beyond(self) -> bool:
+        """True for a comparison the paper does not make."""
+        return self.section == BEYOND
+
+    @property
+    def paper(self) -> str:
+        """The paper's words with their section, or where a comparison beyond it comes from."""
+        return f"{BEYOND}: {self.source}" if self.beyond else f'{self.section}: "{self.quote}"'
 
 
+BEYOND = "beyond the paper"
 ORACLE = Pick(names=("oracle",))
 FIG2 = Pick(tag="fig2")
 FIG2_ENSEMBLES = Pick(role="ensembling", tag="fig2")
@@ -352,12 +367,53 @@ TABLE: tuple[Claim, ...] = (
 )  # fmt: skip
 
 
-def claims(results: dict) -> list[dict]:
-    """One row per claim of `TABLE`, decided on `results` (a results.json dict).
+# Comparisons the paper does not make, on methods beyond it (PEFT's and mergekit's merges,
+# LoraHub's gradient-free search): decided by the same rules, labelled "beyond the paper".
+EXTRA: tuple[Claim, ...] = (
+    Claim(
+        20, BEYOND, "",
+        "TIES merging of the deltas (merge-ties: PEFT's ties, its density chosen on "
+        "validation) beats uniform merging",
+        (Compare("merge-ties beats merge-uniform", Pick(names=("merge-ties",)),
+                 Pick(names=("merge-uniform",))),),
+        "none (not in the paper)",
+        source="TIES-merging (Yadav et al., 2023) as PEFT and mergekit run it: does resolving "
+        "sign conflicts beat the paper's uniform merge?",
+    ),
+    Claim(
+        21, BEYOND, "",
+        "DARE-TIES merging of the deltas (merge-dare-ties: its drop rate chosen on "
+        "validation) beats uniform merging",
+        (Compare("merge-dare-ties beats merge-uniform", Pick(names=("merge-dare-ties",)),
+                 Pick(names=("merge-uniform",))),),
+        "none (not in the paper)",
+        source="DARE (Yu et al., 2024) as PEFT and mergekit run it: does random drop and "
+        "rescaling, then TIES' election, beat the paper's uniform merge?",
+    ),
+    Claim(
+        22, BEYOND, "",
+        "Merge weights found without gradients (merge-search: CMA-ES within a budget of "
+        "forward passes) are equivalent to SGD-learned global merge weights "
+        f"(merge-sgd-global) within a margin of {EQUIVALENCE_MARGIN:.0%} of the latter's loss",
+        (Compare("merge-search is equivalent to merge-sgd-global",
+                 Pick(names=("merge-search",)), Pick(names=("merge-sgd-global",)),
+                 EQUIVALENT),),
+        "none (not in the paper)",
+        source="LoraHub (Huang et al., 2024): is a gradient-free search of the merge weights "
+        "as good as the paper's SGD on the same objective?",
+    ),
+)  # fmt: skip
+CLAIMS: tuple[Claim, ...] = TABLE + EXTRA
 
-    Each row: {"id", "section", "quote", "claim" (what we test), "paper" (section: quote),
-    "paper_numbers", "verdict" (holds | does not hold | inconclusive | inconclusive (not
-    converged) | not measured), "evidence" (each part's numbers), "why" (why it is not
+
+def claims(results: dict) -> list[dict]:
+    """One row per claim of `CLAIMS` (the paper's `TABLE`, then the comparisons beyond it,
+    `EXTRA`), decided on `results` (a results.json dict).
+
+    Each row: {"id", "section", "quote", "claim" (what we test), "paper" (section: quote;
+    "beyond the paper: <source>" for EXTRA), "beyond" (bool), "paper_numbers", "verdict"
+    (holds | does not hold | inconclusive | inconclusive (not converged) | not measured),
+    "evidence" (each part's numbers), "why" (why it is not
     decided; "" when it is), "methods" ([name, kind] of every method it compared), "parts"
     (each {"text", "rule", "verdict", "evidence", "methods"}), "numbers" (the comparisons,
     each {"a", "b", "diff", "se", "n_tasks", "verdict"}, what was missing and the fits that
@@ -369,9 +425,9 @@ def claims(results: dict) -> list[dict]:
     figure, private = study_kinds(results)
     kinds = {"cluster": figure, "private": private}
     idx, analyses = lookup(results), results.get("analyses") or {}
-    rows = [_decide(c, idx, kinds, analyses) for c in TABLE]
+    rows = [_decide(c, idx, kinds, analyses) for c in CLAIMS]
     errors = answer_errors(idx)
-    for c, row in zip(TABLE, rows):
+    for c, row in zip(CLAIMS, rows):
         row["exact_match"] = _on_answers(c, errors, kinds, analyses)
     return rows
 
@@ -450,7 +506,8 @@ def _decide(c: Claim, idx: dict[Key, dict], kinds: dict[str, str], analyses: dic
         "section": c.section,
         "quote": c.quote,
         "claim": c.claim,
-        "paper": f'{c.section}: "{c.quote}"',
+        "paper": c.paper,
+        "beyond": c.beyond,
         "paper_numbers": c.paper_numbers,
         "verdict": verdict,
         "evidence": evidence,

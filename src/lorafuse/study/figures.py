@@ -22,7 +22,15 @@ from lorafuse.study.claims import lookup, paired, study_kinds, usable
 if TYPE_CHECKING:
     from lorafuse.select.clustering import Clustering
 
-from lorafuse.study.labels import FAMILIES, cost_text, kind_title, method_label, ordered
+from lorafuse.study.labels import (
+    FAMILIES,
+    beyond_note,
+    cost_text,
+    kind_title,
+    marked_label,
+    method_label,  # noqa: F401  (render, headline and render_seeds import it from here)
+    ordered,
+)
 
 FAMILY_TITLES = dict(zip(FAMILIES, ("baselines", "ensembling", "merging", "routing")))
 COLOURS = {
@@ -74,9 +82,13 @@ def figure2(results: dict, path: str | os.PathLike) -> Path | None:
     oracle = lookup(results).get(("oracle", main))
     if usable(oracle) and oracle.get("mean") is not None:
         ax.axvline(oracle["mean"], color="tab:red", ls=":", lw=1, label=f"oracle ({main})")
-    ax.set_yticks(y, [method_label(m, main) for m in methods], fontsize=9)
+    ax.set_yticks(y, [marked_label(m, main) for m in methods], fontsize=9)
     ax.set_ylim(-0.7, n - 0.3)
-    ax.set_xlabel("test loss (mean over tasks ± se across tasks); right: inference cost per token")
+    note = beyond_note(methods)
+    ax.set_xlabel(
+        "test loss (mean over tasks ± se across tasks); right: inference cost per token"
+        + (f"\n{note}" if note else "")
+    )
     ax.set_title(
         f"Figure 2: test loss and inference cost per method ({_library_text(results)})",
         fontsize=10,
@@ -111,12 +123,16 @@ def figure2_answers(results: dict, path: str | os.PathLike) -> Path | None:
                             ms=6, capsize=3)  # fmt: skip
             else:
                 ax.text(0.02, yi, "no answers", va="center", fontsize=8, color="tab:red")
-        ax.set_yticks(y, [method_label(m, main) for m in methods] if i == 0 else [], fontsize=9)
+        ax.set_yticks(y, [marked_label(m, main) for m in methods] if i == 0 else [], fontsize=9)
         ax.set_ylim(-0.7, n - 0.3)
         ax.set_xlim(-0.02, 1.02)
         ax.set_xlabel(f"{title} (mean over tasks ± se; higher is better)")
         ax.grid(axis="x", color="0.92")
-    fig.suptitle(f"Generated answers per method ({_library_text(results)})", fontsize=10)
+    note = beyond_note(methods)
+    fig.suptitle(
+        f"Generated answers per method ({_library_text(results)})" + (f"; {note}" if note else ""),
+        fontsize=10,
+    )
     fig.tight_layout()
     return save_png(fig, path)
 

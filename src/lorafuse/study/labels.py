@@ -5,6 +5,8 @@ from __future__ import annotations
 from lorafuse.study.claims import study_kinds
 
 FAMILIES = ("baseline", "ensembling", "merging", "routing")
+BEYOND = "beyond the paper"
+BEYOND_MARK = "†"  # a dagger after the name of a method beyond the paper in figures
 
 
 def ordered(results: dict) -> list[dict]:
@@ -42,3 +44,23 @@ def method_label(m: dict, main: str = "private") -> str:
     """The method's name, with its experts kind when that is not `main`."""
     kind = m.get("experts") or "private"
     return m["name"] if kind == main else f"{m['name']} [{kind}]"
+
+
+def family_text(m: dict) -> str:
+    """The method's family, with "beyond the paper (origin)" for a method the paper does
+    not study (its table row's `origin`, recorded in results.json)."""
+    family = str(m.get("family", ""))
+    return f"{family}, {BEYOND} ({m['origin']})" if m.get("origin") else family
+
+
+def marked_label(m: dict, main: str = "private") -> str:
+    """`method_label` with a dagger when the method is beyond the paper (figures)."""
+    label = method_label(m, main)
+    return f"{label} {BEYOND_MARK}" if m.get("origin") else label
+
+
+def beyond_note(methods: list[dict]) -> str | None:
+    """'† beyond the paper: PEFT / mergekit, LoraHub' for the origins of `methods`, or
+    None when every method is the paper's."""
+    origins = list(dict.fromkeys(m["origin"] for m in methods if m.get("origin")))
+    return f"{BEYOND_MARK} {BEYOND}: {', '.join(origins)}" if origins else None

@@ -29,6 +29,7 @@ from lorafuse.study.figures import (
     sparse_curve,
 )
 from lorafuse.study.headline import headline
+from lorafuse.study.labels import family_text
 from lorafuse.study.render_seeds import seed_claims_blocks, seed_methods_table
 
 DRAWN = {
@@ -120,6 +121,7 @@ def _blocks(
     blocks += [
         ("h2", "Claims of the paper"),
         ("p", "Decision rule: " + RULE),
+        ("p", BEYOND_NOTE),
         ("p", ANSWERS_RULE),
         *verdicts,
         ("h2", "Private vs cluster (MBC) experts"),
@@ -134,6 +136,10 @@ def _blocks(
     return blocks
 
 
+BEYOND_NOTE = (
+    'The rows labelled "beyond the paper" are not claims of the paper: they compare its '
+    "merges with the rivals users run from PEFT, mergekit and LoraHub, under the same rules."
+)
 ANSWERS_RULE = (
     "Each claim is decided twice, side by side: on the test loss (NLL, the paper's measure) "
     "and on the exact match of the greedy answers (ours), where each method's per-task "
@@ -235,7 +241,7 @@ def _figure2_table(results: dict) -> Block:
         rel = cost_text({"cost": {"relative_flops": cost.get("relative_flops")}})
         rel = rel.replace(" FLOPs", "").replace("cost n/a", "-")
         rows.append([
-            m["name"], str(m.get("family", "")), str(m.get("experts") or "private"),
+            m["name"], family_text(m), str(m.get("experts") or "private"),
             _loss(m), answer_cell(m, "exact_match"), answer_cell(m, "rouge_l"),
             str(cost.get("passes", "-")), rel, *fit_cells(m.get("fit")),
             _secs(secs.get("fit")), _secs(secs.get("eval")), _secs(secs.get("answers")),

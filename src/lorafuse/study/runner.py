@@ -257,6 +257,8 @@ class _Context:
         try:
             method, _ = resolve(m.name)
             record["family"] = method.role
+            if method.origin is not None:  # beyond the paper: the report marks it
+                record["origin"] = method.origin
             self.bar.start(stage, None)
             fit, fit_key, fit_seconds = self.fit(m, method)
             result, cached = self.evaluate(m, method, fit_key)
