@@ -84,13 +84,11 @@ def figure2(results: dict, path: str | os.PathLike) -> Path | None:
         ax.axvline(oracle["mean"], color="tab:red", ls=":", lw=1, label=f"oracle ({main})")
     ax.set_yticks(y, [marked_label(m, main) for m in methods], fontsize=9)
     ax.set_ylim(-0.7, n - 0.3)
+    ax.set_xlabel("test loss (mean over tasks ± se across tasks); right: inference cost per token")
     note = beyond_note(methods)
-    ax.set_xlabel(
-        "test loss (mean over tasks ± se across tasks); right: inference cost per token"
-        + (f"\n{note}" if note else "")
-    )
     ax.set_title(
-        f"Figure 2: test loss and inference cost per method ({_library_text(results)})",
+        f"Figure 2: test loss and inference cost per method ({_library_text(results)})"
+        + (f"\n{note}" if note else ""),
         fontsize=10,
     )
     ax.grid(axis="x", color="0.92")
