@@ -93,3 +93,16 @@ def test_merge_errors_and_no_overwrite(llama_experts, tmp_path):
     save_adapter(merge(lib), out, force=True)
     assert not (out / "keep.txt").exists() and (out / "adapter_config.json").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_merged_tasks_count_every_module(mini_bench):
+    lib = ExpertLibrary.load([mini_bench / "experts" / "private"])
+    first, *rest = list(lib.modules)
+    N = len(lib)
+    # expert 0 weighs nothing on the first module but something on the others
+    weights = {m: torch.tensor([0.0] + [1.0 / (N - 1)] * (N - 1)) for m in [first]}
+    weights.update({m: torch.full((N,), 1.0 / N) for m in rest})
+    merged = merge(lib, weights, "deltas")
+    assert merged.meta["tasks"] == sorted(t for e in lib.experts for t in e.tasks)
+    only = {m: torch.tensor([0.0] + [1.0] + [0.0] * (N - 2)) for m in lib.modules}
+    assert merge(lib, only, "deltas").meta["tasks"] == lib.experts[1].tasks

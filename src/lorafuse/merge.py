@@ -93,6 +93,12 @@ def resolve_weights(library: ExpertLibrary, weights: Weights) -> dict[str, Tenso
     return out
 
 
+def merged_tasks(library: ExpertLibrary, per_module: Mapping[str, Tensor]) -> list[str]:
+    """The tasks of the experts a merge uses: those with a non-zero weight in any module."""
+    used = {n for w in per_module.values() for n, x in zip(library.names, w.tolist()) if x != 0}
+    return sorted({t for e in library.experts if e.name in used for t in e.tasks})
+
+
 def _warn_about_weights(per_module: dict[str, Tensor], space: str) -> None:
     # Refuse weights that merge nothing; say when factors-space weights rescale the update.
     for module, w in per_module.items():
@@ -159,8 +165,7 @@ def merge(
             stacklevel=2,
         )
     first = next(iter(library.modules.values()))
-    used = [n for n, v in zip(library.names, next(iter(per_module.values())).tolist()) if v != 0]
-    tasks = sorted({t for e in library.experts if e.name in used for t in e.tasks})
+    tasks = merged_tasks(library, per_module)
     meta = {
         "merged_from": library.names,
         "space": space,

@@ -24,7 +24,7 @@ from lorafuse.delta_merge.combine import DIVIDE_BY, SIGN_OF, Recipe, module_delt
 from lorafuse.errors import LorafuseError
 from lorafuse.library import ExpertLibrary
 from lorafuse.linalg import truncate_dense, truncate_product
-from lorafuse.merge import MergedAdapter, Weights, resolve_weights
+from lorafuse.merge import MergedAdapter, Weights, merged_tasks, resolve_weights
 
 
 # ---- the methods ---------------------------------------------------------------------
@@ -251,7 +251,6 @@ def _dense(library, weights, recipe: Recipe, rank, method, options, normalize=Fa
 def _adapter(library, modules, energy, weights, per_module, method, options, rank, space="deltas"):
     first = next(iter(library.modules.values()))
     mapping = isinstance(weights, Mapping)
-    used = {n for v in per_module.values() for n, x in zip(library.names, v.tolist()) if x != 0}
     meta = {
         "merged_from": library.names,
         "space": space,
@@ -263,7 +262,7 @@ def _adapter(library, modules, energy, weights, per_module, method, options, ran
             if mapping
             else next(iter(per_module.values())).tolist()
         ),
-        "tasks": sorted({t for e in library.experts if e.name in used for t in e.tasks}),
+        "tasks": merged_tasks(library, per_module),
     }
     return MergedAdapter(
         modules,
