@@ -17,6 +17,17 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from lorafuse.errors import LorafuseError
+
+SPACES = ("factors", "deltas")
+
+
+def check_space(space: str) -> str:
+    """Return `space` if it is a known mixing space, else raise LorafuseError."""
+    if space not in SPACES:
+        raise LorafuseError(f"unknown mixing space {space!r}; choose one of {', '.join(SPACES)}")
+    return space
+
 
 @dataclass
 class StackedModule:
@@ -59,14 +70,12 @@ class StackedModule:
 
         `factors`: M = R, A = sum l_i A_i, B = sum l_i s_i B_i. `deltas`: B A equals
         sum l_i s_i B_i A_i exactly, M = the summed ranks of the experts with l_i != 0
-        (a zero pair of rank 1 when there is none). Raises ValueError for another space.
+        (a zero pair of rank 1 when there is none). Raises LorafuseError for another space.
         """
         l = coefficients.to(device=self.A.device, dtype=torch.float32)  # (N,)
-        if space == "factors":
+        if check_space(space) == "factors":
             A, B = self.fold_factors(l)
             return A, B
-        if space != "deltas":
-            raise ValueError(f"unknown mixing space {space!r}; choose factors or deltas")
         keep = [(i, r) for i, r in enumerate(self.rank.tolist()) if float(l[i]) != 0 and r > 0]
         if not keep:
             _, _, D, O = self.shape

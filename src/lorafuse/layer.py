@@ -21,18 +21,10 @@ from torch import Tensor, nn
 from lorafuse import fast as fastpath
 from lorafuse.base_layers import base_shape, compute_dtype, layer_shape
 from lorafuse.errors import LorafuseError
-from lorafuse.factors import StackedModule
+from lorafuse.factors import SPACES, StackedModule, check_space
 from lorafuse.mixers.protocol import Mixer
 
-SPACES = ("factors", "deltas")
 __all__ = ["SPACES", "FusedLoRALinear", "Mixer", "base_shape", "check_space"]
-
-
-def check_space(space: str) -> str:
-    """Return `space` if it is a known mixing space, else raise LorafuseError."""
-    if space not in SPACES:
-        raise LorafuseError(f"unknown mixing space {space!r}; choose one of {', '.join(SPACES)}")
-    return space
 
 
 class FusedLoRALinear(nn.Module):
