@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from lorafuse.errors import LorafuseError
-from lorafuse.formats.routed import load_routed
 from lorafuse.methods.routing import topk_gap
 from lorafuse.methods.run import evaluate_method, fit_method
+from lorafuse.routed import load_routed
 from lorafuse.spec import load_spec
 from lorafuse.workspace import Workspace
 from tests.conftest import load_base

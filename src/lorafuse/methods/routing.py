@@ -25,12 +25,12 @@ from lorafuse.errors import LorafuseError
 from lorafuse.evaluate import Result, standard_error
 from lorafuse.fit.sgd import is_main_process
 from lorafuse.formats.fits import fit_output, load_fit
-from lorafuse.formats.routed import load_routed, save_routed
 from lorafuse.layer import check_space
 from lorafuse.methods.fused_sgd import FusedOptions, fit_fused
 from lorafuse.methods.method import Context, Cost, Fitted, Method, Prepared
 from lorafuse.mixers.routers import build_routers, router_parameters
 from lorafuse.model import attached
+from lorafuse.routed import load_routed, save_routed
 
 SPACE = "factors"
 TOP_KS = (1, 2, 4)
