@@ -16,6 +16,7 @@ from lorafuse.cache import expert_target_logprobs
 from lorafuse.errors import FileFormatError, LorafuseError
 from lorafuse.formats.schema import Count, FileModel, Finite, check, read_json
 from lorafuse.io import write_json
+from lorafuse.values import check_values
 
 
 def as_loss_matrix(L, what: str = "loss matrix") -> np.ndarray:
@@ -24,16 +25,14 @@ def as_loss_matrix(L, what: str = "loss matrix") -> np.ndarray:
         M = np.asarray(L.detach().cpu() if hasattr(L, "detach") else L, dtype=float)
     except (TypeError, ValueError) as e:
         raise LorafuseError(f"the {what} must be numeric (N experts, T tasks): {e}") from None
-    if M.ndim != 2 or M.size == 0:
-        raise LorafuseError(
-            f"the {what} must be 2-D (N experts, T tasks) and non-empty; got shape {M.shape}"
-        )
-    if not np.isfinite(M).all():
-        bad = np.argwhere(~np.isfinite(M))[0].tolist()
-        raise LorafuseError(
-            f"the {what} holds NaN or Inf (first at expert {bad[0]}, task {bad[1]}); "
-            "re-evaluate that expert or drop the task"
-        )
+    check_values(
+        M,
+        f"the {what}",
+        [(None, None)],
+        "2-D (N experts, T tasks) and non-empty",
+        "give one finite loss per expert and task (re-evaluate an expert or drop a task)",
+        axes=("expert", "task"),
+    )
     return M
 
 

@@ -24,6 +24,7 @@ from lorafuse.io import atomic_dir
 from lorafuse.layer import base_shape, check_space
 from lorafuse.library import ExpertLibrary
 from lorafuse.linalg import truncate_product
+from lorafuse.values import check_values
 
 Weights = Tensor | Sequence[float] | Mapping[str, Tensor | Sequence[float]] | None
 
@@ -121,10 +122,8 @@ def _warn_about_weights(per_module: dict[str, Tensor], space: str) -> None:
 
 def _vector(w, N: int) -> Tensor:
     v = torch.as_tensor(w, dtype=torch.float32).detach().cpu()
-    if v.shape != (N,):
-        raise LorafuseError(f"merge weights must be {N} numbers (one per expert); got {v.tolist()}")
-    if not torch.isfinite(v).all():
-        raise LorafuseError(f"merge weights hold NaN or Inf: {', '.join(map(str, v.tolist()))}")
+    fix = "give one finite weight per expert, in library order"
+    check_values(v, "merge weights", [(N,)], f"{N} numbers (one per expert)", fix)
     return v
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from lorafuse.errors import LorafuseError
+from lorafuse.values import check_values
 
 PROB_FLOOR = 1e-12
 _ACTIVE = 1e-10  # coefficients above this are free in the Newton step
@@ -48,8 +49,8 @@ def ensemble_objective(P, l, weights=None, floor: float = PROB_FLOOR) -> float:
     """
     P, w = _prepare(P, weights, floor)
     l = torch.as_tensor(l, dtype=torch.float64).reshape(-1)
-    if l.numel() != P.shape[1]:
-        raise LorafuseError(f"l has {l.numel()} entries but P has {P.shape[1]} experts")
+    N = P.shape[1]
+    check_values(l, "l", [(N,)], f"{N} coefficients (one per column of P)", "pass one per expert")
     return _f(P @ l, w)
 
 
@@ -210,13 +211,14 @@ def _embed(l_s: Tensor, order: list[int], N: int) -> Tensor:
 
 def _prepare(P, weights, floor: float) -> tuple[Tensor, Tensor]:
     P = torch.as_tensor(P).detach().to("cpu", torch.float64)
-    if P.dim() != 2 or P.shape[0] == 0 or P.shape[1] == 0:
-        raise LorafuseError(
-            f"P must be a non-empty (M tokens, N experts) matrix of probabilities; "
-            f"got shape {tuple(P.shape)}"
-        )
-    if not torch.isfinite(P).all():
-        raise LorafuseError("P holds NaN or Inf values; pass finite probabilities")
+    check_values(
+        P,
+        "P",
+        [(None, None)],
+        "a non-empty (M tokens, N experts) matrix of probabilities",
+        "pass each expert's probability of the correct token, finite and in [0, 1]",
+        axes=("token", "expert"),
+    )
     lo, hi = float(P.min()), float(P.max())
     if lo < 0 or hi > 1 + 1e-6:
         raise LorafuseError(
@@ -227,10 +229,10 @@ def _prepare(P, weights, floor: float) -> tuple[Tensor, Tensor]:
     if weights is None:
         return P.clamp_min(floor), torch.full((M,), 1.0 / M, dtype=torch.float64)
     w = torch.as_tensor(weights).detach().to("cpu", torch.float64).reshape(-1)
-    if w.numel() != M:
-        raise LorafuseError(f"weights has {w.numel()} entries but P has {M} rows (tokens)")
-    if not torch.isfinite(w).all() or (w < 0).any() or float(w.sum()) <= 0:
-        raise LorafuseError("weights must be finite, nonnegative and not all zero")
+    fix = "pass one finite nonnegative weight per token, not all zero"
+    check_values(w, "weights", [(M,)], f"{M} numbers (P has {M} rows, one per token)", fix)
+    if (w < 0).any() or float(w.sum()) <= 0:
+        raise LorafuseError(f"weights must be nonnegative and not all zero; {fix}")
     keep = w > 0  # tokens of zero weight cannot change the objective
     return P[keep].clamp_min(floor), w[keep] / w.sum()
 
@@ -239,8 +241,8 @@ def _init(init, N: int) -> Tensor:
     if init is None:
         return torch.full((N,), 1.0 / N, dtype=torch.float64)
     l = torch.as_tensor(init).detach().to("cpu", torch.float64).reshape(-1)
-    if l.numel() != N or not torch.isfinite(l).all() or (l < 0).any() or float(l.sum()) <= 0:
-        raise LorafuseError(
-            f"init must be {N} finite nonnegative coefficients, not all zero; got {l.tolist()}"
-        )
+    fix = "pass nonnegative coefficients, not all zero, or None (uniform)"
+    check_values(l, "init", [(N,)], f"{N} coefficients (one per expert)", fix)
+    if (l < 0).any() or float(l.sum()) <= 0:
+        raise LorafuseError(f"init must be nonnegative and not all zero; got {l.tolist()}; {fix}")
     return l / l.sum()

@@ -20,22 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lorafuse.errors import LorafuseError
+from lorafuse.values import check_values
 
-
-def _check_shape(coefficients: Tensor, num_experts: int | None = None) -> None:
-    if coefficients.dim() not in (1, 2, 3):
-        raise LorafuseError(
-            "coefficients must have shape (N,), (B, N) or (B, T, N); "
-            f"got {tuple(coefficients.shape)}"
-        )
-    if num_experts is not None and coefficients.shape[-1] != num_experts:
-        raise LorafuseError(
-            f"coefficients have {coefficients.shape[-1]} entries in their last dimension but "
-            f"the library has {num_experts} experts"
-        )
-    if not torch.isfinite(coefficients).all():
-        raise LorafuseError("coefficients hold NaN or Inf values")
+SHAPES = [(None,), (None, None), (None, None, None)]  # (N,), (B, N), (B, T, N)
 
 
 class Fixed(nn.Module):
@@ -44,7 +31,13 @@ class Fixed(nn.Module):
     def __init__(self, coefficients: Tensor | list[float]):
         super().__init__()
         c = torch.as_tensor(coefficients, dtype=torch.float32)
-        _check_shape(c)
+        check_values(
+            c,
+            "coefficients",
+            SHAPES,
+            "of shape (N,), (B, N) or (B, T, N)",
+            "give one finite coefficient per expert: global, per sequence or per token",
+        )
         self.num_experts = c.shape[-1]
         self.register_buffer("coefficients", c, persistent=True)
 
