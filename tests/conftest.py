@@ -66,6 +66,22 @@ def make_adapter(base_path: Path, out: Path, seed: int, targets: list[str], **lo
     return out
 
 
+def peft_logits(base_dir, expert_dirs, tokens, weights=None):
+    """Logits of plain PEFT: one adapter, or add_weighted_adapter(cat) of several."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_base(base_dir), expert_dirs[0], adapter_name="a0")
+    if weights is None:
+        return model.eval()(tokens).logits
+    names = ["a0"]
+    for i, d in enumerate(expert_dirs[1:], 1):
+        model.load_adapter(d, adapter_name=f"a{i}")
+        names.append(f"a{i}")
+    model.add_weighted_adapter(names, list(weights), "mix", combination_type="cat")
+    model.set_adapter("mix")
+    return model.eval()(tokens).logits
+
+
 # Mixed ranks, alphas, rsLoRA and rank/alpha patterns: the library must handle them all.
 LLAMA_EXPERTS = [
     {"r": 4, "lora_alpha": 16},

@@ -19,8 +19,7 @@ from lorafuse.cli import app
 from lorafuse.library import ExpertLibrary
 from lorafuse.merge import merge, save_adapter
 from lorafuse.model import attach
-from tests.conftest import LLAMA_TARGETS, load_base, make_adapter
-from tests.test_model import peft_logits
+from tests.conftest import LLAMA_TARGETS, load_base, make_adapter, peft_logits
 
 # Every plain-LoRA layout PEFT saves, each on its own set of modules.
 LAYOUTS = {

@@ -10,21 +10,7 @@ from lorafuse.errors import LibraryMismatchError, LorafuseError
 from lorafuse.library import ExpertLibrary
 from lorafuse.mixers import Learned
 from lorafuse.model import attach
-from tests.conftest import load_base
-
-
-def peft_logits(base_dir, expert_dirs, tokens, weights=None):
-    """Logits of plain PEFT: one adapter, or add_weighted_adapter(cat) of several."""
-    model = PeftModel.from_pretrained(load_base(base_dir), expert_dirs[0], adapter_name="a0")
-    if weights is None:
-        return model.eval()(tokens).logits
-    names = ["a0"]
-    for i, d in enumerate(expert_dirs[1:], 1):
-        model.load_adapter(d, adapter_name=f"a{i}")
-        names.append(f"a{i}")
-    model.add_weighted_adapter(names, list(weights), "mix", combination_type="cat")
-    model.set_adapter("mix")
-    return model.eval()(tokens).logits
+from tests.conftest import load_base, peft_logits
 
 
 @pytest.mark.parametrize("space", ["factors", "deltas"])

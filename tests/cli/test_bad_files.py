@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lorafuse.cli import app
-from tests.formats.test_mttl import EXPERTS, write_mttl_expert
+from tests.formats.helpers import EXPERTS, write_mttl_expert
 
 runner = CliRunner()
 

@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from lorafuse.cli import app
 from lorafuse.library import ExpertLibrary
-from tests.formats.test_mttl import EXPERTS, write_mttl_expert
+from tests.formats.helpers import EXPERTS, write_mttl_expert
 
 runner = CliRunner()
 

@@ -22,7 +22,7 @@ from lorafuse.study.claims import (
     stats,
     within_2se,
 )
-from tests.study.test_figures import realistic_results
+from tests.study.helpers import realistic_results
 
 VERDICTS = {
     "holds",

@@ -12,7 +12,7 @@ from rich.console import Console
 from lorafuse.study.claims import claims
 from lorafuse.study.console import summary_table
 from lorafuse.study.render import render
-from tests.study.test_figures import _is_png, realistic_results
+from tests.study.helpers import is_png, realistic_results
 
 EVIL = "<script>alert('x')</script>"
 
@@ -32,7 +32,7 @@ def test_render_writes_figures_and_reports(tmp_path):
     assert set(out) == {"figure2", "figure4", "figure5", "sparse_curve", "report.md", "report.html"}
     for key in ("figure2", "figure4", "figure5", "sparse_curve"):
         assert out[key] == tmp_path / "figures" / f"{key}.png"
-        assert _is_png(out[key])
+        assert is_png(out[key])
     md, page = out["report.md"].read_text(), out["report.html"].read_text()
     for m in res["methods"]:
         assert m["name"] in md and m["name"] in page
