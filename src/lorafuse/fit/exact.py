@@ -228,11 +228,7 @@ def _prepare(P, weights, floor: float) -> tuple[Tensor, Tensor]:
     M = P.shape[0]
     if weights is None:
         return P.clamp_min(floor), torch.full((M,), 1.0 / M, dtype=torch.float64)
-    w = torch.as_tensor(weights).detach().to("cpu", torch.float64).reshape(-1)
-    fix = "pass one finite nonnegative weight per token, not all zero"
-    check_values(w, "weights", [(M,)], f"{M} numbers (P has {M} rows, one per token)", fix)
-    if (w < 0).any() or float(w.sum()) <= 0:
-        raise LorafuseError(f"weights must be nonnegative and not all zero; {fix}")
+    w = _nonnegative(weights, "weights", M, f"{M} numbers (P has {M} rows, one per token)")
     keep = w > 0  # tokens of zero weight cannot change the objective
     return P[keep].clamp_min(floor), w[keep] / w.sum()
 
@@ -240,9 +236,16 @@ def _prepare(P, weights, floor: float) -> tuple[Tensor, Tensor]:
 def _init(init, N: int) -> Tensor:
     if init is None:
         return torch.full((N,), 1.0 / N, dtype=torch.float64)
-    l = torch.as_tensor(init).detach().to("cpu", torch.float64).reshape(-1)
-    fix = "pass nonnegative coefficients, not all zero, or None (uniform)"
-    check_values(l, "init", [(N,)], f"{N} coefficients (one per expert)", fix)
-    if (l < 0).any() or float(l.sum()) <= 0:
-        raise LorafuseError(f"init must be nonnegative and not all zero; got {l.tolist()}; {fix}")
+    l = _nonnegative(init, "init", N, f"{N} coefficients (one per expert)")
     return l / l.sum()
+
+
+def _nonnegative(v, what: str, n: int, expected: str) -> Tensor:
+    # (n,) float64 on the CPU: finite, nonnegative and not all zero, else LorafuseError.
+    v = torch.as_tensor(v).detach().to("cpu", torch.float64).reshape(-1)
+    fix = f"pass {n} finite nonnegative numbers, not all zero (or None: uniform)"
+    check_values(v, what, [(n,)], expected, fix)
+    if (v < 0).any() or float(v.sum()) <= 0:
+        shown = v.tolist() if n <= 8 else f"min {float(v.min()):.4g}, sum {float(v.sum()):.4g}"
+        raise LorafuseError(f"{what} must be nonnegative and not all zero; got {shown}; {fix}")
+    return v
