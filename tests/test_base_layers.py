@@ -14,6 +14,7 @@ from torch import nn
 
 from lorafuse.base_layers import base_shape, compute_dtype, joins_gemm, layer_shape
 from lorafuse.errors import LorafuseError
+from lorafuse.fast import choose
 from lorafuse.layer import FusedLoRALinear
 from lorafuse.library import ExpertLibrary
 from lorafuse.model import attach, is_quantized
@@ -86,7 +87,9 @@ def test_a_linear_subclass_keeps_its_own_forward(llama_dir, llama_experts):
     assert joins_gemm(base) and not joins_gemm(doubled)
     x = torch.randn(2, 5, base.in_features)  # (B, T, D)
     for fast in (True, False):
-        layer = FusedLoRALinear(doubled, stacked, "factors", Q_PROJ, fast=fast)
+        layer = FusedLoRALinear(
+            doubled, stacked, "factors", Q_PROJ, planner=choose if fast else None
+        )
         layer.mixer = lambda x: torch.tensor([1.0, 0, 0, 0])
         with torch.no_grad():
             y = layer(x)  # (B, T, O)

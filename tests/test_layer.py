@@ -1,4 +1,4 @@
-"""FusedLoRALinear against hand-written formulas and per-token loops, fast path on and off."""
+"""FusedLoRALinear against hand-written formulas and per-token loops, with plans and without."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lorafuse.errors import LorafuseError
+from lorafuse.fast import choose
 from lorafuse.layer import FusedLoRALinear
 from lorafuse.mixers import Fixed, Learned, Uniform
 from tests.fast.helpers import D, N, O, layer, loop_reference, stacked
@@ -118,7 +119,7 @@ def test_bf16_close_to_fp32(fast):
     y32 = f(x)
     base = nn.Linear(D, O).to(torch.bfloat16)
     base.load_state_dict({k: v.to(torch.bfloat16) for k, v in f.base.state_dict().items()})
-    fb = FusedLoRALinear(base, s, "factors", fast=fast)
+    fb = FusedLoRALinear(base, s, "factors", planner=choose if fast else None)
     fb.mixer = f.mixer
     yb = fb(x.to(torch.bfloat16))
     assert yb.dtype == torch.bfloat16
@@ -143,7 +144,7 @@ def test_bad_coefficients_and_space(fast):
 def test_release_gives_the_base_layer_back_unchanged(fast):
     base = nn.Linear(D, O)
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    f = FusedLoRALinear(base, stacked(), "factors", fast=fast)
+    f = FusedLoRALinear(base, stacked(), "factors", planner=choose if fast else None)
     f.mixer = Fixed(torch.softmax(torch.randn(2, 4, N), -1))
     x = torch.randn(2, 4, D)
     expected = loop_reference(base, stacked(), x, f.mixer(x), "factors")

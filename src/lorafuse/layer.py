@@ -6,25 +6,42 @@ Two mixing spaces, each two GEMMs whose inner size is N*R over the concatenated 
 No Python loop over experts, no per-token (D, R) matrices and no (tokens, N, O) tensor.
 With one-hot coefficients both reduce exactly to the single expert s_i B_i A_i x.
 
-This module is the reference: `forward` and `delta` are the formula above. The speed-ups
-(a joint GEMM with the base weight and a router's rows, hand-written backward passes,
-oneDNN products, compiled CPU kernels) live in lorafuse.fast, behind `self.fast`: one
-object chosen once per layer by `lorafuse.fast.choose` (the rule is written there), or
-None. tests/fast prove the two agree.
+This module is the reference: `forward` and `delta` are the formula above, and `mix` is
+the one mixing step every path uses. Speed-ups live in lorafuse.fast as plans: small
+objects with a straight forward, one for training and one for inference, which a
+`planner` (given by lorafuse.model.attach: lorafuse.fast.choose) picks for this layer
+whenever its mixer is set or it moves to another device or dtype. This module imports
+nothing from lorafuse.fast; tests/fast prove every plan equals the reference.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
-from lorafuse import fast as fastpath
 from lorafuse.base_layers import base_shape, compute_dtype, layer_shape
 from lorafuse.errors import LorafuseError
 from lorafuse.factors import SPACES, StackedModule, check_space
 from lorafuse.mixers.protocol import Mixer
 
-__all__ = ["SPACES", "FusedLoRALinear", "Mixer", "base_shape", "check_space"]
+__all__ = ["SPACES", "FusedLoRALinear", "Mixer", "Plan", "base_shape", "check_space", "mix"]
+
+Plan = Callable[[Tensor], Tensor]  # x (..., D) -> the layer's output (..., O)
+
+
+def mix(u: Tensor, l: Tensor, space: str) -> tuple[Tensor, Tensor | None]:
+    """The mixing step: z (M, R, N) with delta = z.flatten(1) @ B_cat, and h.
+
+    u (M, R, N) = the experts' projections A_i x (rank-major), l (1, N) or (M, 1, N) the
+    coefficients; `deltas`: z = l_i A_i x; `factors`: h = (sum_j l_j A_j) x (M, R, 1) and
+    z = l_i h (h is returned for a backward pass; None in the deltas space).
+    """
+    if space == "deltas":
+        return u * l, None  # (M, R, N)
+    h = (u * l).sum(-1, keepdim=True)  # (M, R, 1)
+    return h * l, h  # (M, R, N)
 
 
 class FusedLoRALinear(nn.Module):
@@ -37,9 +54,14 @@ class FusedLoRALinear(nn.Module):
     nn.Linear, a Conv1D or a bitsandbytes 4-bit / 8-bit layer (lorafuse.base_layers): the
     base output always comes from it, and the experts compute in its weight's dtype, or
     beside a quantized layer in its compute dtype (`dtype`, the model's activations, when
-    it names none), x cast to it and back. `fast=False` builds the layer without its fast
-    path (the reference alone). Raises LorafuseError for a layer of another kind, when
-    the experts' shape is not the base layer's, or the space is unknown.
+    it names none), x cast to it and back.
+
+    `planner(layer)` returns (training plan, inference plan, why): callables x -> output
+    or None (the reference), and a line saying why. It runs when the mixer is set, on
+    `replan()` and after a move (`.to()`, `.half()`); without one the layer runs its
+    reference forward. A plan serves inputs of the layer's dtype outside autocast; the
+    others take the reference. Raises LorafuseError for a layer of another kind, when the
+    experts' shape is not the base layer's, or the space is unknown.
     """
 
     def __init__(
@@ -48,8 +70,8 @@ class FusedLoRALinear(nn.Module):
         stacked: StackedModule,
         space: str,
         name: str = "",
-        fast=True,
         dtype: torch.dtype | None = None,
+        planner: Callable | None = None,
     ):
         super().__init__()
         N, R, D, O = stacked.shape
@@ -71,8 +93,9 @@ class FusedLoRALinear(nn.Module):
         B = stacked.scaled_B().to(**like).permute(2, 0, 1).reshape(R * N, O)
         self.register_buffer("A_rows", A, persistent=False)  # (R*N, D)
         self.register_buffer("B_cat", B, persistent=False)  # (R*N, O), scalings folded in
-        self.mixer: Mixer | None = None
-        self.fast = fastpath.choose(self) if fast else None
+        self.planner = planner
+        self.state: dict = {}  # what the planner keeps between plans (dropped on a move)
+        self.mixer: Mixer | None = None  # chooses the plans (see __setattr__)
 
     @property
     def A_cat(self) -> Tensor:
@@ -80,22 +103,38 @@ class FusedLoRALinear(nn.Module):
         return self.A_rows.T
 
     def __setattr__(self, name: str, value) -> None:
-        if name == "mixer":  # any callable: a Module (registered) or a plain function
-            self._modules.pop("mixer", None)
-            self.__dict__.pop("mixer", None)
-            if not isinstance(value, nn.Module):
-                object.__setattr__(self, name, value)
-                return
-        super().__setattr__(name, value)
+        if name != "mixer":
+            return super().__setattr__(name, value)
+        # Any callable: a Module (registered) or a plain function; then choose the plans.
+        self._modules.pop("mixer", None)
+        self.__dict__.pop("mixer", None)
+        if isinstance(value, nn.Module):
+            super().__setattr__(name, value)
+        else:
+            object.__setattr__(self, name, value)
+        self.replan()
+
+    def replan(self) -> None:
+        """Choose the training and inference plans again (the planner reads the
+        environment now); call it after changing a mixer in place (e.g. its top-k)."""
+        plans = (None, None, "reference: no planner")
+        if self.mixer is None:
+            plans = (None, None, "base layer alone: no mixer")
+        elif self.planner is not None:
+            plans = self.planner(self)
+        self.train_plan, self.inference_plan, self.why = plans
 
     def forward(self, x: Tensor) -> Tensor:
         mixer = self.mixer
         if mixer is None:
             return self.base(x)  # (..., O)
-        if self.fast is not None:
-            y = self.fast(self, x, mixer)  # (..., O), or None where it declines the call
-            if y is not None:
-                return y
+        plan = self.train_plan if torch.is_grad_enabled() else self.inference_plan
+        if (
+            plan is not None
+            and x.dtype == self.A_rows.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+        ):
+            return plan(x)  # (..., O)
         return self.base(x) + self.delta(x, mixer(x))  # (..., O)
 
     def delta(self, x: Tensor, coefficients: Tensor) -> Tensor:
@@ -108,11 +147,8 @@ class FusedLoRALinear(nn.Module):
         x = x.to(self.A_rows.dtype)
         l = self.token_coefficients(coefficients, x).unsqueeze(-2)  # (1, N) or (M, 1, N)
         u = x.reshape(-1, x.shape[-1]) @ self.A_cat  # (M, R*N): A_i x, rank-major
-        u = u.unflatten(-1, (R, N))  # (M, R, N)
-        if self.space == "factors":
-            u = (u * l).sum(-1, keepdim=True)  # (M, R, 1): (sum_j l_j A_j) x
-        z = (u * l).flatten(-2)  # (M, R*N): l_i A_i x, or l_i (sum_j l_j A_j) x
-        y = (z @ self.B_cat).view(*x.shape[:-1], self.out_features)  # sum_i s_i B_i z_i
+        z, _ = mix(u.unflatten(-1, (R, N)), l, self.space)  # (M, R, N)
+        y = (z.flatten(-2) @ self.B_cat).view(*x.shape[:-1], self.out_features)
         return y if dtype == x.dtype else y.to(dtype)  # (..., O), autocast's dtype kept
 
     def token_coefficients(self, c: Tensor, x: Tensor) -> Tensor:
@@ -129,19 +165,29 @@ class FusedLoRALinear(nn.Module):
         c = c.to(dtype=x.dtype, device=x.device)
         if c.dim() == 1:
             return c  # (N,)
-        if c.dim() == x.dim():
+        fits = all(a in (1, b) for a, b in zip(c.shape[:-1], x.shape[:-1]))
+        if c.dim() == x.dim() and fits:
             return c.expand(*x.shape[:-1], N).reshape(-1, N)  # (M, N)
-        if c.dim() == 2 and x.dim() == 3:  # one vector per sequence
+        if c.dim() == 2 and x.dim() == 3 and fits:  # one vector per sequence
             return c[:, None, :].expand(*x.shape[:-1], N).reshape(-1, N)  # (M, N)
         raise LorafuseError(
             f"module {self.name}: coefficients of shape {tuple(c.shape)} do not fit input "
             f"{tuple(x.shape)}; use (N,), (B, N) or (B, T, N)"
         )
 
+    def _apply(self, fn, recurse=True):
+        # .to(), .half(), ...: the planner's state may hold the old device's tensors
+        # (and the base weight as a view of one): drop it and choose the plans again.
+        self.state = {}
+        super()._apply(fn, recurse)
+        self.replan()
+        return self
+
     def release(self) -> nn.Module:
-        """The base layer, its parameters with storage of their own (not views of the fast
-        path's buffer); this layer then runs its reference forward."""
-        self.fast = None
+        """The base layer, its parameters with storage of their own (not views of a
+        plan's buffer); this layer then runs its reference forward."""
+        self.planner, self.state = None, {}
+        self.replan()
         for p in self.base.parameters(recurse=False):
             if p.untyped_storage().nbytes() != p.nbytes:
                 p.data = p.data.clone()

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lorafuse.base_layers import layer_shape, quantized_modules
 from lorafuse.errors import LibraryMismatchError, LorafuseError
+from lorafuse.fast import choose, describe
 from lorafuse.layer import FusedLoRALinear, Mixer, check_space
 from lorafuse.library import ExpertLibrary
 from lorafuse.mixers.static import Fixed, Uniform
@@ -90,6 +91,15 @@ class Fusion:
             )
         return mixer
 
+    def replan(self) -> None:
+        """Choose every layer's plans again (lorafuse.fast reads its switches now)."""
+        for layer in self.layers.values():
+            layer.replan()
+
+    def plans(self) -> dict[str, str]:
+        """Module path -> one line naming its training and inference plans and why."""
+        return {name: describe(layer) for name, layer in self.layers.items()}
+
     def mixer_parameters(self) -> list[nn.Parameter]:
         """The distinct trainable parameters of the attached mixers."""
         seen: dict[int, nn.Parameter] = {}
@@ -121,17 +131,21 @@ def attach(
     library: ExpertLibrary,
     space: str = "factors",
     mixer: Mixer | None = None,
+    fast: bool = True,
 ) -> Fusion:
     """Replace each library module of `model` by a FusedLoRALinear; return the Fusion.
 
     The factors are cast to each base layer's device and dtype (beside a bitsandbytes
     4-bit / 8-bit layer: its compute dtype, else the dtype of the model's first floating
     parameter, its activations). The model's parameters are frozen. Without `mixer` the
-    coefficients start uniform. Raises LibraryMismatchError when a library module is
-    missing from the model or has another shape, LorafuseError (naming the module and its
-    type) when it is a layer lorafuse cannot fuse into.
+    coefficients start uniform. Each layer's plans are chosen by lorafuse.fast.choose
+    (`fast=False`: every layer runs its reference forward). Raises LibraryMismatchError
+    when a library module is
+    missing from the model or has another shape, LorafuseError (naming the module and
+    its type) when it is a layer lorafuse cannot fuse into.
     """
     check_space(space)
+    planner = choose if fast else None
     if any(isinstance(m, FusedLoRALinear) for m in model.modules()):
         raise LorafuseError("the model has fused layers already; detach the first Fusion first")
     fusion = Fusion(model, library, space)
@@ -146,7 +160,9 @@ def attach(
             ) from None
         layer_shape(base, name)  # a layer of a kind lorafuse fuses into, else LorafuseError
         try:
-            fusion.layers[name] = FusedLoRALinear(base, stacked, space, name, dtype=activations)
+            fusion.layers[name] = FusedLoRALinear(
+                base, stacked, space, name, dtype=activations, planner=planner
+            )
         except LorafuseError as e:
             raise LibraryMismatchError(str(e)) from None
     for p in model.parameters():
@@ -163,12 +179,13 @@ def attached(
     library: ExpertLibrary,
     space: str = "factors",
     mixer: Mixer | None = None,
+    fast: bool = True,
 ) -> Iterator[Fusion]:
     """`attach` for the length of a `with` block: the model is detached on every exit path.
 
     Raises what `attach` raises (before the block runs).
     """
-    fusion = attach(model, library, space, mixer)
+    fusion = attach(model, library, space, mixer, fast)
     try:
         yield fusion
     finally:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lorafuse.factors import StackedModule
-from lorafuse.fast import gemm, kernels
+from lorafuse.fast import choose, gemm, kernels
 from lorafuse.layer import FusedLoRALinear
 
 N, R, D, O = 5, 3, 12, 7
@@ -28,10 +28,12 @@ def stacked(seed: int = 0, n: int = N, r: int = R, d: int = D, o: int = O) -> St
 
 
 def layer(space: str, seed: int = 0, fast: bool = True) -> tuple[FusedLoRALinear, StackedModule]:
-    """A fused layer over a fresh nn.Linear (D, O) and `stacked(seed)`."""
+    """A fused layer over a fresh nn.Linear (D, O) and `stacked(seed)`, planned by
+    lorafuse.fast.choose (`fast`) or running its reference forward."""
     torch.manual_seed(seed)
     s = stacked(seed)
-    return FusedLoRALinear(nn.Linear(D, O), s, space, "test", fast=fast), s
+    planner = choose if fast else None
+    return FusedLoRALinear(nn.Linear(D, O), s, space, "test", planner=planner), s
 
 
 def loop_reference(base, s: StackedModule, x, c, space):

@@ -1,5 +1,5 @@
-"""The fast path equals the reference forward: values and gradients, every mixer kind,
-both spaces, float32 and bfloat16, nn.Linear and GPT-2 Conv1D base layers."""
+"""Every plan equals the reference forward: values and gradients, every mixer kind, both
+spaces, float32 and bfloat16, nn.Linear and GPT-2 Conv1D base layers."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from lorafuse.fast import choose
 from lorafuse.layer import FusedLoRALinear
 from lorafuse.mixers import Fixed, Learned
 from lorafuse.mixers.hierarchical import HCRouter
@@ -23,7 +24,7 @@ class Table(nn.Module):
         super().__init__()
         self.logits = nn.Parameter(torch.randn(shape))
         mask = torch.zeros(shape)
-        mask[..., :2] = 1.0  # 2 of N=5 experts per row: the gather path (fast.sparse)
+        mask[..., :2] = 1.0  # 2 of N=5 experts per row (a mixer: the joint plan still)
         self.register_buffer("mask", mask if sparse else torch.ones(shape))
 
     def forward(self, x):
@@ -38,6 +39,10 @@ def _router(**kw) -> LinearRouter:
 
 
 MIXERS = {
+    "fixed-global": lambda: Fixed(torch.softmax(torch.randn(N), -1)),
+    "fixed-one-hot-rows": lambda: Fixed(torch.eye(N)[[1, 3]]),
+    "fixed-sparse-rows": lambda: Fixed(torch.tensor([[0.0, 0.7, 0, 0, -0.2], [0.5, 0, 0, 0, 0]])),
+    "fixed-sequence": lambda: Fixed(torch.softmax(torch.randn(B, N), -1)),
     "fixed-token": lambda: Fixed(torch.softmax(torch.randn(B, T, N), -1)),
     "global": lambda: Table((N,)),
     "sequence": lambda: Table((B, N)),
@@ -54,6 +59,10 @@ MIXERS = {
 }
 
 
+FOLDED = {"fixed-global", "fixed-one-hot-rows", "fixed-sparse-rows"}
+ROUTED = {"linear-softmax", "linear-absolute"}  # dense softmax routers
+
+
 def _base(kind: str, dtype) -> nn.Module:
     if kind == "linear":
         return nn.Linear(D, O).to(dtype).requires_grad_(False)
@@ -63,18 +72,15 @@ def _base(kind: str, dtype) -> nn.Module:
 
 
 def _run(f: FusedLoRALinear, x: torch.Tensor, w: torch.Tensor, fast: bool):
-    """(output, gradients to x and the mixer's parameters, inference output)."""
-    path = f.fast
-    if not fast:
-        f.fast = None
-    try:
-        wrt = [x, *(p for p in f.mixer.parameters() if p.requires_grad)]
-        y = f(x)
-        grads = torch.autograd.grad((y.float() * w).sum(), wrt)
-        with torch.inference_mode():
-            y_inf = f(x)
-    finally:
-        f.fast = path
+    """(output, gradients to x and the mixer's parameters, inference output), with the
+    layer's plans (`fast`) or with its reference forward."""
+    f.planner = choose if fast else None
+    f.replan()
+    wrt = [x, *(p for p in f.mixer.parameters() if p.requires_grad)]
+    y = f(x)
+    grads = torch.autograd.grad((y.float() * w).sum(), wrt)
+    with torch.inference_mode():
+        y_inf = f(x)
     return y.detach(), grads, y_inf
 
 
@@ -84,14 +90,15 @@ def _run(f: FusedLoRALinear, x: torch.Tensor, w: torch.Tensor, fast: bool):
 @pytest.mark.parametrize("base", ["linear", "conv1d"])
 def test_fast_equals_reference(mixer, space, dtype, base):
     torch.manual_seed(0)
-    f = FusedLoRALinear(_base(base, dtype), stacked(), space, "test")
-    assert f.fast is not None
+    f = FusedLoRALinear(_base(base, dtype), stacked(), space, "test", planner=choose)
     f.mixer = MIXERS[mixer]()
     x = torch.randn(B, T, D).to(dtype).requires_grad_()
     w = torch.randn(B, T, O)
-    with torch.no_grad():
-        assert f.fast(f, x, f.mixer) is not None  # the fast path takes these calls
     got, got_grads, got_inf = _run(f, x, w, fast=True)
+    # the plans these calls took (the reference runs only where no plan is chosen)
+    routed = mixer in ROUTED and base == "linear" and dtype == torch.float32  # fp32 routers
+    assert f.train_plan.kind == ("train-routed" if routed else "train-mix")
+    assert f.inference_plan.kind == ("inference-folded" if mixer in FOLDED else "inference-joint")
     ref, ref_grads, ref_inf = _run(f, x, w, fast=False)
     if dtype == torch.float32:
         tol = {"atol": 1e-5, "rtol": 1e-5}
@@ -115,13 +122,14 @@ def test_fast_equals_reference(mixer, space, dtype, base):
 def test_trainable_base_layer_gets_the_same_gradients(space):
     # A base layer that trains runs apart from the joint GEMM: autograd sees its weight.
     torch.manual_seed(0)
-    f = FusedLoRALinear(nn.Linear(D, O), stacked(), space, "test")
+    f = FusedLoRALinear(nn.Linear(D, O), stacked(), space, "test", planner=choose)
     f.mixer = _router()
+    assert f.train_plan.kind == "train-mix"  # not the Routed Function: W takes a gradient
     x = torch.randn(B, T, D, requires_grad=True)
     wrt = [x, f.base.weight, f.base.bias, f.mixer.weight, f.mixer.bias]
     got = torch.autograd.grad(f(x).pow(2).sum(), wrt)
-    path, f.fast = f.fast, None
+    f.planner = None
+    f.replan()
     expected = torch.autograd.grad(f(x).pow(2).sum(), wrt)
-    f.fast = path
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)

@@ -14,18 +14,20 @@ from tests.fast.helpers import onednn
 @pytest.mark.parametrize("M", [5, 64, 74, 300])
 def test_products_equal_torch(monkeypatch, on, M):
     calls = onednn(monkeypatch, on)
+    ops = gemm.products()  # reads LORAFUSE_ONEDNN now, as a plan does
+    assert ops.onednn == on
     g = torch.Generator().manual_seed(M)
     x = torch.randn(M, 40, generator=g)[:, 3:33]  # (M, 30), rows strided: a column slice
     w = torch.randn(30, 17, generator=g).T  # (17, 30), a transposed view
     b = torch.randn(17, generator=g)
     y = torch.randn(M, 17, generator=g)
     with torch.no_grad():
-        torch.testing.assert_close(gemm.linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ops.linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(
-            gemm.addmm(y, x, w.T), torch.addmm(y, x, w.T), atol=1e-5, rtol=1e-5
+            ops.addmm(y, x, w.T), torch.addmm(y, x, w.T), atol=1e-5, rtol=1e-5
         )
         acc = y.clone()
-        assert gemm.addmm_(acc, x, w.T) is acc
+        assert ops.addmm_(acc, x, w.T) is acc
         torch.testing.assert_close(acc, torch.addmm(y, x, w.T), atol=1e-5, rtol=1e-5)
     used = on and M >= gemm.MIN_ROWS
     assert calls == ([(gemm.bucket(M), 30)] * 3 if used else [])
@@ -35,7 +37,7 @@ def test_autograd_keeps_torch_products(monkeypatch):
     calls = onednn(monkeypatch, True)
     x = torch.randn(100, 8, requires_grad=True)
     w = torch.randn(6, 8)
-    gemm.linear(x, w).sum().backward()  # grad mode: torch's op, which autograd knows
+    gemm.products().linear(x, w).sum().backward()  # grad mode: torch's op, which autograd knows
     torch.testing.assert_close(x.grad, w.sum(0).expand(100, 8))
     assert calls == []
 
@@ -59,4 +61,6 @@ def test_any_strides(monkeypatch, on):
         torch.randn(96, 60, generator=g)[:, ::2],  # every other column
     ):
         with torch.no_grad():
-            torch.testing.assert_close(gemm.linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                gemm.products().linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5
+            )

@@ -131,5 +131,8 @@ def test_without_openmp_they_build_serial(tmp_path, monkeypatch):
 
 
 def test_switch_turns_them_off(monkeypatch):
+    # Read when a plan is chosen: for_plan, never the kernels' own calls.
     monkeypatch.setenv(kernels.SWITCH, "0")
-    assert kernels.routed() is None
+    assert kernels.for_plan(torch.device("cpu"), torch.float32) is None
+    monkeypatch.setenv(kernels.SWITCH, "1")
+    assert kernels.for_plan(torch.device("cpu"), torch.bfloat16) is None  # float32 only

@@ -1,10 +1,10 @@
-"""The fast path equals the reference with its run-time switches on and off.
+"""The plans equal the reference with their switches on and off.
 
-LORAFUSE_ONEDNN (fast.gemm) and LORAFUSE_CPU_KERNELS (fast.kernels) are read at each
-call; here every mixer kind runs with enough tokens (M = 80 >= gemm.MIN_ROWS) for oneDNN
-to take the products, with and without autograd, and the layer's output and gradients
-must be the reference's whichever switches are set. Also: moving or casting a layer,
-and release(), keep the fast path equal to the reference.
+LORAFUSE_ONEDNN (fast.gemm) and LORAFUSE_CPU_KERNELS (fast.kernels) are read when the
+plans are chosen; here every mixer kind runs with enough tokens (M = 80 >= gemm.MIN_ROWS)
+for oneDNN to take the products, with and without autograd, and the layer's output and
+gradients must be the reference's whichever switches are set. Also: moving or casting a
+layer, and release(), keep the plans equal to the reference.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from lorafuse.fast import gemm, kernels
+from lorafuse.fast import choose, gemm, kernels
 from lorafuse.layer import FusedLoRALinear
 from lorafuse.mixers import Fixed, Learned
 from lorafuse.mixers.routers import ArrowRouter, LinearRouter
@@ -30,7 +30,7 @@ def _linear_router(**kw) -> LinearRouter:
 
 
 class _PerSequence(nn.Module):
-    """Learnable (B, N) coefficients; `sparse`: two experts per row (fast.sparse)."""
+    """Learnable (B, N) coefficients; `sparse`: two experts per row."""
 
     def __init__(self, sparse: bool):
         super().__init__()
@@ -76,8 +76,8 @@ def test_switches_keep_the_reference(mixer, space, dnn, kern, monkeypatch):
     calls = onednn(monkeypatch, dnn)
     torch.manual_seed(0)
     base = nn.Linear(D, O).requires_grad_(False)
-    f = FusedLoRALinear(base, stacked(), space, "test")
-    g = FusedLoRALinear(nn.Linear(D, O), stacked(), space, "test", fast=False)
+    f = FusedLoRALinear(base, stacked(), space, "test", planner=choose)
+    g = FusedLoRALinear(nn.Linear(D, O), stacked(), space, "test")
     g.base.load_state_dict(base.state_dict())
     f.mixer = g.mixer = MIXERS[mixer]()
     x = torch.randn(B, T, D, requires_grad=True)
@@ -98,7 +98,9 @@ def test_moves_and_casts_keep_the_reference(space):
     # .to() drops the joint buffer; it is rebuilt from the moved base layer, and the base
     # layer's weight is again a view of it (one copy).
     torch.manual_seed(0)
-    f = FusedLoRALinear(nn.Linear(D, O).requires_grad_(False), stacked(), space, "test")
+    f = FusedLoRALinear(
+        nn.Linear(D, O).requires_grad_(False), stacked(), space, "test", planner=choose
+    )
     f.mixer = _linear_router()
     x = torch.randn(B, T, D)
     with torch.inference_mode():
@@ -111,7 +113,8 @@ def test_moves_and_casts_keep_the_reference(space):
             got = f(xd)
         ref = f.base(xd) + f.delta(xd, f.mixer(xd))
         torch.testing.assert_close(got, ref)
-        assert f.base.weight.data_ptr() == f.fast.rows.data_ptr()
+        assert f.base.weight.data_ptr() == f.state["rows"].rows.data_ptr()
+        assert f.inference_plan.rows is f.state["rows"]  # chosen again after the move
     torch.testing.assert_close(got, before)
     f.to("cpu")  # a move to where it already is: rebuilt, same numbers
     with torch.inference_mode():
@@ -125,7 +128,7 @@ def test_release_after_training_steps():
     torch.manual_seed(0)
     base = nn.Linear(D, O).requires_grad_(False)
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    f = FusedLoRALinear(base, stacked(), "factors", "test")
+    f = FusedLoRALinear(base, stacked(), "factors", "test", planner=choose)
     f.mixer = router = _linear_router()
     opt = torch.optim.SGD(router.parameters(), lr=0.1)
     x = torch.randn(B, T, D)
@@ -135,7 +138,7 @@ def test_release_after_training_steps():
         opt.zero_grad()
     with torch.inference_mode():
         fast_out = f(x)
-    assert f.release() is base and f.fast is None
+    assert f.release() is base and f.train_plan is None and f.inference_plan is None
     for name, p in base.named_parameters():
         assert p.untyped_storage().nbytes() == p.nbytes, name
         assert torch.equal(p, before[name])

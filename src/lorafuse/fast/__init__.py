@@ -1,49 +1,105 @@
-"""lorafuse.fast: the fused layer's speed-ups, behind one object chosen once per layer.
+"""lorafuse.fast: the fused layer's speed-ups as plans, chosen once per layer.
 
-lorafuse.layer holds the reference forward (the formula); this package holds everything
-that makes it fast and equals it by test (tests/fast):
-- joint.py      JointPath: one GEMM for the base, the experts and a router; in-place
-                accumulation; the per-call choice among the paths below
+lorafuse.layer holds the reference forward (the formula); this package holds the plans
+that make it fast and equal it by test (tests/fast):
+- plans.py      Joint and Folded (inference), Trained (autograd): straight forwards
+- rows.py       JointRows: one buffer [W ; A ; P], so one GEMM reads x once
 - functions.py  autograd Functions with hand-written backward passes (Project, Mix, Routed)
-- sparse.py     gather each sequence's few experts (row-sparse coefficients)
 - gemm.py       oneDNN products on CPUs where MKL is slow (LORAFUSE_ONEDNN)
 - kernels.py    compiled C for a softmax router's elementwise work (LORAFUSE_CPU_KERNELS)
 
-The rule, in one place (`choose`, called once when a FusedLoRALinear is built):
-- LORAFUSE_FAST=0 (read then): no fast path; the layer runs its reference forward.
-- Otherwise a JointPath, on every device and dtype. For a base whose output is exactly
-  F.linear(x, W, b) (lorafuse.base_layers.joins_gemm: an nn.Linear with a full floating
-  weight and nn.Linear's forward) its weight and bias join the joint GEMM (as views of
-  its buffer); any other base (a transformers Conv1D, weight stored (D, O); a quantized
-  or custom Linear) keeps its own product, and only the experts' and a router's rows
-  share one.
-Per call, the JointPath declines (returns None, and the reference runs) under autocast
-and when x's dtype is not the layer's. Everything else it decides per call
-from the mixer (lorafuse.mixers.protocol), grad mode and shapes (see joint.py), and from
-two switches read at each call, so that a benchmark can flip them between rounds:
-LORAFUSE_ONEDNN (gemm.py, float32 CPU products) and LORAFUSE_CPU_KERNELS (kernels.py,
-float32 CPU, a softmax router).
-
-Nothing here imports lorafuse.layer: the fast path reads the layer it is given
-(base, A_rows, B_cat, num_experts, rank, out_features, space, token_coefficients).
+`choose(layer)` is the planner lorafuse.model.attach gives every fused layer; the layer
+calls it when its mixer is set, on `replan()` and after a move. It reads the three
+switches then (never per call) and returns (training plan, inference plan, why):
+- LORAFUSE_FAST=0: no plans; the layer runs its reference forward.
+- inference: fixed coefficients (lorafuse.mixers.static.Fixed, Uniform) that are global,
+  or per sequence with at most N/2 experts per row: `Folded`; any other mixer: `Joint`.
+- training: `Trained`; with a dense softmax router (lorafuse.mixers.protocol), a base
+  whose output is exactly F.linear (lorafuse.base_layers.joins_gemm) and frozen, the
+  whole layer is one autograd Function.
+The rule is justified by bench/fused_layer.py and bench/routing.py on the CPUs measured
+(README, "Speed"): every plan at least as fast as the reference there.
 """
 
 from __future__ import annotations
 
 import os
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from lorafuse.base_layers import joins_gemm
-from lorafuse.fast.joint import JointPath
+from lorafuse.fast import gemm, kernels
+from lorafuse.fast.plans import Folded, Joint, Trained
+from lorafuse.fast.rows import joint_rows
+from lorafuse.mixers.protocol import ProjectedMixer, SoftmaxRouter
+from lorafuse.mixers.static import Fixed
 
-SWITCH = "LORAFUSE_FAST"  # "0": every fused layer built from now on runs the reference
+SWITCH = "LORAFUSE_FAST"  # "0": fused layers run the reference (read when plans are chosen)
 
-__all__ = ["SWITCH", "JointPath", "choose"]
+__all__ = ["SWITCH", "Folded", "Joint", "Trained", "choose", "describe"]
 
 
-def choose(layer: nn.Module) -> JointPath | None:
-    """The fast path of a newly built FusedLoRALinear, or None (the rule above)."""
+def choose(layer: nn.Module) -> tuple:
+    """(training plan, inference plan, why) for a fused layer and its mixer (rule above)."""
     if os.environ.get(SWITCH, "1").strip().lower() in ("0", "false", "off", "no"):
+        return None, None, f"reference: {SWITCH}=0"
+    mixer, base = layer.mixer, layer.base
+    device, dtype = layer.A_rows.device, layer.A_rows.dtype
+    ops = gemm.products() if device.type == "cpu" else gemm.TORCH
+    plain = joins_gemm(base) and base.weight.dtype == dtype and base.weight.device == device
+    rows = joint_rows(layer, plain)
+    proj = _projection(mixer, rows)
+    rbias = _softmax_bias(mixer, proj, layer.num_experts, device, dtype)
+    kern = kernels.for_plan(device, dtype) if rbias is not None else None
+    frozen = not any(p.requires_grad for p in base.parameters())
+    threads = device.type == "cpu" and torch.get_num_threads() > 1
+    fixed = _few_experts(mixer, layer.num_experts)
+    if fixed is not None:
+        inference = Folded(layer, fixed, ops, plain)
+    else:
+        inference = Joint(layer, rows, ops, proj, rbias, kern, threads)
+    train = Trained(layer, rows, ops, proj, rbias, kern, frozen)
+    why = (
+        f"{'base joined' if rows.top else 'base apart'}, "
+        f"{'projected mixer' if proj is not None else 'mixer on x'}"
+        f"{', dense softmax router' if rbias is not None else ''}"
+        f"{', compiled kernels' if kern is not None else ''}, {ops!r} products"
+    )
+    return train, inference, why
+
+
+def describe(layer: nn.Module) -> str:
+    """One line: the layer's training and inference plans and why they were chosen."""
+    names = [getattr(p, "kind", "reference") if p is not None else "reference"
+             for p in (layer.train_plan, layer.inference_plan)]  # fmt: skip
+    return f"train {names[0]}, inference {names[1]} ({layer.why})"
+
+
+def _projection(mixer, rows) -> Tensor | None:
+    # The mixer's linear map (P, D) when it is a ProjectedMixer whose map fits the buffer.
+    if not isinstance(mixer, ProjectedMixer):
         return None
-    return JointPath(layer, join_base=joins_gemm(layer.base))
+    proj = mixer.projection
+    return proj if rows.fits(proj) else None
+
+
+def _softmax_bias(mixer, proj, N: int, device, dtype) -> Tensor | None:
+    # A dense softmax router's bias b (N,), where its map and bias fit; else None.
+    if proj is None or proj.shape[0] != N or not isinstance(mixer, SoftmaxRouter):
+        return None
+    b = mixer.softmax_bias
+    fits = b is not None and b.shape == (N,) and b.dtype == dtype and b.device == device
+    return b if fits else None
+
+
+def _few_experts(mixer, N: int) -> Tensor | None:
+    # Fixed coefficients, global or (B, N) with at most N/2 experts in every row; else None.
+    if not isinstance(mixer, Fixed) or mixer.coefficients.shape[-1] != N:
+        return None  # (other coefficients fail in the forward, with the reference's error)
+    c = mixer.coefficients
+    if c.dim() == 1:
+        return c
+    if c.dim() == 2 and 2 * int((c != 0).sum(-1).max()) <= N:
+        return c
+    return None

@@ -8,7 +8,8 @@ Functions, M tokens, the joint GEMM's output split as (base O, experts' u R*N, r
 - `Routed`: both and, between them, a softmax router l = softmax(p + b) (or |p| + b):
   one Function, so the router costs no autograd nodes and the gradient of x is one GEMM
   over a buffer that the backward fills in place (no concatenation).
-Their matrix products go through fast.gemm (oneDNN on CPUs where MKL is slow).
+Their matrix products go through the plan's fast.gemm.Products (oneDNN on CPUs where MKL
+is slow); the mixing step is lorafuse.layer.mix, the reference's own.
 """
 
 from __future__ import annotations
@@ -16,16 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lorafuse.fast import gemm, kernels
-
-
-def _mix_forward(u: Tensor, l: Tensor, space: str) -> tuple[Tensor, Tensor | None]:
-    # z (M, R, N) from u (M, R, N) and l (M, N); h (M, R, 1) = (sum_j l_j A_j) x (factors).
-    lr = l.unsqueeze(1)  # (M, 1, N)
-    if space == "deltas":
-        return u * lr, None
-    h = (u * lr).sum(-1, keepdim=True)  # (M, R, 1)
-    return h * lr, h
+from lorafuse.fast import kernels
+from lorafuse.layer import mix
 
 
 def _mix_backward(gz: Tensor, u: Tensor, l: Tensor, h: Tensor | None, gu_out=None):
@@ -46,19 +39,19 @@ class Project(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, proj, widths):
+    def forward(ctx, x, weight, bias, proj, widths, ops):
         ctx.save_for_backward(x if proj is not None and proj.requires_grad else None, weight)
-        ctx.widths = widths
-        return gemm.linear(x, weight, bias).split(widths, -1)  # (M, O), (M, N*R), (M, P)
+        ctx.widths, ctx.ops = widths, ops
+        return ops.linear(x, weight, bias).split(widths, -1)  # (M, O), (M, N*R), (M, P)
 
     @staticmethod
     def backward(ctx, gy, gu, gp):
         x, weight = ctx.saved_tensors
         gx = None
         if ctx.needs_input_grad[0]:
-            gx = gemm.linear(torch.cat([gy, gu, gp], -1), weight.T)  # (M, O + N*R + P) @ (., D)
+            gx = ctx.ops.linear(torch.cat([gy, gu, gp], -1), weight.T)  # (M, O + N*R + P) @ (., D)
         gproj = gp.T @ x if ctx.needs_input_grad[3] else None  # (P, D)
-        return gx, None, None, gproj, None
+        return gx, None, None, gproj, None, None
 
 
 class Mix(torch.autograd.Function):
@@ -70,20 +63,22 @@ class Mix(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y, u, l, B, space):
-        z, h = _mix_forward(u, l, space)  # (M, R, N), (M, R, 1) or None
+    def forward(ctx, y, u, l, B, space, ops):
+        z, h = mix(u, l.unsqueeze(1), space)  # (M, R, N), (M, R, 1) or None
         ctx.save_for_backward(u, l, h, B)
-        return gemm.addmm(y, z.flatten(1), B)  # (M, O)
+        ctx.ops = ops
+        return ops.addmm(y, z.flatten(1), B)  # (M, O)
 
     @staticmethod
     def backward(ctx, g):
         u, l, h, B = ctx.saved_tensors
-        gz = gemm.linear(g, B).view_as(u)  # (M, R, N)
+        gz = ctx.ops.linear(g, B).view_as(u)  # (M, R, N)
         gu, gl = _mix_backward(gz, u, l, h)
         return (
             g,
             gu if ctx.needs_input_grad[1] else None,
             gl if ctx.needs_input_grad[2] else None,
+            None,
             None,
             None,
         )
@@ -97,23 +92,23 @@ class Routed(torch.autograd.Function):
     and rbias (the experts and W are frozen). The backward writes the gradients of the
     GEMM's three outputs into one (M, O + R*N + N) buffer and multiplies it by the weight
     once. On CPU in float32 the elementwise work between the GEMMs runs in one compiled
-    pass per token (fast.kernels) when it could be built, else as torch ops.
+    pass per token (fast.kernels: `kern`, chosen with the plan), else as torch ops.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, proj, rbias, B, widths, space, absolute):
+    def forward(ctx, x, weight, bias, proj, rbias, B, widths, space, absolute, ops, kern):
         O, NR, N = widths
-        out = gemm.linear(x, weight, bias)  # (M, O + R*N + N): base output, u, p
-        kern = kernels.for_tensors(out, rbias, B)
+        out = ops.linear(x, weight, bias)  # (M, O + R*N + N): base output, u, p
         if kern is not None:
             l, h, z = kernels.forward(kern, out, rbias.contiguous(), widths, space, absolute)
         else:
             _, u, p = out.split(widths, -1)  # (M, R*N), (M, N)
             l = torch.softmax((p.abs() if absolute else p) + rbias, -1)  # (M, N)
-            z, h = _mix_forward(u.unflatten(-1, (NR // N, N)), l, space)  # (M, R, N)
+            z, h = mix(u.unflatten(-1, (NR // N, N)), l.unsqueeze(1), space)  # (M, R, N)
         ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, weight, out, l, h, B)
         ctx.widths, ctx.space, ctx.absolute, ctx.kern = widths, space, absolute, kern
-        return gemm.addmm(out[:, :O], z.view(-1, NR), B)  # (M, O)
+        ctx.ops = ops
+        return ops.addmm(out[:, :O], z.reshape(-1, NR), B)  # (M, O)
 
     @staticmethod
     def backward(ctx, g):
@@ -123,12 +118,12 @@ class Routed(torch.autograd.Function):
         G = g.new_empty(M, O + NR + N)  # gradients of the GEMM's outputs, side by side
         if ctx.kern is not None:
             g = g.contiguous()
-            gz = gemm.linear(g, B)  # (M, R*N)
+            gz = ctx.ops.linear(g, B)  # (M, R*N)
             args = (ctx.widths, ctx.space, ctx.absolute)
             gbias = kernels.backward(ctx.kern, g, gz, out, l, h, G, *args)  # (N,)
         else:
             G[:, :O].copy_(g)
-            gz = gemm.linear(g, B).view(M, R, N)  # (M, R, N)
+            gz = ctx.ops.linear(g, B).view(M, R, N)  # (M, R, N)
             u = out[:, O : O + NR].unflatten(-1, (R, N))  # (M, R, N)
             _, gl = _mix_backward(gz, u, l, h, G[:, O : O + NR].unflatten(-1, (R, N)))
             gq = l * (gl - (gl * l).sum(-1, keepdim=True))  # (M, N), through the softmax
@@ -138,7 +133,7 @@ class Routed(torch.autograd.Function):
             else:
                 gp.copy_(gq)
             gbias = gq.sum(0)  # (N,), after |p|
-        gx = gemm.linear(G, weight.T) if ctx.needs_input_grad[0] else None  # (M, D)
+        gx = ctx.ops.linear(G, weight.T) if ctx.needs_input_grad[0] else None  # (M, D)
         gproj = G[:, O + NR :].T @ x if ctx.needs_input_grad[3] else None  # (N, D)
         gbias = gbias if ctx.needs_input_grad[4] else None
-        return gx, None, None, gproj, gbias, None, None, None, None
+        return gx, None, None, gproj, gbias, None, None, None, None, None, None

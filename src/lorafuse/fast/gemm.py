@@ -6,10 +6,10 @@ torch, uses the widest vectors the CPU has. A routed layer's training step is mo
 small, skinny products, so this is where its time goes (bench/routing.py measures the
 difference; the README reports it).
 
-`linear`, `addmm` and `addmm_` compute what F.linear, torch.addmm and Tensor.addmm_
-compute (the same numbers up to float rounding) and use oneDNN for float32 CPU tensors
-with at least MIN_ROWS rows, outside autograd, when LORAFUSE_ONEDNN says so (read at
-each call, so it can be switched at run time):
+`Products(onednn)` has `linear`, `addmm` and `addmm_`, which compute what F.linear,
+torch.addmm and Tensor.addmm_ compute (the same numbers up to float rounding); with
+`onednn` true they use oneDNN for float32 CPU tensors with at least MIN_ROWS rows,
+outside autograd. `products()` reads LORAFUSE_ONEDNN once, when a plan is chosen:
 - "auto" (the default): on AMD CPUs with AVX-512 (where MKL takes its AVX2 path);
 - "1": on every CPU; "0": never (torch's own products everywhere).
 oneDNN builds (JIT-compiles) a kernel per shape and caches it, so the row count is
@@ -35,10 +35,42 @@ MIN_ROWS = 64  # below this (decoding, tiny batches) MKL's small-matrix code is 
 _state: dict[str, bool] = {}
 
 
-def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x (M, K) @ w^T (K, N) (+ bias (N,)) -> (M, N), as F.linear (w may be a view)."""
-    if not _use(x, w):
-        return F.linear(x, w, bias)
+class Products:
+    """The fused layer's matrix products, on oneDNN (`onednn`, where _use allows) or torch's."""
+
+    def __init__(self, onednn: bool):
+        self.onednn = onednn
+
+    def linear(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+        """x (M, K) @ w^T (K, N) (+ bias (N,)) -> (M, N), as F.linear (w may be a view)."""
+        return _padded_linear(x, w, bias) if self.onednn and _use(x, w) else F.linear(x, w, bias)
+
+    def addmm(self, y: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        """y (M, N) + a (M, K) @ b (K, N), a new tensor, as torch.addmm."""
+        if self.onednn and _use(a, b):
+            return _padded_linear(a, b.T).add_(y)
+        return torch.addmm(y, a, b)
+
+    def addmm_(self, y: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        """y += a (M, K) @ b (K, N) in place, as Tensor.addmm_; returns y."""
+        if self.onednn and _use(a, b):
+            return y.add_(_padded_linear(a, b.T))
+        return y.addmm_(a, b)
+
+    def __repr__(self) -> str:
+        return "oneDNN" if self.onednn else "torch"
+
+
+TORCH = Products(False)  # torch's own products (autograd-safe everywhere)
+
+
+def products() -> Products:
+    """The products LORAFUSE_ONEDNN asks for on this CPU (read now; see the module doc)."""
+    return Products(enabled())
+
+
+def _padded_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    # oneDNN's product with the rows padded to a bucket (kernels are cached per shape).
     M = x.shape[0]
     Mp = bucket(M)
     if Mp != M:  # zero rows up to the bucket: a kernel already built for Mp serves
@@ -53,20 +85,6 @@ def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
 def onednn_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     """oneDNN's x (M, K) @ w^T (+ bias), exactly as given (no padding, no checks)."""
     return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
-
-
-def addmm(y: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """y (M, N) + a (M, K) @ b (K, N), a new tensor, as torch.addmm."""
-    if not _use(a, b):
-        return torch.addmm(y, a, b)
-    return linear(a, b.T).add_(y)
-
-
-def addmm_(y: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """y += a (M, K) @ b (K, N) in place, as Tensor.addmm_; returns y."""
-    if not _use(a, b):
-        return y.addmm_(a, b)
-    return y.add_(linear(a, b.T))
 
 
 def bucket(M: int) -> int:
@@ -97,8 +115,7 @@ def _use(x: Tensor, w: Tensor) -> bool:
         and x.device.type == "cpu"
         and x.dtype == w.dtype == torch.float32
         and not torch.is_grad_enabled()  # no autograd through oneDNN's op: lorafuse's
-        and enabled()  # own Functions (and inference) call these
-    )
+    )  # own Functions (and inference) call these
 
 
 def _works(warn: bool) -> bool:

@@ -11,8 +11,9 @@ are linked to that same library, so they share torch's threads rather than start
 second pool; if that build fails they are built serial.
 
 Every use is optional: on another device or dtype, with no C compiler, when the build
-fails, or with LORAFUSE_CPU_KERNELS=0, `routed()` returns None and the layer runs its
-torch ops (lorafuse.fast.functions), which compute the same numbers. The cache lives in
+fails, or with LORAFUSE_CPU_KERNELS=0 (read by `for_plan`, when a plan is chosen), there
+are no kernels and the layer runs its torch ops (lorafuse.fast.functions), which compute
+the same numbers. The cache lives in
 $LORAFUSE_CACHE, else $XDG_CACHE_HOME/lorafuse, else ~/.cache/lorafuse.
 """
 
@@ -38,7 +39,7 @@ FLAGS = (
     "-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
     "-fno-trapping-math", "-fopenmp-simd", "-shared", "-fPIC",
 )  # fmt: skip
-SWITCH = "LORAFUSE_CPU_KERNELS"  # "0" turns the kernels off (read at each call)
+SWITCH = "LORAFUSE_CPU_KERNELS"  # "0" turns the kernels off (read when a plan is chosen)
 BLOCK = 64  # tokens per partial sum of the bias gradient: the same sum on any thread count
 
 _lock = threading.Lock()
@@ -68,8 +69,6 @@ def routed() -> RoutedKernels | None:
     Builds them on the first call of a process (a warning says why if that fails) and
     loads the cached library afterwards. Thread-safe; never raises.
     """
-    if os.environ.get(SWITCH, "1").strip().lower() in ("0", "false", "off", "no"):
-        return None
     key = str(SOURCE)
     if key in _loaded:
         return _loaded[key]
@@ -90,10 +89,12 @@ def routed() -> RoutedKernels | None:
     return _loaded[key]
 
 
-def for_tensors(out: Tensor, rbias: Tensor, B: Tensor) -> RoutedKernels | None:
-    """The kernels for float32 CPU tensors (when they could be built), else None."""
-    f32 = out.dtype == rbias.dtype == B.dtype == torch.float32
-    return routed() if f32 and out.device.type == "cpu" else None
+def for_plan(device: torch.device, dtype: torch.dtype) -> RoutedKernels | None:
+    """The kernels for a plan computing in float32 on CPU, unless LORAFUSE_CPU_KERNELS=0
+    (read now) or they could not be built; else None."""
+    if os.environ.get(SWITCH, "1").strip().lower() in ("0", "false", "off", "no"):
+        return None
+    return routed() if dtype == torch.float32 and device.type == "cpu" else None
 
 
 def forward(kern: RoutedKernels, out: Tensor, rbias: Tensor, widths, space: str, absolute: bool):

@@ -1,0 +1,210 @@
+"""The fused layer's plans: small objects with a straight forward, equal to the reference.
+
+A plan is built by lorafuse.fast.choose for one layer and one mixer, with everything
+that does not change between calls decided then: which products (fast.gemm.Products),
+whether compiled kernels run (fast.kernels), where the coefficients come from, which
+rows the GEMM reads. Its forward then only computes. Three kinds:
+- `Joint` (inference): one GEMM x [W ; A ; P]^T gives the base output, the experts'
+  projections and a projected mixer's p; the mixed experts accumulate into the base
+  output in place (a softmax router's mixing step by the compiled kernel on CPU);
+- `Folded` (inference, fixed coefficients that use few experts): global coefficients are
+  folded into one pair of factors when the plan is made; per-sequence coefficients
+  gather each sequence's experts (their indices found when the plan is made);
+- `Trained` (autograd): the joint GEMM and the mix as hand-written autograd Functions
+  (fast.functions); for a dense softmax router the whole layer is one Function.
+No plan reads the environment, checks the mixer's kind or syncs the device per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from lorafuse.fast import kernels
+from lorafuse.fast.functions import Mix, Project, Routed
+from lorafuse.fast.gemm import Products
+from lorafuse.fast.rows import JointRows
+from lorafuse.layer import mix
+
+SERIAL_GEMM = 3 * 2**16  # MKL (2024.2) threads an (M, D) x (D, O) sgemm from M*D*O ~ this
+
+
+def base_output(layer: nn.Module, ops: Products, plain: bool) -> Callable[[Tensor], Tensor]:
+    """x (M, D) -> the base layer's output (M, O): by `ops` for a plain nn.Linear (oneDNN
+    where MKL is slow), else by the base layer itself."""
+    base, O = layer.base, layer.out_features
+    if plain:
+        return lambda x2: ops.linear(x2, base.weight, base.bias)  # (M, O)
+    return lambda x2: base(x2).reshape(-1, O)  # (M, O)
+
+
+def _replanned(layer: nn.Module, x: Tensor) -> Tensor:
+    # The buffer no longer holds the layer's weights (a pointer check, no device sync):
+    # choose the plans again, from the weights as they are now, and run.
+    layer.replan()
+    return layer(x)
+
+
+class Joint:
+    """Inference: one GEMM for the base, the experts and a projected mixer (module doc).
+
+    `proj`: the mixer projects (its map fits the buffer's room rows); `rbias`: it is a
+    dense softmax router with that bias, and `kern` its compiled mixing step (or None).
+    `threads`: on a multi-threaded CPU a small input runs the base layer apart (below).
+    """
+
+    kind = "inference-joint"
+
+    def __init__(self, layer, rows: JointRows, ops: Products, proj, rbias, kern, threads: bool):
+        self.layer, self.rows, self.ops, self.mixer = layer, rows, ops, layer.mixer
+        N, R, O = layer.num_experts, layer.rank, layer.out_features
+        self.N, self.R, self.O, self.space = N, R, O, layer.space
+        self.projected = proj is not None
+        P = proj.shape[0] if self.projected else 0
+        self.together = rows.slices(True, P)  # (weight, bias, widths) with the base's rows
+        self.apart = rows.slices(False, P)  # the experts' and the mixer's rows only
+        self.joins = rows.top > 0
+        # On a multi-threaded CPU MKL threads a GEMM past M*D*O ~ SERIAL_GEMM, and each
+        # parallel region waits for a second core (long on a busy machine): when decoding
+        # a few tokens through a small layer, two serial GEMMs beat one threaded one.
+        self.by_size = self.joins and threads
+        self.base_out = base_output(layer, ops, plain=self.joins)
+        self.rbias, self.kern, self.absolute = rbias, kern, bool(getattr(self.mixer, "absolute", 0))
+        if kern is not None:
+            self.mixed = self._kernel
+        elif self.projected:
+            self.mixed = self._projected
+        else:
+            self.mixed = self._coefficients
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if not self.rows.holds(self.layer):  # W replaced, or taken by another fused layer
+            return _replanned(self.layer, x)
+        lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])  # x2 (M, D)
+        if self.projected:
+            self.rows.sync(self.mixer.projection)
+        together = self.joins and (not self.by_size or self._pays(x2))
+        weight, bias, widths = self.together if together else self.apart
+        joint = self.ops.linear(x2, weight, bias)  # (M, O or 0 + R*N + P)
+        y = joint[:, : self.O] if together else self.base_out(x2)  # (M, O)
+        z = self.mixed(x, joint, widths)  # (M, R*N)
+        return self.ops.addmm_(y, z, self.layer.B_cat).view(*lead, self.O)
+
+    def _pays(self, x2: Tensor) -> bool:
+        # Whether one GEMM with the base's rows beats two serial ones (see __init__).
+        MD, width = x2.numel(), self.together[0].shape[0]
+        return x2.shape[0] == 1 or MD * self.O >= SERIAL_GEMM or MD * width < SERIAL_GEMM
+
+    def _projected(self, x: Tensor, joint: Tensor, widths) -> Tensor:
+        _, u, p = joint.split_with_sizes(widths, -1)  # (M, R*N), (M, P)
+        l = self.mixer.from_projection(p.view(*x.shape[:-1], -1)).reshape(-1, self.N)  # (M, N)
+        return mix(u.unflatten(-1, (self.R, self.N)), l.unsqueeze(1), self.space)[0].flatten(1)
+
+    def _coefficients(self, x: Tensor, joint: Tensor, widths) -> Tensor:
+        u = joint[:, widths[0] : widths[0] + widths[1]]  # (M, R*N)
+        l = self.layer.token_coefficients(self.mixer(x), x)  # (N,) or (M, N)
+        return mix(u.unflatten(-1, (self.R, self.N)), l.unsqueeze(-2), self.space)[0].flatten(1)
+
+    def _kernel(self, x: Tensor, joint: Tensor, widths) -> Tensor:
+        return kernels.forward(self.kern, joint, self.rbias, widths, self.space, self.absolute)[2]
+
+
+class Folded:
+    """Inference with fixed coefficients c (N,) or (B, N) using at most N/2 experts per row
+    (module doc); the experts' factors are read from the layer, W from the base layer."""
+
+    kind = "inference-folded"
+
+    def __init__(self, layer, c: Tensor, ops: Products, plain: bool):
+        self.layer, self.ops, self.mixer = layer, ops, layer.mixer
+        N, R, O = layer.num_experts, layer.rank, layer.out_features
+        self.N, self.R, self.O, self.space = N, R, O, layer.space
+        self.base_out = base_output(layer, ops, plain)
+        A = layer.A_rows.view(R, N, -1)  # (R, N, D)
+        B = layer.B_cat.view(R, N, O)  # (R, N, O), scalings included
+        c = c.to(A)
+        K = max(1, int((c != 0).sum(-1).max()))  # the most experts a row uses (one sync)
+        self.rows = None if c.dim() == 1 else c.shape[0]
+        if c.dim() == 1:  # one pair of factors, (Rf, D) and (Rf, O)
+            if self.space == "factors":
+                self.A_f = torch.einsum("rnd,n->rd", A, c)  # (R, D): sum_i l_i A_i
+                self.B_f = torch.einsum("rno,n->ro", B, c)  # (R, O): sum_i l_i s_i B_i
+            else:
+                keep = c.abs().topk(K).indices  # (K,)
+                self.A_f = (A[:, keep] * c[keep, None]).reshape(-1, A.shape[-1])  # (R*K, D)
+                self.B_f = B[:, keep].reshape(-1, O)  # (R*K, O)
+        else:  # per sequence: each row's K experts, gathered at each call
+            self.idx = c.abs().topk(K, dim=-1).indices  # (B, K)
+            self.w = c.gather(-1, self.idx)  # (B, K)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.rows is not None and (x.dim() != 3 or x.shape[0] != self.rows):
+            return self.layer.base(x) + self.layer.delta(x, self.mixer(x))  # its error
+        lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])  # x2 (M, D)
+        y = self.base_out(x2)  # (M, O)
+        if self.rows is None:
+            u = self.ops.linear(x2, self.A_f)  # (M, Rf)
+            return self.ops.addmm_(y, u, self.B_f).view(*lead, self.O)
+        return y.view(*lead, self.O).add_(self._gathered(x))
+
+    def _gathered(self, x: Tensor) -> Tensor:
+        # The mixed experts' contribution (B, T, O) from each sequence's K experts.
+        N, R, O, idx, w = self.N, self.R, self.O, self.idx, self.w
+        A = self.layer.A_rows.view(R, N, -1).transpose(0, 1)[idx]  # (B, K, R, D)
+        B = self.layer.B_cat.view(R, N, O).transpose(0, 1)[idx]  # (B, K, R, O)
+        if self.space == "factors":
+            A_mix = torch.einsum("bkrd,bk->bdr", A, w)  # (B, D, R)
+            B_mix = torch.einsum("bkro,bk->bro", B, w)  # (B, R, O)
+            return torch.bmm(torch.bmm(x, A_mix), B_mix)  # (B, T, O)
+        u = torch.einsum("btd,bkrd->btkr", x, A)  # (B, T, K, R)
+        return torch.einsum("btkr,bkro->bto", u * w[:, None, :, None], B)  # (B, T, O)
+
+
+class Trained:
+    """Autograd: the joint GEMM and the mix as hand-written Functions (fast.functions).
+
+    `rbias` (a dense softmax router's bias) with the base's rows in the buffer: the
+    whole layer is one Function (`Routed`), its mixing step by `kern` on CPU; otherwise
+    `Project` then `Mix`, the base joined when `frozen` (its weight takes no gradient).
+    """
+
+    kind = "train"
+
+    def __init__(self, layer, rows: JointRows, ops: Products, proj, rbias, kern, frozen: bool):
+        self.layer, self.rows, self.ops, self.mixer = layer, rows, ops, layer.mixer
+        N, R, O = layer.num_experts, layer.rank, layer.out_features
+        self.N, self.R, self.O, self.space = N, R, O, layer.space
+        self.projected = proj is not None
+        P = proj.shape[0] if self.projected else 0
+        self.joins = rows.top > 0 and frozen
+        self.weight, self.bias, self.widths = rows.slices(self.joins, P)
+        self.base_out = base_output(layer, ops, plain=False)
+        self.rbias, self.kern = rbias, kern
+        self.absolute = bool(getattr(self.mixer, "absolute", False))
+        self.routed = rbias is not None and self.joins
+        self.kind = "train-routed" if self.routed else "train-mix"
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if not self.rows.holds(self.layer):  # W replaced, or taken by another fused layer
+            return _replanned(self.layer, x)
+        lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])  # x2 (M, D)
+        proj = self.mixer.projection if self.projected else None  # (P, D)
+        if self.projected:
+            self.rows.sync(proj)
+        if self.routed:
+            args = (self.layer.B_cat, self.widths, self.space, self.absolute, self.ops, self.kern)
+            return Routed.apply(x2, self.weight, self.bias, proj, self.rbias, *args).view(
+                *lead, self.O
+            )
+        y, u, p = Project.apply(x2, self.weight, self.bias, proj, self.widths, self.ops)
+        if not self.joins:
+            y = self.base_out(x2)  # (M, O)
+        if self.projected:
+            l = self.mixer.from_projection(p.view(*lead, -1)).reshape(-1, self.N)  # (M, N)
+        else:
+            l = self.layer.token_coefficients(self.mixer(x), x)  # (N,) or (M, N)
+        l = l.expand(y.shape[0], self.N)  # (M, N)
+        u = u.unflatten(-1, (self.R, self.N))  # (M, R, N)
+        return Mix.apply(y, u, l, self.layer.B_cat, self.space, self.ops).view(*lead, self.O)

@@ -1,0 +1,99 @@
+"""JointRows: one buffer [W ; A ; room] so that one GEMM reads x once for everything.
+
+Memory traffic, not arithmetic, is what the experts cost on top of W x, so the plans
+read x once: one buffer holds the rows [W ; A ; P] (O + N*R + N, D) and one GEMM gives
+the base output, the experts' projections u = x A^T and, for a projected mixer
+(lorafuse.mixers.protocol), the mixer's p = x P^T. The base layer's weight and bias and
+the layer's A rows are views of that buffer: nothing is stored twice, and the base layer
+stays an ordinary nn.Linear with the same parameters. A base whose output is not exactly
+F.linear(x, W, b) (a GPT-2 Conv1D stores W as (D, O); a quantized or custom layer) keeps
+its own product, and only the experts' and the mixer's rows share the buffer. The
+mixer's projection is copied into the last N rows when it changes (`sync`).
+
+The buffer is built once per layer and kept in `layer.state` across plans (a new mixer
+does not copy W again); a move of the layer drops it (FusedLoRALinear._apply).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor, nn
+
+
+class JointRows:
+    """The buffer [W ; A ; room] of one fused layer (see the module doc).
+
+    `join_base`: the base layer's weight and bias become the first O rows (only for a
+    base whose output is exactly F.linear, in the layer's dtype and device).
+    """
+
+    def __init__(self, layer: nn.Module, join_base: bool):
+        base, A = layer.base, layer.A_rows  # A (N*R, D)
+        N, D, O = layer.num_experts, A.shape[1], layer.out_features
+        w, b = base.weight, getattr(base, "bias", None)
+        join = join_base and w.dtype == A.dtype and w.device == A.device
+        with torch.no_grad(), torch.inference_mode(False):
+            rows = torch.cat([*([w.detach()] if join else []), A, A.new_zeros(N, D)])
+            row_bias = None
+            if join and b is not None:
+                row_bias = torch.cat([b.detach(), A.new_zeros(rows.shape[0] - O)])
+            if join:
+                w.data = rows[:O]
+                if b is not None:
+                    b.data = row_bias[:O]
+            self.top = O if join else 0  # O when W's rows are in the buffer
+            layer.A_rows = rows[self.top : self.top + A.shape[0]]
+        self.join_base = join_base  # as asked (top says whether it could be done)
+        self.rows, self.row_bias = rows, row_bias  # (top + N*R + N, D), (top + N*R + N,)
+        self.experts = A.shape[0]  # N*R
+        self.room = N  # rows for a projected mixer's map (P <= N)
+        self._synced: tuple | None = None  # (tensor ref, version, address) copied last
+
+    def holds(self, layer: nn.Module) -> bool:
+        """Whether the layer's A rows (and W and b, when joined) are still this buffer's."""
+        if layer.A_rows.data_ptr() != self.rows[self.top].data_ptr():
+            return False
+        if not self.top:
+            return True
+        w, b = layer.base.weight, getattr(layer.base, "bias", None)
+        if w.data_ptr() != self.rows.data_ptr():
+            return False
+        return b is None or (self.row_bias is not None and b.data_ptr() == self.row_bias.data_ptr())
+
+    def slices(self, with_base: bool, P: int) -> tuple[Tensor, Tensor | None, tuple]:
+        """(weight rows, bias rows, output widths (O or 0, N*R, P)) of one GEMM."""
+        base = with_base and self.top > 0
+        start, stop = (0 if base else self.top), self.top + self.experts + P
+        bias = self.row_bias[start:stop] if base and self.row_bias is not None else None
+        return self.rows[start:stop], bias, (self.top if base else 0, self.experts, P)
+
+    def fits(self, proj: Tensor) -> bool:
+        """Whether a mixer's projection (P, D) fits the room rows (shape, dtype, device)."""
+        room = self.rows[-self.room :]
+        return (
+            proj.dim() == 2
+            and proj.shape[0] <= self.room
+            and proj.shape[1] == room.shape[1]
+            and proj.dtype == room.dtype
+            and proj.device == room.device
+        )
+
+    def sync(self, proj: Tensor) -> None:
+        """Copy the projection (P, D) into the room rows if it changed since the last copy
+        (a new tensor, an in-place update, a new storage); no device sync."""
+        seen = self._synced
+        if seen and seen[0]() is proj and seen[1:] == (proj._version, proj.data_ptr()):
+            return
+        with torch.no_grad():
+            self.rows[self.rows.shape[0] - self.room :][: proj.shape[0]].copy_(proj)
+        self._synced = (weakref.ref(proj), proj._version, proj.data_ptr())
+
+
+def joint_rows(layer: nn.Module, join_base: bool) -> JointRows:
+    """The layer's JointRows, built once and kept in `layer.state` while it still holds."""
+    rows = layer.state.get("rows")
+    if rows is None or rows.join_base != join_base or not rows.holds(layer):
+        rows = layer.state["rows"] = JointRows(layer, join_base)
+    return rows
