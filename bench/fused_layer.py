@@ -32,7 +32,7 @@ from torch import nn
 
 os.environ.setdefault("LORAFUSE_ONEDNN", "0")  # like for like: torch's products everywhere
 VARIANTS = ["linear", "fused-factors", "fused-deltas", "peft-arrow", "per-token-matrices"]
-REFERENCE = ["reference-factors", "reference-deltas"]  # --reference: FusedLoRALinear(fast=False)
+REFERENCE = ["reference-factors", "reference-deltas"]  # --reference: layers with no plans
 
 
 def build(args):
@@ -41,6 +41,7 @@ def build(args):
     from peft.tuners.lora.arrow import ArrowLoraLinearLayer
 
     from lorafuse.factors import StackedModule
+    from lorafuse.fast import choose
     from lorafuse.layer import FusedLoRALinear
     from lorafuse.mixers.routers import ArrowRouter
     from lorafuse.mixers.topk import topk_softmax
@@ -61,10 +62,11 @@ def build(args):
     stacked = StackedModule(A=A, B=Bf, scale=scale, rank=torch.full((N,), R))
     fused = {}
     for space in ("factors", "deltas"):  # each its own copy: the layer takes W's storage
-        fused[space] = FusedLoRALinear(copy.deepcopy(linear), stacked, space, "bench")
+        layer = FusedLoRALinear(copy.deepcopy(linear), stacked, space, "bench", planner=choose)
+        fused[space] = layer  # plans chosen as lorafuse.model.attach does
         fused[space].mixer = ArrowRouter(protos, K, 1.0)  # the same rule as `router`
         if args.reference:
-            ref = FusedLoRALinear(copy.deepcopy(linear), stacked, space, "bench", fast=False)
+            ref = FusedLoRALinear(copy.deepcopy(linear), stacked, space, "bench")  # no plans
             ref.mixer = ArrowRouter(protos, K, 1.0)
             fused[f"reference-{space}"] = ref
 

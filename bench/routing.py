@@ -7,10 +7,12 @@
   every layer, each new token routed as it is decoded) vs one expert loaded with
   PeftModel.from_pretrained (goal >= 0.8x). Greedy, every sequence forced to the same
   number of new tokens.
-On CPU the routed model also runs with its compiled kernels off (torch ops only,
-lorafuse.fast.kernels) and, where lorafuse.fast.gemm uses oneDNN's products, with torch's own
-(MKL) products instead: the like-for-like comparison with PEFT, which always runs
-torch's. Variants alternate round by round; the ratios are medians of the per-round
+The routed model also runs with its reference forward (no plans, LORAFUSE_FAST=0) and,
+on CPU, with its compiled kernels off (torch ops only, lorafuse.fast.kernels) and, where
+lorafuse.fast.gemm uses oneDNN's products, with torch's own (MKL) products instead: the
+like-for-like comparison with PEFT, which always runs torch's. Each variant sets its
+switch and chooses the layers' plans again (`fusion.replan()`), as the switches are read
+only then. Variants alternate round by round; the ratios are medians of the per-round
 ratios.
 
     python bench/routing.py [--library runs/small] [--experts private]
@@ -81,6 +83,7 @@ def main() -> None:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from lorafuse import fast
     from lorafuse.fast import gemm, kernels
     from lorafuse.fit.data import TrainingSet
     from lorafuse.fit.sgd import epoch_order
@@ -148,10 +151,11 @@ def main() -> None:
     kern = kernels.routed() if ws.device.type == "cpu" else None
     dnn = gemm.enabled() and ws.device.type == "cpu"
 
-    def switched_off(switch, fn):  # fn with one of lorafuse's CPU speed-ups turned off
+    def switched_off(switch, fn):  # fn with one of lorafuse's speed-ups turned off
         def run():
             before = os.environ.get(switch)
             os.environ[switch] = "0"
+            fusion.replan()  # the switches are read when plans are chosen
             try:
                 fn()
             finally:
@@ -159,14 +163,17 @@ def main() -> None:
                     del os.environ[switch]
                 else:
                     os.environ[switch] = before
+                fusion.replan()
 
         return run
 
     if dnn:  # warm-up of the MKL variant too
         switched_off(gemm.SWITCH, lambda: train_round(route_loss, route_opt))()
-    t_route, t_plain, t_ops, t_mkl = [], [], [], []
+    switched_off(fast.SWITCH, lambda: train_round(route_loss, route_opt))()
+    t_route, t_plain, t_ops, t_mkl, t_ref = [], [], [], [], []
     for _ in range(args.rounds):
         t_route.append(timed(lambda: train_round(route_loss, route_opt)))
+        t_ref.append(timed(switched_off(fast.SWITCH, lambda: train_round(route_loss, route_opt))))
         if kern:
             t_ops.append(
                 timed(switched_off(kernels.SWITCH, lambda: train_round(route_loss, route_opt)))
@@ -202,14 +209,17 @@ def main() -> None:
     gen(ws.model), gen(one)  # warm-up
     if dnn:
         switched_off(gemm.SWITCH, lambda: gen(ws.model))()
-    g_route, g_one, g_ops, g_mkl = [], [], [], []
+    switched_off(fast.SWITCH, lambda: gen(ws.model))()
+    g_route, g_one, g_ops, g_mkl, g_ref = [], [], [], [], []
     for _ in range(args.rounds):
         g_route.append(timed(lambda: gen(ws.model)))
+        g_ref.append(timed(switched_off(fast.SWITCH, lambda: gen(ws.model))))
         if kern:
             g_ops.append(timed(switched_off(kernels.SWITCH, lambda: gen(ws.model))))
         if dnn:
             g_mkl.append(timed(switched_off(gemm.SWITCH, lambda: gen(ws.model))))
         g_one.append(timed(lambda: gen(one)))
+    fusion_plans = fusion.plans()
     fusion.detach()
 
     n_router = sum(q.numel() for q in router_parameters(routers).values())
@@ -251,6 +261,15 @@ def main() -> None:
     generate = statistics.median(o / r for r, o in zip(g_route, g_one))
     print(f"training ratio route-sgd / single LoRA: {train:.2f}x (goal >= 0.7)")
     print(f"generation ratio routed / one adapter: {generate:.2f}x (goal >= 0.8)")
+    first = next(iter(fusion_plans.values()))
+    print(f"  plans (first layer): {first}")
+    train = statistics.median(p / r for r, p in zip(t_ref, t_plain))
+    generate = statistics.median(o / r for r, o in zip(g_ref, g_one))
+    print(f"  with the reference forward, no plans (LORAFUSE_FAST=0): training {train:.2f}x, "
+          f"generation {generate:.2f}x")  # fmt: skip
+    train = statistics.median(r / p for r, p in zip(t_ref, t_route))
+    generate = statistics.median(r / p for r, p in zip(g_ref, g_route))
+    print(f"  plans / reference speed: training {train:.2f}x, generation {generate:.2f}x")
     if kern:
         train = statistics.median(p / r for r, p in zip(t_ops, t_plain))
         generate = statistics.median(o / r for r, o in zip(g_ops, g_one))

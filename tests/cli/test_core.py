@@ -39,6 +39,18 @@ def test_help_does_not_import_torch(argv, shown):
     assert shown in out.stdout and out.stdout.strip().endswith("ok")
 
 
+def test_info_plan(llama_dir, llama_experts):
+    # The plans each fused layer gets, with the rule's reasons, as lorafuse.fast chose them.
+    res = runner.invoke(app, ["info", *map(str, llama_experts), "--base", str(llama_dir), "--plan"])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 0, res.output
+    assert "merge (uniform)" in out and "inference-folded" in out
+    assert "dense router" in out and "train-routed" in out and "dense softmax router" in out
+    assert "top-2 Arrow router" in out and "train-mix" in out
+    res = runner.invoke(app, ["info", *map(str, llama_experts), "--plan"])
+    assert res.exit_code == 2 and "--plan needs --base" in res.output
+
+
 def test_info_table(llama_experts):
     res = runner.invoke(app, ["info", *map(str, llama_experts)])
     assert res.exit_code == 0, res.output

@@ -28,15 +28,25 @@ def info(
         False, "--check", help="Check whether they can be fused, reading headers only."
     ),
     base: str = typer.Option(
-        None, help="With --check: the base model (folder or cached id) to check shapes against."
+        None,
+        help="With --check: the base model (folder or cached id) to check shapes against; "
+        "with --plan: the model to attach to.",
     ),
+    plan: bool = typer.Option(
+        False, "--plan", help="With --base: which plan each fused layer gets, and why."
+    ),
+    space: str = typer.Option("factors", help="With --plan: the mixing space."),
+    device: str = opt.device("cpu", help="With --plan: cpu, cuda, cuda:1, ..."),
+    dtype: str = opt.dtype("fp32", help="With --plan: fp32 or bf16."),
     seed: int = opt.seed(help="Random seed (info is deterministic; kept for symmetry)."),
 ) -> None:
     """Table of the experts: name, rank, alpha, scaling, target modules, parameters.
 
     With --check, per expert its recorded base model, modules, rank, alpha, scaling and
     every reason it would be refused, from configs and weight-file headers only; exit 0
-    when the library can be fused, 2 when not.
+    when the library can be fused, 2 when not. With --plan and --base, the plans
+    (lorafuse.fast) the fused layers get for a merge, a dense router and a top-k router
+    on this machine, device and dtype, and why.
     """
     from rich.table import Table
 
@@ -44,10 +54,17 @@ def info(
         seed_everything(seed)
         from lorafuse.errors import LorafuseError
 
-        if base is not None and not check:
-            raise LorafuseError("--base goes with --check (info on loaded experts needs none)")
+        if check and plan:
+            raise LorafuseError("--check and --plan are two reports; ask for one at a time")
+        if base is not None and not (check or plan):
+            raise LorafuseError("--base goes with --check or --plan (info alone needs none)")
+        if plan and base is None:
+            raise LorafuseError("--plan needs --base: the model the experts attach to")
         if check:
             _check(experts, base)
+            return
+        if plan:
+            _plans(experts, base, space, device, dtype)
             return
         from lorafuse.library import ExpertLibrary
 
@@ -80,6 +97,40 @@ def _fetching(experts):
 
     n = count_hub_refs(experts)
     return progress_bar(n, "fetching experts") if n else contextlib.nullcontext(None)
+
+
+def _plans(experts: list[Path], base: str, space: str, device: str, dtype: str) -> None:
+    from collections import Counter
+
+    from transformers import AutoModelForCausalLM
+
+    from lorafuse.devices import device as parse_device
+    from lorafuse.factors import check_space
+    from lorafuse.library import ExpertLibrary
+    from lorafuse.mixers.routers import build_routers
+    from lorafuse.mixers.static import Uniform
+    from lorafuse.model import attached
+
+    check_space(space)
+    where = parse_device(device, "--device")
+    with _fetching(experts) as advance:
+        lib = ExpertLibrary.load(experts, progress=advance)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=parse_dtype(dtype)).to(where)
+    console.print(
+        f"plans of {len(lib.modules)} fused layers ({space}, {device}, {dtype}):", highlight=False
+    )
+    with attached(model, lib, space) as fusion:
+        mixers = {
+            "merge (uniform)": lambda: fusion.set_mixer(Uniform(len(lib))),
+            "dense router": lambda: fusion.set_mixers(build_routers(lib, where, "linear")),
+            "top-2 Arrow router": lambda: fusion.set_mixers(
+                build_routers(lib, where, "arrow", top_k=min(2, len(lib)))
+            ),
+        }
+        for name, set_mixer in mixers.items():
+            set_mixer()
+            for line, n in Counter(fusion.plans().values()).most_common():
+                console.print(f"- {name}, {n} layers: {line}", highlight=False, soft_wrap=True)
 
 
 def _check(experts: list[Path], base: str | None) -> None:
