@@ -73,9 +73,7 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
 }
 
 # Upward imports being removed now; each entry goes when its import does.
-TEMPORARY: dict[tuple[str, str], str] = {
-    ("lorafuse.layer", "lorafuse.fast"): "removed by the plan refactor",
-}
+TEMPORARY: dict[tuple[str, str], str] = {}
 
 
 def module_name(path: Path) -> str:
