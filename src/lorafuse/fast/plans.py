@@ -40,6 +40,17 @@ def base_output(layer: nn.Module, ops: Products, plain: bool) -> Callable[[Tenso
     return lambda x2: base(x2).reshape(-1, O)  # (M, O)
 
 
+class _Plan:
+    """What every plan holds: its layer, mixer and products, and the layer's sizes."""
+
+    def __init__(self, layer, ops: Products, proj: Tensor | None = None):
+        self.layer, self.ops, self.mixer = layer, ops, layer.mixer
+        N, R, O = layer.num_experts, layer.rank, layer.out_features
+        self.N, self.R, self.O, self.space = N, R, O, layer.space
+        self.projected = proj is not None  # the mixer's map rides in the joint GEMM
+        self.P = proj.shape[0] if self.projected else 0
+
+
 def _replanned(layer: nn.Module, x: Tensor) -> Tensor:
     # The buffer no longer holds the layer's weights (a pointer check, no device sync):
     # choose the plans again, from the weights as they are now, and run.
@@ -47,7 +58,7 @@ def _replanned(layer: nn.Module, x: Tensor) -> Tensor:
     return layer(x)
 
 
-class Joint:
+class Joint(_Plan):
     """Inference: one GEMM for the base, the experts and a projected mixer (module doc).
 
     `proj`: the mixer projects (its map fits the buffer's room rows); `rbias`: it is a
@@ -58,13 +69,10 @@ class Joint:
     kind = "inference-joint"
 
     def __init__(self, layer, rows: JointRows, ops: Products, proj, rbias, kern, threads: bool):
-        self.layer, self.rows, self.ops, self.mixer = layer, rows, ops, layer.mixer
-        N, R, O = layer.num_experts, layer.rank, layer.out_features
-        self.N, self.R, self.O, self.space = N, R, O, layer.space
-        self.projected = proj is not None
-        P = proj.shape[0] if self.projected else 0
-        self.together = rows.slices(True, P)  # (weight, bias, widths) with the base's rows
-        self.apart = rows.slices(False, P)  # the experts' and the mixer's rows only
+        super().__init__(layer, ops, proj)
+        self.rows = rows
+        self.together = rows.slices(True, self.P)  # (weight, bias, widths) with the base's
+        self.apart = rows.slices(False, self.P)  # the experts' and the mixer's rows only
         self.joins = rows.top > 0
         # On a multi-threaded CPU MKL threads a GEMM past M*D*O ~ SERIAL_GEMM, and each
         # parallel region waits for a second core (long on a busy machine): when decoding
@@ -111,16 +119,15 @@ class Joint:
         return kernels.forward(self.kern, joint, self.rbias, widths, self.space, self.absolute)[2]
 
 
-class Folded:
+class Folded(_Plan):
     """Inference with fixed coefficients c (N,) or (B, N) using at most N/2 experts per row
     (module doc); the experts' factors are read from the layer, W from the base layer."""
 
     kind = "inference-folded"
 
     def __init__(self, layer, c: Tensor, ops: Products, plain: bool):
-        self.layer, self.ops, self.mixer = layer, ops, layer.mixer
-        N, R, O = layer.num_experts, layer.rank, layer.out_features
-        self.N, self.R, self.O, self.space = N, R, O, layer.space
+        super().__init__(layer, ops)
+        N, R, O = self.N, self.R, self.O
         self.base_out = base_output(layer, ops, plain)
         A = layer.A_rows.view(R, N, -1)  # (R, N, D)
         B = layer.B_cat.view(R, N, O)  # (R, N, O), scalings included
@@ -162,7 +169,7 @@ class Folded:
         return torch.einsum("btkr,bkro->bto", u * w[:, None, :, None], B)  # (B, T, O)
 
 
-class Trained:
+class Trained(_Plan):
     """Autograd: the joint GEMM and the mix as hand-written Functions (fast.functions).
 
     `rbias` (a dense softmax router's bias) with the base's rows in the buffer: the
@@ -173,13 +180,10 @@ class Trained:
     kind = "train"
 
     def __init__(self, layer, rows: JointRows, ops: Products, proj, rbias, kern, frozen: bool):
-        self.layer, self.rows, self.ops, self.mixer = layer, rows, ops, layer.mixer
-        N, R, O = layer.num_experts, layer.rank, layer.out_features
-        self.N, self.R, self.O, self.space = N, R, O, layer.space
-        self.projected = proj is not None
-        P = proj.shape[0] if self.projected else 0
+        super().__init__(layer, ops, proj)
+        self.rows = rows
         self.joins = rows.top > 0 and frozen
-        self.weight, self.bias, self.widths = rows.slices(self.joins, P)
+        self.weight, self.bias, self.widths = rows.slices(self.joins, self.P)
         self.base_out = base_output(layer, ops, plain=False)
         self.rbias, self.kern = rbias, kern
         self.absolute = bool(getattr(self.mixer, "absolute", False))
