@@ -39,9 +39,9 @@ def peft_one_at_a_time(base_dir, train, jobs, settings, seed) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorafuse.benchmark.pretrain import warmup_cosine
     from lorafuse.benchmark.train import Sampler, stable_seed
     from lorafuse.data.collate import collate, encode
+    from lorafuse.fit.schedule import warmup_cosine
 
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     for job in jobs:
@@ -60,8 +60,8 @@ def peft_one_at_a_time(base_dir, train, jobs, settings, seed) -> None:
         examples = [e for t in job.tasks for e in encode(tok, train[t])]
         sampler = Sampler(len(examples), stable_seed(seed, "data", job.name))
         model.train()
-        for _ in range(settings.steps):
-            rows = [examples[i] for i in sampler.take(settings.batch_size)]
+        for step in range(settings.steps):
+            rows = [examples[i] for i in sampler.take(step, settings.batch_size)]
             model(**collate(rows, tok.pad_token_id, settings.max_length)).loss.backward()
             opt.step()
             sched.step()

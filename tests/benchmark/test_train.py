@@ -97,9 +97,9 @@ def _peft_alone(base_dir, train, job, settings, replay=None):
     replayed = encode(tok, replay) if n_replay else []
     replays = Sampler(len(replayed), stable_seed(SEED, "replay", job.name)) if n_replay else None
     model.train()
-    for _ in range(steps):
-        rows = [examples[i] for i in sampler.take(settings.batch_size - n_replay)]
-        rows += [replayed[i] for i in replays.take(n_replay)] if n_replay else []
+    for step in range(steps):
+        rows = [examples[i] for i in sampler.take(step, settings.batch_size - n_replay)]
+        rows += [replayed[i] for i in replays.take(step, n_replay)] if n_replay else []
         batch = collate(rows, tok.pad_token_id, settings.max_length)
         model(**batch).loss.backward()
         opt.step()

@@ -322,7 +322,7 @@ def _run_stage(stage, root, settings, seed, tasks, report, on_expert) -> dict:
             get_preset(settings.preset).families,
             settings.base,
             seed,
-            on_step=lambda i, loss: report(stage, i + 1, steps),
+            on_step=lambda done, loss: report(stage, done, steps),
         )
         return {"final_loss": round(info["final_loss"], 4)}
     if stage in ("private", "shared"):

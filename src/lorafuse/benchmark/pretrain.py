@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 
 from lorafuse.data.errors import DataError
-from lorafuse.fit.schedule import warmup_cosine
+from lorafuse.fit.settings import SGDSettings
 
 
 @dataclass
 class BaseSettings:
-    """Size of the base Llama and how long it is pretrained."""
+    """Size of the base Llama and how long it is pretrained (`loop()`: the training
+    loop's settings; invalid values raise DataError or LorafuseError)."""
 
     hidden: int = 128
     layers: int = 4
@@ -37,10 +38,17 @@ class BaseSettings:
     def __post_init__(self):
         if self.hidden % self.heads:
             raise DataError(f"hidden={self.hidden} must be a multiple of heads={self.heads}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise DataError(
-                f"steps and batch_size must be positive; got {self.steps}, {self.batch_size}"
-            )
+        self.loop()  # validates the optimisation fields
+
+    def loop(self) -> SGDSettings:
+        """The loop's settings: `steps` steps of `batch_size` examples read in order,
+        AdamW (betas 0.9, 0.98), warm-up over `warmup` steps then a cosine down to 0.1 lr,
+        the gradient's norm clipped at 1."""
+        return SGDSettings(
+            lr=self.lr, epochs=None, max_steps=self.steps, batch_size=self.batch_size,
+            warmup_steps=self.warmup, weight_decay=self.weight_decay, floor=0.1, decay=True,
+            max_grad_norm=1.0, betas=(0.9, 0.98),
+        )  # fmt: skip
 
 
 def build_model(settings: BaseSettings, tokenizer, seed: int):
@@ -74,36 +82,39 @@ def pretrain(
     """Pretrain the base model on the first `families` families and save it to `out`.
 
     Writes a transformers model and the character tokenizer (`save_pretrained`) into a
-    temporary folder renamed to `out`. `on_step(step, loss)` is called after each step.
-    Returns {"final_loss": mean loss of the last 10% of steps, "settings": ...}.
+    temporary folder renamed to `out`. Trains with the one loop (`fit.sgd.train`, settings
+    `settings.loop()`); `on_step(step, loss)` is called after each step (`step` steps
+    taken). Returns {"final_loss": mean loss of the last 10% of steps, "settings": ...}.
     """
     from lorafuse.data.collate import collate, encode
     from lorafuse.data.synthetic import pretraining_examples
     from lorafuse.data.tokenizer import build_char_tokenizer
+    from lorafuse.fit.sgd import train
     from lorafuse.io import atomic_dir
 
     tokenizer = build_char_tokenizer()
     model = build_model(settings, tokenizer, seed)
-    n = settings.steps * settings.batch_size
+    b = settings.batch_size
+    n = settings.steps * b
     encoded = encode(tokenizer, pretraining_examples(families, n, seed, settings.shuffled))
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.98)
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(settings.warmup, settings.steps))
-    model.train()
-    losses = []
-    for step in range(settings.steps):
-        chunk = encoded[step * settings.batch_size : (step + 1) * settings.batch_size]
-        batch = collate(chunk, tokenizer.pad_token_id, settings.max_length)
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+
+    def loss_fn(idx) -> torch.Tensor:  # the mean token loss of these examples
+        return model(
+            **collate([encoded[i] for i in idx], tokenizer.pad_token_id, settings.max_length)
+        ).loss
+
+    losses: list[float] = []
+
+    def step_done(step: int, loss: float) -> None:
+        losses.append(loss)
         if on_step is not None:
-            on_step(step, losses[-1])
+            on_step(step, loss)
+
+    model.train()
+    train(
+        dict(model.named_parameters()), loss_fn, n, settings.loop(), progress=step_done,
+        batches=lambda step: range(step * b, (step + 1) * b),  # the stream, in order
+    )  # fmt: skip
     model.eval()
     with atomic_dir(out, force=True) as tmp:
         model.save_pretrained(str(tmp))

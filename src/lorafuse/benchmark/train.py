@@ -2,9 +2,11 @@
 
 The paper's settings by default (r=4, alpha=16, dropout 0.05, linear warm-up then
 cosine); the learning rate is scaled up from the paper's 1e-4 for the small base model.
-`train_experts` trains several experts at once (see `stacked`); what it saves is a plain
-PEFT adapter per expert (`PeftModel.from_pretrained(base, path)` reloads it) plus
-`lorafuse_expert.json` with the tasks it was trained on.
+`train_experts` trains several experts at once (see `stacked`) with the one training loop
+(`fit.sgd.train`: the group's rows as its batches hook, the sum of the experts' own losses
+as its loss); what it saves is a plain PEFT adapter per expert
+(`PeftModel.from_pretrained(base, path)` reloads it) plus `lorafuse_expert.json` with the
+tasks it was trained on.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ from pathlib import Path
 import torch
 
 from lorafuse.data.errors import DataError
+from lorafuse.fit.settings import SGDSettings
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
 class ExpertSettings:
-    """LoRA and optimisation settings of an expert."""
+    """LoRA and optimisation settings of an expert (`loop()`: the training loop's
+    settings; invalid values raise DataError or LorafuseError)."""
 
     r: int = 4
     alpha: float = 16.0
@@ -41,19 +45,23 @@ class ExpertSettings:
 
     def __post_init__(self):
         self.targets = tuple(self.targets)
-        bad = {
-            k: v
-            for k, v in (("r", self.r), ("steps", self.steps), ("batch_size", self.batch_size))
-            if v < 1
-        }
-        if bad:
-            raise DataError(f"expert settings must be positive integers; got {bad}")
-        if not 0 <= self.dropout < 1 or self.lr <= 0:
-            raise DataError(f"need 0 <= dropout < 1 and lr > 0; got {self.dropout}, {self.lr}")
+        if self.r < 1:
+            raise DataError(f"the LoRA rank r must be a positive integer; got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise DataError(f"dropout={self.dropout} must lie in [0, 1)")
         if not 0 <= self.replay < 1:
             raise DataError(f"replay={self.replay} must lie in [0, 1) (a share of each batch)")
         if not self.targets:
             raise DataError("expert settings need at least one target module (e.g. q_proj)")
+        self.loop()  # validates the optimisation fields
+
+    def loop(self, steps: int | None = None) -> SGDSettings:
+        """The loop's settings of one expert: `steps` (default `self.steps`) steps of
+        `batch_size` rows, AdamW, warm-up over `warmup` steps then a cosine down to 0.1 lr."""
+        return SGDSettings(
+            lr=self.lr, epochs=None, max_steps=steps or self.steps, batch_size=self.batch_size,
+            warmup_steps=self.warmup, weight_decay=self.weight_decay, floor=0.1, decay=True,
+        )  # fmt: skip
 
 
 @dataclass
@@ -83,21 +91,21 @@ def is_done(out: Path) -> bool:
 
 
 class Sampler:
-    """Endless shuffled batches of one expert's examples, from its own generator."""
+    """Endless shuffled epochs of one expert's `n` examples, from its own generator: each
+    epoch a fresh permutation, read from its end; the stream is a pure function of (n,
+    seed), so a step's batch does not depend on the calls before it."""
 
     def __init__(self, n: int, seed: int):
         if n == 0:
             raise DataError("an expert has no training examples; check its tasks")
-        self.n, self.g, self.order = n, torch.Generator().manual_seed(seed), []
+        self.n, self.g, self.epochs = n, torch.Generator().manual_seed(seed), []
 
-    def take(self, b: int) -> list[int]:
-        """The next `b` example indices (reshuffled at each epoch)."""
-        out = []
-        while len(out) < b:
-            if not self.order:
-                self.order = torch.randperm(self.n, generator=self.g).tolist()
-            out.append(self.order.pop())
-        return out
+    def take(self, step: int, b: int) -> list[int]:
+        """The example indices of step `step` (0-based) of `b` examples per step."""
+        start = step * b
+        while len(self.epochs) * self.n < start + b:  # epochs drawn in order, kept
+            self.epochs.append(torch.randperm(self.n, generator=self.g).tolist()[::-1])
+        return [self.epochs[p // self.n][p % self.n] for p in range(start, start + b)]
 
 
 def job_examples(jobs: list[ExpertJob], encoded: dict[str, list]) -> list[list]:
@@ -199,8 +207,9 @@ def train_experts(
     whole (so a resumed run gives the same experts as an uninterrupted one) but only its
     missing experts are written; without it every expert is trained and its folder
     replaced. Every expert starts from the same LoRA init (from `seed`) and draws its
-    batches from its own generator. `on_step(name, step)` reports progress (name of the
-    group's first expert); `on_saved(job, metrics)` runs after each expert is written.
+    batches from its own generator. `on_step(name, step)` reports progress after each step
+    (name of the group's first expert, steps taken); `on_saved(job, metrics)` runs after
+    each expert is written.
     Returns {expert name: metrics} for experts trained.
     """
     from transformers import AutoTokenizer
@@ -257,7 +266,7 @@ def _train_group(base_dir, tokenizer, group, encoded, settings, seed, on_step, d
 
     from lorafuse.benchmark.stacked import attach_stacked, expert_factors, lora_init
     from lorafuse.data.collate import collate
-    from lorafuse.fit.schedule import warmup_cosine
+    from lorafuse.fit.sgd import train
 
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     K, b, steps = len(group), settings.batch_size, group[0].steps or settings.steps
@@ -271,9 +280,7 @@ def _train_group(base_dir, tokenizer, group, encoded, settings, seed, on_step, d
         raise DataError(f"the base model has no Linear module named {settings.targets}")
     layers = attach_stacked(model, init, K, settings.alpha / settings.r, settings.dropout)
     model.to(device)
-    params = [p for layer in layers.values() for p in (layer.A, layer.B)]
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(settings.warmup, steps))
+    params = {f"{n}.{w}": getattr(layer, w) for n, layer in layers.items() for w in "AB"}
     examples = job_examples(group, encoded)
     samplers = [
         Sampler(len(ex), stable_seed(seed, "data", job.name)) for ex, job in zip(examples, group)
@@ -282,26 +289,33 @@ def _train_group(base_dir, tokenizer, group, encoded, settings, seed, on_step, d
         Sampler(len(replayed), stable_seed(seed, "replay", job.name)) if n_replay else None
         for job in group
     ]
-    torch.manual_seed(stable_seed(seed, "dropout", *[job.name for job in group]))
-    model.train()
-    history = torch.zeros(steps, K)
-    for step in range(steps):
-        rows = []
-        for ex, s, r in zip(examples, samplers, replays):  # each expert's b rows, in order
-            rows += [ex[i] for i in s.take(b_own)]
-            rows += [replayed[i] for i in r.take(n_replay)] if r is not None else []
-        batch = {k: v.to(device) for k, v in collate(rows, pad_id, settings.max_length).items()}
+
+    def rows(step: int) -> list:  # the step's K*b rows, expert-major: each expert's b in order
+        out = []
+        for ex, s, r in zip(examples, samplers, replays):
+            out += [ex[i] for i in s.take(step, b_own)]
+            out += [replayed[i] for i in r.take(step, n_replay)] if r is not None else []
+        return out
+
+    history = []  # (K,) per step
+
+    def loss_fn(batch_rows: list):  # the sum of the K experts' own mean token losses
+        batch = collate(batch_rows, pad_id, settings.max_length)
+        batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        next(iter(layers.values())).dropout.clear()  # the next forward draws new masks
         losses = token_losses(logits, batch["labels"], K)  # (K,)
-        losses.sum().backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        next(iter(layers.values())).dropout.clear()
-        history[step] = losses.detach().cpu()
+        history.append(losses.detach().cpu())
+        return losses.sum()
+
+    def progress(step: int, _loss: float) -> None:
         if on_step is not None:
             on_step(group[0].name, step)
-    tail = history[-max(1, steps // 10) :].mean(0)  # (K,)
+
+    torch.manual_seed(stable_seed(seed, "dropout", *[job.name for job in group]))
+    model.train()
+    train(params, loss_fn, steps * b, settings.loop(steps), progress=progress, batches=rows)
+    tail = torch.stack(history)[-max(1, steps // 10) :].mean(0)  # (K,)
     metrics = [{"train_loss": round(float(tail[k]), 5), "steps": steps} for k in range(K)]
     factors = [
         {n: (A.cpu(), B.cpu()) for n, (A, B) in expert_factors(layers, k).items()} for k in range(K)

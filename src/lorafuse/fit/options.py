@@ -10,7 +10,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from lorafuse.fit.data import ObjectiveName
-from lorafuse.fit.sgd import LR_GRID, SGDSettings
+from lorafuse.fit.settings import SGDSettings
+from lorafuse.fit.sgd import LR_GRID
 
 
 class Options(BaseModel):
@@ -21,7 +22,8 @@ class Options(BaseModel):
 
 class LoopOptions(Options):
     """The training loop's options (`fit.sgd.train`), the training data's cap and the
-    training objective (`fit.data.Objective`)."""
+    training objective (`fit.data.Objective`). The loop's other settings (warm-up in
+    steps, floor, decay, clipping, betas) keep `SGDSettings`' defaults in every fit."""
 
     epochs: int | None = Field(
         5, ge=1, description="passes over the data (null: until a plateau, needs max_steps)"

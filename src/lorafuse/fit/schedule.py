@@ -1,8 +1,10 @@
 """The one learning-rate schedule: linear warm-up, then cosine decay (or constant).
 
-Every trainer uses it: the coefficient fits (`fit.sgd.train`, warm-up as a fraction of
-the budget, cosine to 0 or constant after the warm-up), the experts and the base model
-of the built-in benchmark (warm-up in steps, cosine to a floor of 0.1).
+The one training loop (`fit.sgd.train`) follows it for every trainer: the coefficient
+fits (warm-up as a fraction of the budget, cosine to 0 or constant after the warm-up),
+the experts and the base model of the built-in benchmark (warm-up in steps, cosine to a
+floor of 0.1). `warmup_cosine` is the same schedule for torch's LambdaLR, as the plain
+PEFT trainers that tests and benches compare against use it.
 """
 
 from __future__ import annotations

@@ -1,13 +1,21 @@
-"""The one training loop for every learned set of coefficients.
+"""The one training loop: coefficient fits, the benchmark's base model and its experts.
 
-Only the given parameters are trained (AdamW, linear warm-up then cosine decay over the
-budget, gradient accumulation). A run that trains until a plateau (`epochs` None, at most
-`max_steps`) keeps its learning rate constant after the warm-up instead: a cosine over the
-cap would flatten the loss by annealing the rate to zero, and that flat end would pass
-for a plateau. The data order of each epoch is a pure function of (seed, epoch), so a run
-resumed from a checkpoint takes exactly the steps an uninterrupted run takes. Under
-`accelerate launch` each process computes the loss on its share of every global batch and
-gradients are averaged across processes, so N processes give the weights of one.
+Only the given parameters are trained, by AdamW over the schedule of `fit.schedule`
+(linear warm-up, then a cosine or a constant rate, `SGDSettings`), with gradient
+accumulation and optional clipping of the gradient's norm. What differs between the
+trainers is given as hooks:
+- `loss_fn(items)`: the mean loss over the items of a micro-batch (a fit's objective, the
+  base model's token loss, the sum of K experts' own losses);
+- `batches(step)`: the items of a step's global batch; by default example indices, each
+  epoch in an order that is a pure function of (seed, epoch) (`epoch_order`). The base
+  model reads its pretraining stream in order, the experts draw their rows from their
+  own samplers;
+- `validate()` (early stopping, the best parameters kept), `progress(step, loss)` after
+  each step, and a `checkpoint` file to resume from.
+With a `batches` that is a pure function of the step, a run resumed from a checkpoint
+takes exactly the steps an uninterrupted run takes. Under `accelerate launch` each
+process computes the loss on its share of every global batch and gradients are averaged
+across processes, so N processes give the weights of one.
 
 When a run stops (`SGDResult.stop`):
 - "plateau": `patience` validations in a row did not improve on the reference loss (the
@@ -23,7 +31,7 @@ The best parameters (lowest validation loss, however small the improvement) are 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,69 +40,13 @@ from torch import Tensor, nn
 
 from lorafuse.errors import LorafuseError
 from lorafuse.fit.schedule import lr_factor, warmup_steps
+from lorafuse.fit.settings import EPOCHS, SGDSettings, budget  # SGDSettings, budget: re-exported
 from lorafuse.io import atomic_file
 
-LossFn = Callable[[Sequence[int]], Tensor]  # example indices -> mean loss over them
-PLATEAU, STEP_CAP, EPOCHS, NO_VALIDATION = "plateau", "step cap", "epochs", "no validation"
+LossFn = Callable[[Sequence[Any]], Tensor]  # a micro-batch's items -> mean loss over them
+Batches = Callable[[int], Sequence[Any]]  # step (0-based) -> the items of its global batch
+PLATEAU, NO_VALIDATION = "plateau", "no validation"
 LR_GRID = (1e-3, 1e-4, 1e-5)  # the paper's learning rates
-
-
-@dataclass
-class SGDSettings:
-    """Settings of one training run (saved with its results).
-
-    The budget is `epochs` passes over the data, capped at `max_steps`; `epochs=None`
-    drops the epoch budget ("train until the validation loss plateaus, at most
-    `max_steps` steps") and then needs `max_steps`. `patience` (validations without an
-    improvement of more than `min_delta`, relative) stops early; `eval_every` steps
-    between validations (default once per epoch). Raises LorafuseError naming a bad value.
-    """
-
-    lr: float = 1e-3
-    epochs: int | None = 5
-    batch_size: int = 16  # examples per optimizer step (global, all processes together)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    warmup: float = 0.06  # fraction of the steps (of the budget) spent warming up
-    weight_decay: float = 0.0
-    eval_every: int | None = None  # steps between validations (default: once per epoch)
-    patience: int | None = None  # stop after this many validations without improvement
-    min_delta: float = 1e-3  # relative improvement a validation must make to count
-    max_steps: int | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        problems = "; ".join(p for p in _problems(self) if p)
-        if problems:
-            raise LorafuseError(f"invalid training settings ({problems}): {asdict(self)}")
-        if self.batch_size % self.grad_accum:
-            raise LorafuseError(
-                f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}"
-            )
-
-
-def _problems(s: SGDSettings) -> list[str]:
-    def whole(name: str, low: int, optional: bool = False) -> str:
-        v = getattr(s, name)
-        if v is None and optional:
-            return ""
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            return f"{name} must be an integer >= {low}" + (" or null" if optional else "")
-        return ""
-
-    def real(name: str, ok: Callable[[float], bool], what: str) -> str:
-        v = getattr(s, name)
-        good = isinstance(v, (int, float)) and not isinstance(v, bool) and ok(v)
-        return "" if good else f"{name} must be a number {what}"
-
-    out = [whole("batch_size", 1), whole("grad_accum", 1), whole("seed", 0)]
-    out += [whole("epochs", 1, True), whole("max_steps", 1, True)]
-    out += [whole("eval_every", 1, True), whole("patience", 1, True)]
-    out += [real("lr", lambda v: v > 0, "> 0"), real("warmup", lambda v: 0 <= v <= 1, "in [0, 1]")]
-    out += [real("weight_decay", lambda v: v >= 0, ">= 0")]
-    out += [real("min_delta", lambda v: 0 <= v < 1, "in [0, 1) (relative)")]
-    if s.epochs is None and s.max_steps is None:
-        out.append("epochs null (train until a plateau) needs max_steps, the step cap")
-    return out
 
 
 @dataclass
@@ -138,17 +90,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def budget(settings: SGDSettings, steps_per_epoch: int) -> tuple[int, str]:
-    """(total steps, the stop reason when they are all taken): the smaller of the epoch
-    budget and `max_steps` ("step cap" on a tie)."""
-    if settings.epochs is None:
-        return settings.max_steps, STEP_CAP
-    by_epochs = steps_per_epoch * settings.epochs
-    if settings.max_steps is not None and settings.max_steps <= by_epochs:
-        return settings.max_steps, STEP_CAP
-    return by_epochs, EPOCHS
-
-
 def train(
     params: dict[str, nn.Parameter],
     loss_fn: LossFn,
@@ -157,46 +98,48 @@ def train(
     validate: Callable[[], float] | None = None,
     checkpoint: str | Path | None = None,
     progress: Callable[[int, float], None] | None = None,
+    *,
+    batches: Batches | None = None,
 ) -> SGDResult:
     """Minimise `loss_fn` over the parameters `params` (name -> Parameter).
 
-    `loss_fn(indices)` returns the mean loss over those training examples. `validate()`
-    returns a validation loss (lower is better), every `eval_every` steps and after the
-    last step; the best parameters are kept and, with `patience`, training stops on a
-    plateau (module docstring). With `checkpoint`, state (the stop included) is saved
-    after every validation and a run finds and resumes it. `progress(step, loss)` after
-    each step. Raises LorafuseError when `params` is empty or the checkpoint is not this
-    run's.
+    `loss_fn(items)` returns the mean loss over those items of a batch: training example
+    indices, or whatever `batches(step)` returns for each step (default: `batch_size`
+    indices of `n_examples`, shuffled per epoch). The budget counts epochs of
+    `n_examples // batch_size` steps. `validate()` returns a validation loss (lower is
+    better), every `eval_every` steps and after the last step; the best parameters are
+    kept and, with `patience`, training stops on a plateau (module docstring). With
+    `checkpoint`, state (the stop included) is saved after every validation and a run
+    finds and resumes it. `progress(step, loss)` after each step (`step` steps taken).
+    Raises LorafuseError when `params` is empty or the checkpoint is not this run's.
     """
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
     named = dict(params)
     if not named:
-        raise LorafuseError("nothing to train: no coefficient parameters were given")
-    opt = torch.optim.AdamW(named.values(), lr=settings.lr, weight_decay=settings.weight_decay)
+        raise LorafuseError("nothing to train: no parameters were given")
+    opt = torch.optim.AdamW(
+        named.values(), lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay
+    )
     steps_per_epoch = max(1, n_examples // settings.batch_size)
     total, at_cap = budget(settings, steps_per_epoch)
     eval_every = settings.eval_every or steps_per_epoch
+    draw = batches or _shuffled(n_examples, settings.seed, settings.batch_size, steps_per_epoch)
     state = _fresh_state()
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt is not None and ckpt.exists():
         state = _load(ckpt, named, opt)
-    decay = settings.epochs is not None  # until a plateau: constant after the warm-up
-    warm = warmup_steps(settings.warmup, total)
-    for g in opt.param_groups:
-        g["lr"] = settings.lr * lr_factor(state["step"], total, warm, decay=decay)
+    rate = _rate(settings, total)
+    _set_lr(opt, rate(state["step"]))
     while state["stop"] is None and state["step"] < total:
-        step = state["step"]
-        epoch, k = divmod(step, steps_per_epoch)
-        order = epoch_order(n_examples, settings.seed, epoch)
-        batch = order[k * settings.batch_size : (k + 1) * settings.batch_size]
-        loss = _step(named, loss_fn, batch, settings.grad_accum, acc)
+        loss = _step(named, loss_fn, list(draw(state["step"])), settings.grad_accum, acc)
+        if settings.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(list(named.values()), settings.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        state["step"] = step + 1
-        for g in opt.param_groups:
-            g["lr"] = settings.lr * lr_factor(state["step"], total, warm, decay=decay)
+        state["step"] += 1
+        _set_lr(opt, rate(state["step"]))
         if progress is not None:
             progress(state["step"], loss)
         if validate is not None and (state["step"] % eval_every == 0 or state["step"] == total):
@@ -237,6 +180,28 @@ def is_main_process() -> bool:
     from accelerate import PartialState
 
     return PartialState().is_main_process
+
+
+def _shuffled(n: int, seed: int, batch_size: int, steps_per_epoch: int) -> Batches:
+    # The default batches: step -> its slice of its epoch's order.
+    def draw(step: int) -> list[int]:
+        epoch, k = divmod(step, steps_per_epoch)
+        return epoch_order(n, seed, epoch)[k * batch_size : (k + 1) * batch_size]
+
+    return draw
+
+
+def _rate(settings: SGDSettings, total: int) -> Callable[[int], float]:
+    # step (steps taken) -> the learning rate of the next step.
+    warm = settings.warmup_steps
+    warm = warmup_steps(settings.warmup, total) if warm is None else warm
+    decay = settings.decays()
+    return lambda step: settings.lr * lr_factor(step, total, warm, settings.floor, decay)
+
+
+def _set_lr(opt, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
 
 
 def _fresh_state() -> dict[str, Any]:
