@@ -65,12 +65,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 ]
 
 # Upward imports that stay, each with its reason.
-EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("lorafuse.mixers.routers", "lorafuse.library"): (
-        "annotation only, under TYPE_CHECKING: build_routers reads library.modules and "
-        "never imports lorafuse.library at run time"
-    ),
-}
+EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 # Upward imports being removed now; each entry goes when its import does.
 TEMPORARY: dict[tuple[str, str], str] = {}

@@ -18,7 +18,8 @@ Both expose their linear map of x as `projection` (N, D) and the rest as
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -27,8 +28,12 @@ from lorafuse.errors import LorafuseError
 from lorafuse.factors import StackedModule
 from lorafuse.mixers.topk import check_k, topk_renormalize, topk_softmax
 
-if TYPE_CHECKING:
-    from lorafuse.library import ExpertLibrary
+
+class Stacks(Protocol):
+    """What build_routers reads of a library (an ExpertLibrary): its stacked modules."""
+
+    modules: Mapping[str, StackedModule]
+
 
 ROUTERS = ("linear", "arrow")
 INITS = ("uniform", "arrow")
@@ -162,7 +167,7 @@ class LinearRouter(nn.Module):
 
 
 def build_routers(
-    library: ExpertLibrary,
+    library: Stacks,
     device: torch.device | str = "cpu",
     router: str = "linear",
     init: str = "uniform",
