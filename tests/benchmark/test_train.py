@@ -18,6 +18,7 @@ from lorafuse.benchmark.train import (
 )
 from lorafuse.data.errors import DataError
 from lorafuse.data.synthetic import generate, make_tasks
+from lorafuse.errors import LorafuseError
 
 SEED = 7
 
@@ -186,6 +187,29 @@ def test_saved_expert_reloads_with_plain_peft(pico, tmp_path):
     torch.testing.assert_close(peft.eval()(x).logits, merged.eval()(x).logits, atol=1e-5, rtol=1e-4)
 
 
+def test_sampler_is_a_pure_function_of_the_step():
+    # The stream written out: each epoch a fresh permutation from one generator, read from
+    # its end; any step asked first gives the same indices.
+    g = torch.Generator().manual_seed(11)
+    stream = [i for _ in range(4) for i in reversed(torch.randperm(5, generator=g).tolist())]
+    assert [Sampler(5, 11).take(s, 3) for s in range(6)] == [
+        stream[3 * s : 3 * s + 3] for s in range(6)
+    ]
+    late = Sampler(5, 11)
+    assert late.take(4, 3) == stream[12:15] and late.take(0, 3) == stream[:3]
+
+
+def test_settings_build_the_loops():
+    s = _settings(weight_decay=0.01).loop(7)
+    assert (s.lr, s.max_steps, s.batch_size, s.warmup_steps, s.weight_decay) == (
+        1e-2, 7, 4, 1, 0.01
+    )  # fmt: skip
+    assert (s.epochs, s.floor, s.decays(), s.max_grad_norm, s.grad_accum) == (
+        None, 0.1, True, None, 1
+    )  # fmt: skip
+    assert _settings().loop().max_steps == 3  # the settings' own steps
+
+
 def test_bad_tasks_and_settings(pico, tmp_path):
     root, train = pico
     with pytest.raises(DataError, match="nope"):
@@ -194,6 +218,9 @@ def test_bad_tasks_and_settings(pico, tmp_path):
         )
     with pytest.raises(DataError, match="positive"):
         ExpertSettings(r=0)
+    for bad in ({"steps": 0}, {"batch_size": 0}, {"lr": -1.0}, {"warmup": -1}):
+        with pytest.raises(LorafuseError, match="invalid training settings"):
+            ExpertSettings(**bad)
     with pytest.raises(DataError, match="Linear module"):
         task = next(iter(train))
         train_experts(

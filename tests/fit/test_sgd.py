@@ -249,3 +249,100 @@ def test_a_foreign_checkpoint_is_refused_by_name(tmp_path, payload, said):
     with pytest.raises(LorafuseError, match=said) as info:
         run(SGDSettings(lr=0.05, epochs=1, batch_size=8), checkpoint=ckpt)
     assert str(ckpt) in str(info.value) and "delete it" in str(info.value)
+
+
+def _least_squares64():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(64, 3, generator=g, dtype=torch.float64)
+    return X, X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+
+
+def _adamw_by_hand(X, y, rows, steps, s: SGDSettings):
+    """AdamW (decoupled weight decay, bias-corrected moments), the warm-up and cosine to a
+    floor, and the norm clip, written out on the full batch's closed-form gradient."""
+    b1, b2 = s.betas
+    w, m, v = (torch.zeros(3, dtype=torch.float64) for _ in range(3))
+    norms = []
+    for t in range(steps):
+        Xb, yb = X[rows(t)], y[rows(t)]
+        g = 2 * Xb.T @ (Xb @ w - yb) / len(yb)  # d/dw of the batch's mean squared error
+        norms.append(float(g.norm()))
+        g = g * min(1.0, s.max_grad_norm / (norms[-1] + 1e-6))
+        if t < s.warmup_steps:
+            lr = s.lr * (t + 1) / s.warmup_steps
+        else:
+            done = (t - s.warmup_steps) / (steps - s.warmup_steps)
+            lr = s.lr * (s.floor + (1 - s.floor) * 0.5 * (1 + math.cos(math.pi * done)))
+        w = w * (1 - lr * s.weight_decay)
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        w = w - lr * (m / (1 - b1 ** (t + 1))) / ((v / (1 - b2 ** (t + 1))).sqrt() + 1e-8)
+    return w, norms
+
+
+def test_accumulation_clipping_and_the_schedule_equal_adamw_by_hand():
+    # Batches in order from a hook, 4 micro-batches per step: the loop's weights are those
+    # of AdamW on each whole batch's gradient, computed by hand.
+    X, y = _least_squares64()
+    s = SGDSettings(lr=0.05, epochs=None, max_steps=12, batch_size=8, grad_accum=4,
+                    warmup_steps=3, floor=0.1, decay=True, weight_decay=0.01,
+                    betas=(0.8, 0.95), max_grad_norm=0.5)  # fmt: skip
+
+    def rows(step):
+        return [(step * 8 + i) % 64 for i in range(8)]
+
+    w = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    seen = []
+
+    def loss_fn(idx):
+        seen.append(list(idx))
+        return ((X[idx] @ w - y[idx]) ** 2).mean()
+
+    res = train({"w": w}, loss_fn, 64, s, batches=rows)
+    expected, norms = _adamw_by_hand(X, y, rows, 12, s)
+    assert norms[0] > 0.5  # the clip acted
+    assert (res.steps, res.stop) == (12, "no validation")
+    assert seen[:4] == [rows(0)[i : i + 2] for i in (0, 2, 4, 6)]  # the micro-batches
+    assert [i for part in seen[4:8] for i in part] == rows(1)
+    torch.testing.assert_close(w.detach(), expected, atol=1e-12, rtol=0)
+    one = nn.Parameter(torch.zeros(3, dtype=torch.float64))  # one micro-batch per step
+    train({"w": one}, lambda idx: ((X[idx] @ one - y[idx]) ** 2).mean(), 64,
+          SGDSettings(**{**vars(s), "grad_accum": 1}), batches=rows)  # fmt: skip
+    torch.testing.assert_close(one.detach(), w.detach(), atol=1e-12, rtol=0)
+
+
+def test_resume_with_a_batches_hook_and_the_benchmark_schedule(tmp_path):
+    # A pure batches hook (as the benchmark's samplers are) resumes to the same weights.
+    X, y = _least_squares64()
+    s = SGDSettings(lr=0.05, epochs=None, max_steps=12, batch_size=8, eval_every=3,
+                    warmup_steps=2, floor=0.1, decay=True, max_grad_norm=1.0)  # fmt: skip
+
+    def rows(step):
+        return epoch_order(64, 5, step // 8)[(step % 8) * 8 : (step % 8 + 1) * 8][::-1]
+
+    def fit(checkpoint=None, progress=None):
+        w = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+
+        def val():
+            with torch.no_grad():
+                return float(((X @ w - y) ** 2).mean())
+
+        def loss(idx):
+            return ((X[idx] @ w - y[idx]) ** 2).mean()
+
+        res = train({"w": w}, loss, 64, s, val, checkpoint, progress, batches=rows)
+        return res, w.detach().clone()
+
+    whole, uninterrupted = fit()
+
+    def stop_at_7(step, loss):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "ckpt.pt"
+    with pytest.raises(KeyboardInterrupt):
+        fit(ckpt, stop_at_7)
+    taken = []
+    res, resumed = fit(ckpt, lambda step, loss: taken.append(step))
+    assert taken == list(range(7, 13))  # from the checkpoint of step 6
+    assert res.history == whole.history
+    torch.testing.assert_close(resumed, uninterrupted, atol=0, rtol=0)
