@@ -181,6 +181,29 @@ def test_two_fused_layers_on_one_linear():
         torch.testing.assert_close(f1(x), loop_reference(base, stacked(0), x, c, "factors"))
 
 
+def test_small_training_calls_run_the_reference(monkeypatch):
+    # Below MIX_WORK the Functions' fixed cost does not pay: autograd through the
+    # reference runs (the same numbers); above it, Project and Mix.
+    from lorafuse.fast import plans
+    from lorafuse.fast.functions import Mix
+
+    monkeypatch.setattr(plans, "MIX_WORK", 20 * D * (O + N * 3))  # 20 rows
+    f, s = layer("factors")
+    f.base.requires_grad_(False)
+    f.mixer = Learned(N)
+    calls = []
+    monkeypatch.setattr(Mix, "apply", _counting(Mix.apply, calls))
+    for T, used in ((3, 0), (10, 1)):  # 2 x 3 = 6 rows, 2 x 10 = 20 rows
+        x = torch.randn(2, T, D, requires_grad=True)
+        got = torch.autograd.grad(f(x).pow(2).sum(), [x, f.mixer.logits])
+        c = f.mixer(x).expand(2, T, N)
+        ref = torch.autograd.grad(loop_reference(f.base, s, x, c, "factors").pow(2).sum(),
+                                  [x, f.mixer.logits])  # fmt: skip
+        for g, e in zip(got, ref):
+            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+        assert len(calls) == used
+
+
 def test_decoding_keeps_small_gemms_apart():
     # With several threads, joining the base GEMM must not make MKL thread a GEMM that
     # would otherwise stay serial (a few decoded tokens); long inputs always join.

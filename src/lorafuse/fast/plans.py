@@ -29,6 +29,7 @@ from lorafuse.fast.rows import JointRows
 from lorafuse.layer import mix
 
 SERIAL_GEMM = 3 * 2**16  # MKL (2024.2) threads an (M, D) x (D, O) sgemm from M*D*O ~ this
+MIX_WORK = 2**23  # M*D*(O + N*R) from which Project + Mix beat autograd (bench/plans.py)
 
 
 def base_output(layer: nn.Module, ops: Products, plain: bool) -> Callable[[Tensor], Tensor]:
@@ -175,6 +176,9 @@ class Trained(_Plan):
     `rbias` (a dense softmax router's bias) with the base's rows in the buffer: the
     whole layer is one Function (`Routed`), its mixing step by `kern` on CPU; otherwise
     `Project` then `Mix`, the base joined when `frozen` (its weight takes no gradient).
+    Those two Functions cost a fixed overhead per call: below MIX_WORK (M*D*(O + N*R),
+    a few hundred tokens through a small layer) autograd through the reference is as
+    fast, and runs.
     """
 
     kind = "train"
@@ -189,11 +193,15 @@ class Trained(_Plan):
         self.absolute = bool(getattr(self.mixer, "absolute", False))
         self.routed = rbias is not None and self.joins
         self.kind = "train-routed" if self.routed else "train-mix"
+        width = layer.A_rows.shape[1] * (self.O + self.N * self.R)  # D*(O + N*R)
+        self.min_rows = 0 if self.routed else -(-MIX_WORK // width)
 
     def __call__(self, x: Tensor) -> Tensor:
         if not self.rows.holds(self.layer):  # W replaced, or taken by another fused layer
             return _replanned(self.layer, x)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])  # x2 (M, D)
+        if x2.shape[0] < self.min_rows:  # too small for the Functions to pay
+            return self.layer.base(x) + self.layer.delta(x, self.mixer(x))  # (..., O)
         proj = self.mixer.projection if self.projected else None  # (P, D)
         if self.projected:
             self.rows.sync(proj)
