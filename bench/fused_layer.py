@@ -196,6 +196,9 @@ def main() -> None:
         f"median of {args.rounds} interleaved rounds x {args.inner} calls (x Linear: median "
         "of the per-round ratios)"
     )
+    from lorafuse.fast import gemm
+
+    print(f"cpu: {gemm.cpu_line()}; oneDNN products in the plans: {gemm.enabled()}")
     print(f"{'variant':<22}{'ms/call':>10}{'x Linear':>10}{'peak extra MiB':>16}")
     for v in variants:
         mem = peak_memory(v, args)

@@ -98,6 +98,9 @@ def main() -> None:
         f"fp32, {args.threads} threads, torch {torch.__version__}; median of {args.rounds} "
         f"interleaved rounds x {args.inner} calls"
     )
+    from lorafuse.fast import gemm
+
+    print(f"cpu: {gemm.cpu_line()}; oneDNN products in the plans: {gemm.enabled()}")
     print(f"{'mixer':<30}{'plan ms':>9}{'ref ms':>9}{'ref/plan':>10}  plan (why)")
     for name, (make, train) in cases(N, D, B, T, g).items():
         mixer = make()

@@ -229,6 +229,7 @@ def main() -> None:
         f"{len(lib.modules)} fused modules (first: D={D}, O={O}, R={R}), {ws.dtype}, "
         f"{ws.device}, {args.threads} threads, torch {torch.__version__}"
     )
+    print(f"cpu: {gemm.cpu_line()}")
     print(
         "routed layer's matrix products: "
         + ("oneDNN (lorafuse.fast.gemm)" if dnn else "torch's (MKL on CPU)")

@@ -64,3 +64,28 @@ def test_any_strides(monkeypatch, on):
             torch.testing.assert_close(
                 gemm.products().linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5
             )
+
+
+@pytest.mark.parametrize("onednn_s, torch_s, chosen", [(1.0, 2.0, True), (1.0, 1.05, False)])
+def test_auto_picks_the_faster_product_by_measuring(
+    tmp_path, monkeypatch, onednn_s, torch_s, chosen
+):
+    # "auto" times both once per machine and keeps the answer: a second process (here,
+    # a cleared memory) reads it back without timing again.
+    monkeypatch.setenv("LORAFUSE_CACHE", str(tmp_path))
+    monkeypatch.setenv(gemm.SWITCH, "auto")
+    monkeypatch.setattr(gemm, "_state", {})
+    monkeypatch.setattr(gemm, "measure", lambda: (onednn_s, torch_s))
+    if not gemm._works(warn=False):
+        pytest.skip("oneDNN's linear is not usable in this torch build")
+    assert gemm.enabled() is chosen and gemm.products().onednn is chosen
+    (kept,) = (tmp_path / "kernels").glob("onednn-*.json")
+    monkeypatch.setattr(gemm, "_state", {})
+    monkeypatch.setattr(gemm, "measure", lambda: pytest.fail("measured twice"))
+    assert gemm.enabled() is chosen
+    assert kept.read_text().count('"onednn": ' + ("true" if chosen else "false")) == 1
+
+
+def test_measure_times_both_products():
+    onednn_s, torch_s = gemm.measure(rounds=1)
+    assert onednn_s > 0 and torch_s > 0

@@ -1,16 +1,20 @@
-"""The fused layer's matrix products on CPU: oneDNN where torch's default is slow.
+"""The fused layer's matrix products on CPU: oneDNN where torch's default is slower.
 
 torch multiplies float32 matrices on CPU with MKL, and MKL runs its AVX2 code on AMD
 CPUs even where they have AVX-512 (Zen 4, Zen 5). oneDNN, which ships inside the same
 torch, uses the widest vectors the CPU has. A routed layer's training step is mostly
 small, skinny products, so this is where its time goes (bench/routing.py measures the
-difference; the README reports it).
+difference; the README reports it). Which is faster is measured, not guessed from the
+vendor: see "auto" below.
 
 `Products(onednn)` has `linear`, `addmm` and `addmm_`, which compute what F.linear,
 torch.addmm and Tensor.addmm_ compute (the same numbers up to float rounding); with
 `onednn` true they use oneDNN for float32 CPU tensors with at least MIN_ROWS rows,
 outside autograd. `products()` reads LORAFUSE_ONEDNN once, when a plan is chosen:
-- "auto" (the default): on AMD CPUs with AVX-512 (where MKL takes its AVX2 path);
+- "auto" (the default): where oneDNN is at least 10% faster on the fused layer's kind of
+  products, timed once per machine (CPU, torch version, thread count; about 0.2 s) and
+  kept in the kernel cache folder (fast.kernels.cache_dir), so every process on the
+  machine makes the same choice and gets the same numbers;
 - "1": on every CPU; "0": never (torch's own products everywhere).
 oneDNN builds (JIT-compiles) a kernel per shape and caches it, so the row count is
 padded up to a bucket (8 per power of two, at most 1/8 more rows): batches of varying
@@ -23,7 +27,11 @@ LORAFUSE_ONEDNN=1 asked for oneDNN).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import statistics
+import time
 import warnings
 
 import torch
@@ -104,8 +112,55 @@ def enabled() -> bool:
         elif mode in ("1", "true", "on", "yes"):
             _state[mode] = _works(warn=True)
         else:
-            _state[mode] = _amd_avx512() and _works(warn=False)
+            _state[mode] = _works(warn=False) and _faster()
     return _state[mode]
+
+
+def _faster() -> bool:
+    # Whether oneDNN beats torch's products here by 10%: measured once per machine,
+    # CPU, torch and thread count, and kept in a small file (written atomically).
+    from lorafuse.fast import kernels
+
+    what = f"{kernels._cpu()} torch {torch.__version__} threads {torch.get_num_threads()}"
+    key = hashlib.sha256(what.encode()).hexdigest()[:16]
+    path = kernels.cache_dir() / f"onednn-{key}.json"
+    try:
+        return bool(json.loads(path.read_text())["onednn"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    onednn, torch_s = measure()
+    faster = onednn < 0.9 * torch_s
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        record = {"onednn": faster, "onednn_s": onednn, "torch_s": torch_s, "machine": what}
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache: measured again by the next process
+    return faster
+
+
+def measure(rounds: int = 5) -> tuple[float, float]:
+    """(oneDNN, torch) median seconds of a routed layer's kind of products: a joint GEMM
+    (512, 1024) x (1024, 1024 + 160) and the skinny (512, 160) x (160, 1024)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(512, 1024, generator=g), torch.randn(1184, 1024, generator=g)
+    z, b = torch.randn(512, 160, generator=g), torch.randn(1024, 160, generator=g)
+    ways = {
+        "onednn": lambda: (_padded_linear(x, w), _padded_linear(z, b)),
+        "torch": lambda: (F.linear(x, w), F.linear(z, b)),
+    }
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    with torch.no_grad():
+        for way in ways.values():
+            way()  # warm-up: oneDNN builds its kernels
+        for r in range(rounds):
+            for name in list(ways)[:: 1 if r % 2 else -1]:
+                t0 = time.perf_counter()
+                ways[name]()
+                times[name].append(time.perf_counter() - t0)
+    return statistics.median(times["onednn"]), statistics.median(times["torch"])
 
 
 def _use(x: Tensor, w: Tensor) -> bool:
@@ -139,11 +194,18 @@ def _works(warn: bool) -> bool:
     return ok
 
 
-def _amd_avx512() -> bool:
-    # An AMD CPU with AVX-512: MKL's dispatch takes its AVX2 path there.
+def cpu_line() -> str:
+    """The CPU's model and the vector flags that decide its products (for benchmarks)."""
+    model, flags = "unknown CPU", set()
     try:
         with open("/proc/cpuinfo") as f:
-            head = f.read(1 << 16)
+            for line in f:
+                if line.startswith("model name") and model == "unknown CPU":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
     except OSError:
-        return False
-    return "AuthenticAMD" in head and " avx512f" in head and torch.backends.mkldnn.is_available()
+        pass
+    shown = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{model} ({' '.join(shown) or 'flags unknown'})"
