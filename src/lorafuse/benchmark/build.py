@@ -38,6 +38,18 @@ STAGES = ("data", "base", "private", "structure", "shared", "mbc", "offtask", "e
 CLUSTERS = "clusters.json"
 REPLAY_SHARE = 0.5  # design "replay": the share of an expert's batch replayed from pretraining
 Progress = Callable[[str, int, int], None]
+# what `on_progress` counts in each stage (the private, shared and mbc stages count one
+# step of one expert as one)
+UNITS = {
+    "data": "",
+    "base": "steps",
+    "private": "expert steps",
+    "structure": "expert-examples",
+    "shared": "steps",
+    "mbc": "expert steps",
+    "offtask": "expert-examples",
+    "evaluate": "methods",
+}
 
 
 @dataclass
@@ -268,13 +280,15 @@ def build(
     on_progress: Progress | None = None,
     on_expert: Callable[[str], None] | None = None,
     evaluate: bool = True,
+    on_stage: Callable[[str, str], None] | None = None,
 ) -> dict:
     """Build (or resume) the benchmark of `preset` in `out`; return the manifest.
 
-    `on_progress(stage, done, total)` reports progress; `on_expert(name)` runs after each
-    expert is saved; `evaluate=False` skips the closing test-loss check. Raises DataError
-    for an unknown preset or a folder holding another build (unless `force`, which
-    rebuilds from scratch).
+    `on_progress(stage, done, total)` reports progress within a stage (in `UNITS`);
+    `on_stage(stage, event)` as a stage starts ("start") and ends ("done"), or for a stage
+    an earlier run finished ("kept"); `on_expert(name)` runs after each expert is saved;
+    `evaluate=False` skips the closing test-loss check. Raises DataError for an unknown
+    preset or a folder holding another build (unless `force`, which rebuilds from scratch).
     """
     import torch
 
@@ -288,16 +302,21 @@ def build(
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)  # fixed, so that the same seed gives the same numbers
     report = on_progress or (lambda stage, done, total: None)
+    event = on_stage or (lambda stage, what: None)
     try:
         for stage in STAGES:
             if stage in manifest["stages"] or (stage == "evaluate" and not evaluate):
+                if stage in manifest["stages"]:
+                    event(stage, "kept")
                 report(stage, 1, 1)
                 continue
+            event(stage, "start")
             start = time.perf_counter()
             info = _run_stage(stage, root, settings, seed, tasks, report, on_expert)
             manifest["stages"][stage] = {"seconds": round(time.perf_counter() - start, 2), **info}
             manifest["experts"] = _experts(root, [t.name for t in tasks])
             write_json(root / MANIFEST, manifest)
+            event(stage, "done")
     finally:
         torch.set_num_threads(threads)
     return manifest

@@ -37,31 +37,34 @@ def build(
     force: bool = typer.Option(False, help="Delete an earlier build in --out and start over."),
 ) -> None:
     """Build data, base model, private, shared and cluster (MBC) experts; resumable."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     with user_errors():
         seed_everything(seed)
-        from lorafuse.benchmark.build import STAGES, build, preset_settings
+        from lorafuse.benchmark.build import STAGES, UNITS, build, preset_settings
+        from lorafuse.cli.progress import Stages
 
         _quiet_transformers()
         settings = preset_settings(preset)
         if threads is not None:
             settings.threads = threads
         _warn_if_busy(settings.threads)
-        columns = (
-            TextColumn("{task.description:>9}", markup=False),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-        )
-        with Progress(*columns, console=err_console) as bar:
-            ids = {s: bar.add_task(s, total=None, start=False) for s in STAGES}
+        with Stages() as stages:
+            stages.plan([f"build {s}" for s in STAGES if evaluate or s != "evaluate"])
+
+            def on_stage(stage: str, event: str) -> None:
+                if event == "start":
+                    stages.start(f"build {stage}", None, UNITS.get(stage, ""))
+                elif event == "done":
+                    stages.finish()
+                else:
+                    stages.kept(f"build {stage}")
 
             def report(stage: str, done: int, total: int) -> None:
-                bar.start_task(ids[stage])
-                bar.update(ids[stage], completed=done, total=total)
+                if stages.stage == f"build {stage}":
+                    stages.update(done, total)
 
-            manifest = build(out, preset, seed, force, settings, report, evaluate=evaluate)
+            manifest = build(
+                out, preset, seed, force, settings, report, evaluate=evaluate, on_stage=on_stage
+            )
         _summary(out, manifest)
 
 

@@ -164,24 +164,13 @@ def parse_dtype(name: str):
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, description: str) -> Iterator:
-    """A rich progress bar; yields a callback `advance(n)` for library code."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+def progress_bar(total: int | None, description: str, unit: str = "") -> Iterator:
+    """One stage of progress, `description`: a rich bar on a terminal, plain log lines
+    otherwise (`lorafuse.cli.progress.Stages`); yields a callback `advance(n)` for library
+    code."""
+    from lorafuse.cli.progress import Stages
 
-    columns = (
-        TextColumn("{task.description}", markup=False, style="bold"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=err_console, transient=False) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
+    with Stages() as stages:
+        stages.start(description, total, unit)
+        yield stages.advance
+        stages.finish()

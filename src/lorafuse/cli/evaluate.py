@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.text import Text
 
 from lorafuse.cli import options as opt
 from lorafuse.cli.common import console, progress_bar, seed_everything, styled, user_errors
@@ -128,14 +127,14 @@ def matrix_command(
         outputs = {"--out": out, "--cache": cache}
         check_disjoint(outputs, {"--library": library, **setup_inputs(ws)})
         total = total_rows(ws, split, max_examples_per_task) * len(ws.library(experts))
-        with progress_bar(total, f"matrix {experts}/{split}") as advance:
+        with progress_bar(total, f"matrix {experts}/{split}", "expert-examples") as advance:
             m = expert_task_matrix(
                 ws, experts, split, max_examples_per_task, rows_per_pass, cache, advance
             )
         if base:  # the base model's row, for the off-task ratio of `lorafuse refactor`
             from lorafuse.methods.run import base_task_losses
 
-            with console.status("base model"):
+            with progress_bar(None, "matrix base model"):
                 m.base = base_task_losses(ws, m.tasks, split, max_examples_per_task)
         m.meta["seed"] = seed
         m.save(out)
@@ -178,6 +177,7 @@ def fit_command(
     """
     with user_errors():
         seed_everything(seed)
+        from lorafuse.cli.progress import Stages
         from lorafuse.methods.registry import resolve
         from lorafuse.methods.run import fit_method
 
@@ -202,8 +202,10 @@ def fit_command(
         for name in method:
             declared = resolve(name)[0]  # each method gets the flags it declares
             mine = {k: v for k, v in options.items() if declared.declares(k)}
-            with console.status(Text(f"fitting {name} over the {experts} experts")):
-                fit = fit_method(ws, name, experts, mine)
+            with Stages() as stages:  # a log gets lines, a terminal a bar
+                stages.start(f"fit {name} over the {experts} experts")
+                fit = fit_method(ws, name, experts, mine, stages.tick)
+                stages.finish()
             shown = {k: v for k, v in fit.payload.items() if isinstance(v, (int, float, str))}
             console.print(styled(f"{name}:", "bold", str(shown)), highlight=False)
 

@@ -55,12 +55,13 @@ def study_command(
             cfg = with_seeds(cfg, _seeds(seeds))
         seed_everything(cfg.seed)
         _quiet_transformers()
+        from lorafuse.cli.progress import Stages
         from lorafuse.study.console import summary_table
         from lorafuse.study.headline import headline
         from lorafuse.study.runner import StudyRun, run_study
 
         names = parse_names(methods, "--methods")
-        with _Bars() as bar:
+        with Stages() as bar:
             run = StudyRun(cfg, out, names, max_examples_per_task, bar)
             results = run_study(run)
         console.print(summary_table(results))
@@ -90,58 +91,6 @@ def _seeds(text: str) -> list[int]:
     if bad or not seeds:
         raise LorafuseError(f"--seeds must be whole numbers in [0, {SEED_MAX}]; got {text!r}")
     return seeds
-
-
-class _Bars:
-    """rich bars for the study: one overall, one for the current stage."""
-
-    def __enter__(self):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        columns = (
-            TextColumn("{task.description:<34}", markup=False),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-        )
-        self.bar = Progress(*columns, console=err_console)
-        self.bar.__enter__()
-        self.overall = self.bar.add_task("study", total=1)
-        self.current = None
-        return self
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
-
-    def plan(self, stages):
-        self.bar.update(self.overall, total=len(stages), completed=0)
-
-    def start(self, stage, total):
-        if self.current is not None:
-            self.bar.remove_task(self.current)
-        self.current = self.bar.add_task(stage[:34], total=total)
-
-    def advance(self, n=1):
-        if self.current is not None:
-            self.bar.advance(self.current, n)
-
-    def update(self, done, total):
-        if self.current is not None:
-            self.bar.update(self.current, completed=done, total=total)
-
-    def finish(self, stage, cached):
-        if self.current is not None:
-            self.bar.remove_task(self.current)
-            self.current = None
-        self.bar.advance(self.overall, 1)
-        note = "cached" if cached else "done"
-        self.bar.console.print(styled(note, "dim", stage), highlight=False)
 
 
 def _quiet_transformers() -> None:
