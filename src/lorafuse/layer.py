@@ -60,8 +60,11 @@ class FusedLoRALinear(nn.Module):
     or None (the reference), and a line saying why. It runs when the mixer is set, on
     `replan()` and after a move (`.to()`, `.half()`); without one the layer runs its
     reference forward. A plan serves inputs of the layer's dtype outside autocast; the
-    others take the reference. Raises LorafuseError for a layer of another kind, when the
-    experts' shape is not the base layer's, or the space is unknown.
+    others take the reference. `shardable`: the experts' factors are frozen parameters,
+    not buffers, so that FSDP shards them (give no planner then: a plan points the
+    layer's tensors into a joint buffer, and FSDP owns their storage). Raises
+    LorafuseError for a layer of another kind, when the experts' shape is not the base
+    layer's, or the space is unknown.
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class FusedLoRALinear(nn.Module):
         name: str = "",
         dtype: torch.dtype | None = None,
         planner: Callable | None = None,
+        shardable: bool = False,
     ):
         super().__init__()
         N, R, D, O = stacked.shape
@@ -91,8 +95,12 @@ class FusedLoRALinear(nn.Module):
         # coefficients (M, R, N) then run along N, not along the short R (vectorised).
         A = stacked.A.to(**like).transpose(0, 1).reshape(R * N, D)
         B = stacked.scaled_B().to(**like).permute(2, 0, 1).reshape(R * N, O)
-        self.register_buffer("A_rows", A, persistent=False)  # (R*N, D)
-        self.register_buffer("B_cat", B, persistent=False)  # (R*N, O), scalings folded in
+        if shardable:  # frozen parameters: FSDP shards those (it replicates buffers)
+            self.A_rows = nn.Parameter(A, requires_grad=False)  # (R*N, D)
+            self.B_cat = nn.Parameter(B, requires_grad=False)  # (R*N, O)
+        else:
+            self.register_buffer("A_rows", A, persistent=False)  # (R*N, D)
+            self.register_buffer("B_cat", B, persistent=False)  # (R*N, O), scalings folded in
         self.planner = planner
         self.state: dict = {}  # what the planner keeps between plans (dropped on a move)
         self.mixer: Mixer | None = None  # chooses the plans (see __setattr__)

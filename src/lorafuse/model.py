@@ -35,6 +35,7 @@ class Fusion:
         self.library = library
         self.space = space
         self.layers: dict[str, FusedLoRALinear] = {}
+        self.shardable = False
 
     @property
     def num_experts(self) -> int:
@@ -100,6 +101,28 @@ class Fusion:
         """Module path -> one line naming its training and inference plans and why."""
         return {name: describe(layer) for name, layer in self.layers.items()}
 
+    def shard(self, **fsdp) -> nn.Module:
+        """Shard the model with FSDP2 (torch.distributed.fsdp.fully_shard, `fsdp` its
+        options): each fused layer (its experts, base layer and mixer), then the model.
+
+        Call it in every process of a torch.distributed job, after attach(...,
+        shardable=True) and after setting the mixers, before building the optimizer. The
+        experts are frozen parameters, so each rank keeps 1/world of them; the mixers'
+        gradients are averaged across ranks. Returns the model. Raises LorafuseError for
+        a fusion attached without `shardable`.
+        """
+        if not self.shardable:
+            raise LorafuseError(
+                "this fusion keeps its experts as buffers, which FSDP copies to every "
+                "rank; attach it with shardable=True before sharding"
+            )
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in self.layers.values():
+            fully_shard(layer, **fsdp)
+        fully_shard(self.model, **fsdp)
+        return self.model
+
     def mixer_parameters(self) -> list[nn.Parameter]:
         """The distinct trainable parameters of the attached mixers."""
         seen: dict[int, nn.Parameter] = {}
@@ -132,6 +155,7 @@ def attach(
     space: str = "factors",
     mixer: Mixer | None = None,
     fast: bool = True,
+    shardable: bool = False,
 ) -> Fusion:
     """Replace each library module of `model` by a FusedLoRALinear; return the Fusion.
 
@@ -139,16 +163,20 @@ def attach(
     4-bit / 8-bit layer: its compute dtype, else the dtype of the model's first floating
     parameter, its activations). The model's parameters are frozen. Without `mixer` the
     coefficients start uniform. Each layer's plans are chosen by lorafuse.fast.choose
-    (`fast=False`: every layer runs its reference forward). Raises LibraryMismatchError
+    (`fast=False`: every layer runs its reference forward). `shardable=True` stores the
+    experts as frozen parameters so that FSDP (`fully_shard`, after attach) shards them
+    instead of copying them to every rank; the layers then run their reference forward
+    (FSDP owns the parameters' storage). Raises LibraryMismatchError
     when a library module is
     missing from the model or has another shape, LorafuseError (naming the module and
     its type) when it is a layer lorafuse cannot fuse into.
     """
     check_space(space)
-    planner = choose if fast else None
+    planner = choose if fast and not shardable else None
     if any(isinstance(m, FusedLoRALinear) for m in model.modules()):
         raise LorafuseError("the model has fused layers already; detach the first Fusion first")
     fusion = Fusion(model, library, space)
+    fusion.shardable = shardable
     activations = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     for name, stacked in library.modules.items():
         try:
@@ -161,7 +189,7 @@ def attach(
         layer_shape(base, name)  # a layer of a kind lorafuse fuses into, else LorafuseError
         try:
             fusion.layers[name] = FusedLoRALinear(
-                base, stacked, space, name, dtype=activations, planner=planner
+                base, stacked, space, name, activations, planner, shardable
             )
         except LorafuseError as e:
             raise LibraryMismatchError(str(e)) from None
@@ -180,12 +208,13 @@ def attached(
     space: str = "factors",
     mixer: Mixer | None = None,
     fast: bool = True,
+    shardable: bool = False,
 ) -> Iterator[Fusion]:
     """`attach` for the length of a `with` block: the model is detached on every exit path.
 
     Raises what `attach` raises (before the block runs).
     """
-    fusion = attach(model, library, space, mixer, fast)
+    fusion = attach(model, library, space, mixer, fast, shardable)
     try:
         yield fusion
     finally:
