@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "lorafuse.devices",
             "lorafuse.values",
             "lorafuse.base_layers",  # which base layers a fused layer wraps (shapes, dtype)
+            "lorafuse.parallel",  # who this process is under accelerate launch, its share
         ),
     ),
     ("core", ("lorafuse.factors", "lorafuse.mixers.protocol", "lorafuse.data")),

@@ -2,7 +2,9 @@
 
 Each batch of B examples is repeated for n experts at once (n*B rows, each row with
 one-hot coefficients on its expert through the fused layer), so N experts cost N/n
-forwards instead of N model loads and passes. The result feeds the expert x task
+forwards instead of N model loads and passes. Under `accelerate launch` every process
+runs its share of each chunk's batches (lorafuse.parallel), all get the whole chunk, and
+the main process saves it. The result feeds the expert x task
 matrix, the exact ensemble solver and the sparse ensemble search.
 """
 
@@ -21,6 +23,7 @@ from lorafuse.ensemble import chunks, coefficient_rows
 from lorafuse.evaluate import target_logprobs
 from lorafuse.io import atomic_file
 from lorafuse.model import attached
+from lorafuse.parallel import is_main_process, map_sharded, once
 
 
 @dataclass
@@ -73,36 +76,43 @@ def expert_target_logprobs(
     tasks = [t for b in batches for t in b.tasks]
     size = max(len(b.tasks) for b in batches)
     cache = _cache_folder(cache_dir, ws, kind, split, max_per_task, lib.names, tasks)
+    plan = list(chunks(list(range(N)), size, rows_per_pass))
+    files = [cache / f"chunk_{c[0]:05d}_{len(c)}.pt" if cache else None for c in plan]
+    # the saved chunks, read by the main process (so that every process agrees) and sent
+    saved = once(lambda: [_load_chunk(f, len(c)) if f else None for f, c in zip(files, plan)])
+    starts = [sum(len(b.tasks) for b in batches[:i]) for i in range(len(batches))]
     done: dict[int, Tensor] = {}
     example = None
     eye = torch.eye(N)
     with attached(ws.model, lib, "factors") as fusion:
-        for chunk in chunks(list(range(N)), size, rows_per_pass):
+
+        @torch.inference_mode()
+        def one(chunk: list[int], i: int) -> tuple[Tensor, Tensor]:
+            # batch i for every expert of `chunk`: (k, n) log-probs, (k,) example rows
+            b = batches[i]
+            B = len(b.tasks)
+            t = {k: v.to(ws.device).repeat(len(chunk), 1) for k, v in b.tensors.items()}
+            fusion.set_coefficients(coefficient_rows(eye[chunk], B))  # (n*B, N)
+            logits = ws.logits(t)  # (n*B, T, V)
+            logp, mask = target_logprobs(logits, t["labels"])  # (n*B, T-1)
+            logp = logp.view(len(chunk), B, -1).cpu()  # (n, B, T-1)
+            mask = mask.view(len(chunk), B, -1)[0].cpu()  # (B, T-1)
+            if progress:
+                progress(len(chunk) * B)
+            # (k, n): tokens in row-major order; (k,) their examples
+            return logp[:, mask].T, torch.nonzero(mask)[:, 0] + starts[i]
+
+        for chunk, file, hit in zip(plan, files, saved):
             c0 = chunk[0]
-            file = cache / f"chunk_{c0:05d}_{len(chunk)}.pt" if cache else None
-            saved = _load_chunk(file, len(chunk)) if file is not None else None
-            if saved is not None:
-                done[c0], example = saved
+            if hit is not None:
+                done[c0], example = hit
                 if progress:
                     progress(len(chunk) * len(tasks))
                 continue
-            parts, rows, r0 = [], [], 0
-            for b in batches:
-                B = len(b.tasks)
-                t = {k: v.to(ws.device).repeat(len(chunk), 1) for k, v in b.tensors.items()}
-                fusion.set_coefficients(coefficient_rows(eye[chunk], B))  # (n*B, N)
-                with torch.inference_mode():
-                    logits = ws.logits(t)  # (n*B, T, V)
-                    logp, mask = target_logprobs(logits, t["labels"])  # (n*B, T-1)
-                logp = logp.view(len(chunk), B, -1).cpu()  # (n, B, T-1)
-                mask = mask.view(len(chunk), B, -1)[0].cpu()  # (B, T-1)
-                parts.append(logp[:, mask].T)  # (k, n): tokens in row-major order
-                rows.append(torch.nonzero(mask)[:, 0] + r0)  # (k,)
-                r0 += B
-                if progress:
-                    progress(len(chunk) * B)
-            done[c0], example = torch.cat(parts), torch.cat(rows)
-            if file is not None:
+            parts = map_sharded(lambda i, chunk=chunk: one(chunk, i), range(len(batches)))
+            done[c0] = torch.cat([p for p, _ in parts])  # (K, n)
+            example = torch.cat([r for _, r in parts])  # (K,)
+            if file is not None and is_main_process():
                 with atomic_file(file) as tmp:
                     torch.save((done[c0], example), tmp)
     logp = torch.cat([done[c] for c in sorted(done)], dim=1).float()  # (K, N)
@@ -130,6 +140,4 @@ def _cache_folder(cache_dir, ws, kind, split, max_per_task, names, tasks) -> Pat
          str(ws.dtype), ws.base_id],
         sort_keys=True,
     )  # fmt: skip
-    folder = Path(cache_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return Path(cache_dir) / hashlib.sha256(key.encode()).hexdigest()[:16]  # made on writing

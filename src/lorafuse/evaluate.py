@@ -20,6 +20,7 @@ from torch import Tensor
 
 from lorafuse.errors import LorafuseError
 from lorafuse.formats.schema import Count, FileModel, check
+from lorafuse.parallel import map_sharded
 
 IGNORE = -100
 
@@ -182,7 +183,6 @@ def summarize(
     )
 
 
-@torch.inference_mode()
 def batch_nll(
     forward: Callable[[Any], Tensor],
     batches: Iterable[Any],
@@ -191,19 +191,22 @@ def batch_nll(
     """Run `forward(batch) -> logits (B, T, V)` over batches; NLL sums and counts (M,).
 
     Each batch has `.tensors["labels"]` (B, T). `progress(n)` is called with the number
-    of rows done after each batch.
+    of rows done after each batch. Under `accelerate launch` each process runs its share
+    of the batches and every process gets all M values, in the batches' order.
     """
-    sums, counts = [], []
-    for batch in batches:
+
+    @torch.inference_mode()
+    def one(batch) -> tuple[Tensor, Tensor]:
         logits = forward(batch)
-        s, c = target_nll(logits, batch.tensors["labels"].to(logits.device))
-        sums.append(s.cpu())
-        counts.append(c.cpu())
+        s, c = target_nll(logits, batch.tensors["labels"].to(logits.device))  # (B,), (B,)
         if progress is not None:
             progress(len(s))
-    if not sums:
+        return s.cpu(), c.cpu()
+
+    done = map_sharded(one, list(batches))
+    if not done:
         return torch.zeros(0), torch.zeros(0, dtype=torch.long)
-    return torch.cat(sums), torch.cat(counts)
+    return torch.cat([s for s, _ in done]), torch.cat([c for _, c in done])
 
 
 def token_weights(task_ids, example_ids=None) -> Tensor:

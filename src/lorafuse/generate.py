@@ -30,6 +30,7 @@ from torch import Tensor
 
 from lorafuse.ensemble import LEVELS, coefficient_rows, finish, mix_part
 from lorafuse.errors import LorafuseError
+from lorafuse.parallel import map_sharded
 
 
 class Decoder(Protocol):
@@ -178,23 +179,31 @@ def generate_ids(
     """Greedy continuations of every prompt (token ids, at most its cap of new tokens),
     in the prompts' order. Prompts run in batches of similar length; `decoder(tasks)`
     makes a fresh Decoder for each batch (given its rows' tasks: an oracle sets its
-    experts from them). Raises LorafuseError for an empty prompt or mismatched lengths."""
+    experts from them). Under `accelerate launch` each process decodes its share of the
+    batches and every process gets all continuations. Raises LorafuseError for an empty
+    prompt or mismatched lengths."""
     if len(caps) != len(prompts) or (tasks is not None and len(tasks) != len(prompts)):
         raise LorafuseError(f"{len(prompts)} prompts need as many caps and tasks")
     if any(len(p) == 0 for p in prompts):
         raise LorafuseError("a prompt has no token; every prompt must be non-empty")
     names = list(tasks) if tasks is not None else [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[list[int]] = [[] for _ in prompts]
-    for start in range(0, len(order), max(1, batch_size)):
-        idx = order[start : start + max(1, batch_size)]
+    size = max(1, batch_size)
+
+    def one(start: int) -> list[list[int]]:
+        idx = order[start : start + size]
         ids, mask = left_pad([prompts[i] for i in idx], pad_id)
         rows = greedy(
             decoder([names[i] for i in idx]), ids.to(device), mask.to(device),
             torch.tensor([caps[i] for i in idx]), eos_id,
         )  # fmt: skip
-        for i, row in zip(idx, rows):
-            out[i] = row
         if progress is not None:
             progress(len(idx))
+        return rows
+
+    out: list[list[int]] = [[] for _ in prompts]
+    starts = range(0, len(order), size)
+    for start, rows in zip(starts, map_sharded(one, starts)):
+        for i, row in zip(order[start : start + size], rows):
+            out[i] = row
     return out

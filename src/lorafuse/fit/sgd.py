@@ -42,6 +42,8 @@ from lorafuse.errors import LorafuseError
 from lorafuse.fit.schedule import lr_factor, warmup_steps
 from lorafuse.fit.settings import EPOCHS, SGDSettings, budget  # SGDSettings, budget: re-exported
 from lorafuse.io import atomic_file
+from lorafuse.parallel import is_main_process as is_main_process  # re-exported: the methods'
+from lorafuse.parallel import rank, world_size
 
 LossFn = Callable[[Sequence[Any]], Tensor]  # a micro-batch's items -> mean loss over them
 Batches = Callable[[int], Sequence[Any]]  # step (0-based) -> the items of its global batch
@@ -144,7 +146,7 @@ def train(
             progress(state["step"], loss)
         if validate is not None and (state["step"] % eval_every == 0 or state["step"] == total):
             _record(state, float(validate()), loss, named, settings)
-            if ckpt is not None and acc.is_main_process:
+            if ckpt is not None and is_main_process():
                 _save(ckpt, named, opt, state)
     stop = state["stop"] or (NO_VALIDATION if validate is None else at_cap)
     best = state["best"] or {n: p.detach().clone() for n, p in named.items()}
@@ -173,13 +175,6 @@ def search_lr(
     if best is None:
         raise LorafuseError("the learning-rate grid is empty")
     return best[1], best[2], runs
-
-
-def is_main_process() -> bool:
-    """True in the process that writes outputs (always, outside `accelerate launch`)."""
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
 
 
 def _shuffled(n: int, seed: int, batch_size: int, steps_per_epoch: int) -> Batches:
@@ -230,9 +225,9 @@ def _record(state: dict[str, Any], val: float, loss: float, named, settings: SGD
 def _step(named, loss_fn: LossFn, batch: list[int], accum: int, acc) -> float:
     # This process's share of the global batch, in `accum` micro-batches; the gradient
     # is that of the mean loss over the whole global batch.
-    world, rank = acc.num_processes, acc.process_index
+    world, me = world_size(), rank()  # one inside `parallel.once`: no reduce then
     share = len(batch) // world
-    mine = batch[rank * share : (rank + 1) * share] if world > 1 else batch
+    mine = batch[me * share : (me + 1) * share] if world > 1 else batch
     micro = max(1, len(mine) // accum)
     total = 0.0
     for start in range(0, len(mine), micro):

@@ -36,6 +36,7 @@ from lorafuse.methods.ensembles import ROWS_PER_PASS
 from lorafuse.methods.fused_sgd import VALIDATION_PER_TASK, validation_loss
 from lorafuse.methods.method import Context, Fitted, Method, Prepared
 from lorafuse.model import attached
+from lorafuse.parallel import is_main_process
 
 Teacher = Literal["ensemble-sgd", "ensemble-exact", "ensemble-uniform"]
 TEACHERS: tuple[str, ...] = get_args(Teacher)
@@ -137,10 +138,11 @@ def fit_distill(ctx: Context) -> Fitted:
         lr, res, runs = search_lr(options.grid(), run)
     _load(params, res.state)
     tasks = sorted({t for e in lib.experts for t in e.tasks})
-    with atomic_dir(adapter_dir(ws, kind), force=True) as tmp:
-        student.save_pretrained(str(tmp))
-        meta = {"tasks": tasks, "distilled_from": lib.names, "teacher": options.teacher}
-        (tmp / METADATA_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    if is_main_process():  # under accelerate launch: one writer
+        with atomic_dir(adapter_dir(ws, kind), force=True) as tmp:
+            student.save_pretrained(str(tmp))
+            meta = {"tasks": tasks, "distilled_from": lib.names, "teacher": options.teacher}
+            (tmp / METADATA_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     summary = {
         "adapter": str(adapter_dir(ws, kind)),
         "experts_order": lib.names,

@@ -10,6 +10,7 @@ from lorafuse.errors import LorafuseError
 from lorafuse.evaluate import Result, batch_nll, summarize
 from lorafuse.methods.method import Context, Fitted, Method
 from lorafuse.methods.registry import resolve
+from lorafuse.parallel import barrier, is_main_process
 
 
 def method_context(
@@ -190,8 +191,10 @@ def fit_method(
 
     `options` are validated against the method's options model. `progress` is called as
     the fit advances; `cache_dir` holds the experts' cached passes (default
-    `<fits>/.cache`). Raises LorafuseError for an unknown method, an unknown or bad
-    option, or a method that has nothing to fit.
+    `<fits>/.cache`). Under `accelerate launch` only the main process writes the fit (and
+    the method's files), and every process returns once it is written. Raises
+    LorafuseError for an unknown method, an unknown or bad option, or a method that has
+    nothing to fit.
     """
     from lorafuse.formats.fits import save_fit
 
@@ -208,7 +211,9 @@ def fit_method(
     fitted = method.fit(ctx)
     fitted.summary["fit_seconds"] = round(time.perf_counter() - start, 3)
     fitted.detail["options"] = ctx.options.model_dump(mode="json", exclude_unset=True)
-    save_fit(ws, name, kind, fitted.payload)
+    if is_main_process():  # under accelerate launch: one writer, the others wait for it
+        save_fit(ws, name, kind, fitted.payload)
+    barrier()
     return fitted
 
 

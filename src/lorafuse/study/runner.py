@@ -4,6 +4,11 @@ Every stage goes through the StageCache (study/stages.py): a re-run skips what i
 an interrupted run resumes, and a run with everything cached only re-renders the report.
 A method that fails is recorded with its error and the others still run. The maths is
 in the methods and select/ modules; this file only orders and records.
+
+Under `accelerate launch` every process runs the stages in lock step: fits, evaluations,
+generation and the experts' cached passes share their work (lorafuse.parallel); the
+build and the analyses (clustering, connectivity, greedy selection) run once on the
+main process, which alone writes the stage cache, the fits and the report.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafuse.errors import LorafuseError
+from lorafuse.parallel import is_main_process, once
 from lorafuse.study.config import MethodConfig, StudyConfig
 from lorafuse.study.library_info import library_info
 from lorafuse.study.stages import FIT_RULES, Progress, StageCache, setup_key, stage_key
@@ -59,7 +65,8 @@ def run_study(run: StudyRun) -> dict[str, Any]:
     methods = _selected(cfg, run.methods)
     caps = _caps(cfg, run.max_examples_per_task)
     _preflight(cfg, out)
-    out.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
     seeds = cfg.seed_list()
     bar.plan(_plan(cfg, methods, seeds))
     threads = torch.get_num_threads()
@@ -73,7 +80,7 @@ def run_study(run: StudyRun) -> dict[str, Any]:
             r["stages"] = ctx.cache.timings
             if own:
                 bar.start("analyses" + ctx.tag, None)
-                r["analyses"], r["figures"] = ctx.analyses()
+                r["analyses"], r["figures"] = once(ctx.analyses)
                 r["library"] = library_info(ctx.ws, ctx.cfg if cfg.build_per_seed else cfg)
                 bar.finish("analyses" + ctx.tag, False)
             first = first or ctx
@@ -96,8 +103,9 @@ def run_study(run: StudyRun) -> dict[str, Any]:
         from lorafuse.study.seeds import add_seeds
 
         add_seeds(results, runs, cfg.build_per_seed)
-    write_json(out / RESULTS, results)
-    render(results, out)
+    if is_main_process():
+        write_json(out / RESULTS, results)
+        render(results, out)
     bar.finish("report", False)
     return results
 
@@ -123,7 +131,8 @@ def _seed_context(cfg, seed: int, out: Path, caps, first, bar: Progress) -> _Con
     root = cfg.library_path(seed)
     if own:
         if cfg.build:
-            _build(cfg, root, seed if cfg.build_per_seed else cfg.seed, cache, bar, tag)
+            build_seed = seed if cfg.build_per_seed else cfg.seed
+            cache.timings["build"] = once(lambda: _build(cfg, root, build_seed, bar, tag))
         bar.start("load" + tag, None)
         ws = _workspace(cfg, root, folder)
         key = setup_key(ws)
@@ -179,9 +188,9 @@ def _caps(cfg: StudyConfig, cap: int | None) -> dict[str, int | None]:
     return {k: cap if v is None else min(v, cap) for k, v in caps.items()}
 
 
-def _build(cfg: StudyConfig, root: Path, seed: int, cache: StageCache, bar: Progress,
-           tag: str = "") -> None:  # fmt: skip
-    """Build (or resume) the benchmark; its closing check is skipped (the study evaluates)."""
+def _build(cfg: StudyConfig, root: Path, seed: int, bar: Progress, tag: str = "") -> dict:
+    """Build (or resume) the benchmark; return its timings. Its closing check is skipped
+    (the study evaluates)."""
     from lorafuse.benchmark.build import MANIFEST, STAGES, build
     from lorafuse.formats.manifest import read_manifest
 
@@ -194,12 +203,12 @@ def _build(cfg: StudyConfig, root: Path, seed: int, cache: StageCache, bar: Prog
     done = all(s in before for s in STAGES if s != "evaluate")
     parts = {k: v.get("seconds") for k, v in manifest["stages"].items()}
     seconds = sum(v for k, v in parts.items() if k != "evaluate" and v is not None)
-    cache.timings["build"] = {
+    bar.finish("build" + tag, done)
+    return {
         "seconds": round(seconds if done else time.perf_counter() - start, 3),
         "cached": done,
         "parts": parts,
     }
-    bar.finish("build" + tag, done)
 
 
 def _stage_bar(bar: Progress) -> Callable[[str, int, int], None]:
@@ -314,7 +323,7 @@ class _Context:
         key = stage_key(*parts, *([needed] if needed is not None else []))
         stage = f"fit:{m.name}@{m.experts}"
         fit = self.cache.get(stage, key)
-        if fit is not None and fit_path(self.ws, m.name, m.experts).is_file():
+        if fit is not None and once(lambda: fit_path(self.ws, m.name, m.experts).is_file()):
             return fit, key, self.cache.timings[stage]["seconds"]
         start = time.perf_counter()
         tick = _tick(self.bar)

@@ -21,6 +21,7 @@ from pydantic import Field
 from lorafuse.errors import LorafuseError
 from lorafuse.formats.schema import FileModel, Finite, parse_json
 from lorafuse.io import write_json
+from lorafuse.parallel import is_main_process, once
 
 # Part of every fit's stage key: raised when lorafuse changes how a fit trains for the
 # same options (2: a run trained until a plateau keeps its rate constant), so that a
@@ -58,14 +59,19 @@ class StageCache:
 
     def get(self, stage: str, key: str) -> dict | None:
         """The stored value of `stage` when it was made with `key` (here, else in the
-        fallback cache), else None."""
-        stored = self._stored(stage, key)
-        if stored is None and self.fallback is not None:
-            stored = self.fallback._stored(stage, key)
+        fallback cache), else None. Under `accelerate launch` the main process reads it
+        and sends it to the others, so that all take the same path."""
+        stored = once(lambda: self._lookup(stage, key))
         if stored is None:
             return None
         self.timings.setdefault(stage, {"seconds": stored.get("seconds", 0.0), "cached": True})
         return stored["value"]
+
+    def _lookup(self, stage: str, key: str) -> dict | None:
+        stored = self._stored(stage, key)
+        if stored is None and self.fallback is not None:
+            stored = self.fallback._stored(stage, key)
+        return stored
 
     def _stored(self, stage: str, key: str) -> dict | None:
         f = self.file(stage)
@@ -78,8 +84,9 @@ class StageCache:
         return stored.model_dump() if stored.key == key else None
 
     def put(self, stage: str, key: str, value: Any, seconds: float) -> None:
-        """Store `value` for `stage` under `key`."""
-        write_json(self.file(stage), {"key": key, "seconds": round(seconds, 3), "value": value})
+        """Store `value` for `stage` under `key` (the main process writes)."""
+        if is_main_process():
+            write_json(self.file(stage), {"key": key, "seconds": round(seconds, 3), "value": value})
         self.timings[stage] = {"seconds": round(seconds, 3), "cached": False}
 
     def run(self, stage: str, key: str, compute: Callable[[], Any]) -> Any:
