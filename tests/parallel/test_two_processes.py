@@ -124,3 +124,29 @@ def test_only_the_main_process_writes(runs):
     written = {Path(p).name for p in main}
     assert {"results.json", "report.md", "ensemble-sgd__private.json"} <= written
     assert any(n.startswith("chunk_") for n in written)  # the matrix's cached chunks
+
+
+def test_the_cli_under_accelerate_launch(mini_bench, tmp_path):
+    # `accelerate launch -m lorafuse eval`: the result file and the table come once and
+    # hold the one-process numbers.
+    from lorafuse.methods.run import evaluate_method
+    from lorafuse.spec import load_spec
+    from lorafuse.workspace import Workspace
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if accelerate is None:
+        pytest.skip("accelerate launcher not installed")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "oracle.json"
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--main_process_port", str(_free_port()), "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "lorafuse", "eval", "--library", str(mini_bench),
+           "--method", "oracle", "--split", "validation", "--out", str(out)]  # fmt: skip
+    run = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # one table and one log of progress, from the main process
+    assert run.stdout.count("| oracle |") == 1 and run.stdout.count("start oracle\n") == 1
+    got = json.loads(out.read_text())
+    want = evaluate_method(Workspace(load_spec(mini_bench)), "oracle", "validation")
+    _close(want.per_task, got["per_task"], "per_task")
+    assert list(tmp_path.iterdir()) == [out]

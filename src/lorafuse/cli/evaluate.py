@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
 
 from lorafuse.cli import options as opt
 from lorafuse.cli.common import console, progress_bar, seed_everything, styled, user_errors
+from lorafuse.parallel import is_main_process
 
 LIBRARY_HELP = "A benchmark folder (lorafuse benchmark build) or a YAML library spec."
 
@@ -17,6 +19,14 @@ def _workspace(library: Path, device: str | None, dtype: str | None):
     from lorafuse.workspace import Workspace
 
     return Workspace(load_spec(library), device=device, dtype=dtype)
+
+
+def bar(total: int | None, description: str, unit: str = ""):
+    """`progress_bar` on the main process; a silent callback on the others (under
+    `accelerate launch` every process runs the command, one speaks)."""
+    if is_main_process():
+        return progress_bar(total, description, unit)
+    return contextlib.nullcontext(lambda n=1: None)
 
 
 def setup_inputs(ws) -> dict[str, list[str]]:
@@ -83,16 +93,18 @@ def eval_command(
         results = []
         for name in method:
             total = total_rows(ws, split, max_examples_per_task)
-            with progress_bar(total, name) as advance:
+            with bar(total, name) as advance:
                 r = evaluate_method(ws, name, split, experts, max_examples_per_task, advance)
             if answers:
-                with progress_bar(total, f"{name}: answers") as advance:
+                with bar(total, f"{name}: answers") as advance:
                     r.answers = generate_answers(
                         ws, name, split, experts, max_examples_per_task, max_new_tokens,
                         progress=advance,
                     )  # fmt: skip
             r.settings["seed"] = seed
             results.append(r)
+        if not is_main_process():  # under accelerate launch: one writer
+            return
         for target, r in zip(targets, results):
             write_json(target, r.to_dict())
         console.print(markdown_table(results), highlight=False, soft_wrap=True)
@@ -127,16 +139,18 @@ def matrix_command(
         outputs = {"--out": out, "--cache": cache}
         check_disjoint(outputs, {"--library": library, **setup_inputs(ws)})
         total = total_rows(ws, split, max_examples_per_task) * len(ws.library(experts))
-        with progress_bar(total, f"matrix {experts}/{split}", "expert-examples") as advance:
+        with bar(total, f"matrix {experts}/{split}", "expert-examples") as advance:
             m = expert_task_matrix(
                 ws, experts, split, max_examples_per_task, rows_per_pass, cache, advance
             )
         if base:  # the base model's row, for the off-task ratio of `lorafuse refactor`
             from lorafuse.methods.run import base_task_losses
 
-            with progress_bar(None, "matrix base model"):
+            with bar(None, "matrix base model"):
                 m.base = base_task_losses(ws, m.tasks, split, max_examples_per_task)
         m.meta["seed"] = seed
+        if not is_main_process():  # under accelerate launch: one writer
+            return
         m.save(out)
         console.print(f"{len(m.experts)} experts x {len(m.tasks)} tasks -> {out}")
 
@@ -202,6 +216,9 @@ def fit_command(
         for name in method:
             declared = resolve(name)[0]  # each method gets the flags it declares
             mine = {k: v for k, v in options.items() if declared.declares(k)}
+            if not is_main_process():  # under accelerate launch: the others work silently
+                fit_method(ws, name, experts, mine)
+                continue
             with Stages() as stages:  # a log gets lines, a terminal a bar
                 stages.start(f"fit {name} over the {experts} experts")
                 fit = fit_method(ws, name, experts, mine, stages.tick)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from lorafuse.cli.common import (
     styled,
     user_errors,
 )
+from lorafuse.parallel import is_main_process
 
 
 def study_command(
@@ -59,11 +61,15 @@ def study_command(
         from lorafuse.study.console import summary_table
         from lorafuse.study.headline import headline
         from lorafuse.study.runner import StudyRun, run_study
+        from lorafuse.study.stages import Progress
 
         names = parse_names(methods, "--methods")
-        with Stages() as bar:
+        main = is_main_process()  # under accelerate launch every process runs, one speaks
+        with Stages() if main else contextlib.nullcontext(Progress()) as bar:
             run = StudyRun(cfg, out, names, max_examples_per_task, bar)
             results = run_study(run)
+        if not main:
+            return
         console.print(summary_table(results))
         for line in headline(results):
             console.print(line, highlight=False)
