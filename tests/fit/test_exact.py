@@ -155,3 +155,20 @@ def test_bad_inputs_raise():
         fit_ensemble(P[:, 0])
     with pytest.raises(LorafuseError, match="k_max=4"):
         sparse_greedy(P, w, k_max=4)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_newton_on_a_face_of_a_large_library(seed, monkeypatch):
+    # More free coordinates than NEWTON_SIZE: the Newton step moves NEWTON_SIZE of them and
+    # zeroes the rest; the fit still reaches scipy's optimum with a certificate computed
+    # here by hand (convexity: f(l) - f* <= max_i r_i - l.r, r = P^T (w / P l)).
+    import lorafuse.fit.exact as exact
+
+    monkeypatch.setattr(exact, "NEWTON_SIZE", 4)
+    P, w = random_problem(10 + seed, M=60, N=24)
+    fit = fit_ensemble(P, w)
+    l = fit.weights.numpy()
+    r = P.T @ (w / (P @ l))  # (N,)
+    assert fit.converged and r.max() - l @ r <= 1e-9
+    assert abs(fit.objective - scipy_optimum(P, w)) < 1e-6
+    assert (np.diff(fit.history) <= 0).all()

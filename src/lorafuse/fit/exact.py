@@ -26,6 +26,7 @@ from lorafuse.values import check_values
 
 PROB_FLOOR = 1e-12
 _ACTIVE = 1e-10  # coefficients above this are free in the Newton step
+NEWTON_SIZE = 256  # coordinates a Newton step moves at first (bench/scaling.py: cost in N)
 
 
 @dataclass
@@ -140,6 +141,7 @@ def _solve(P: Tensor, w: Tensor, l: Tensor, tol: float, max_iter: int, newton: b
     f = _f(q, w)
     history, gaps = [], []
     it = 0
+    size = NEWTON_SIZE  # the most coordinates a Newton step moves (doubled when it fails)
     while True:
         r = P.T @ (w / q)  # (N,) = -grad f
         gap = max(float(r.max() - l @ r), 0.0)  # Frank-Wolfe gap: g.l - min_i g_i
@@ -152,9 +154,11 @@ def _solve(P: Tensor, w: Tensor, l: Tensor, tol: float, max_iter: int, newton: b
         q_new = P @ l_new
         f_new = _f(q_new, w)
         if newton:
-            step = _newton(P, w, l, q, r, f)
+            step, capped = _newton(P, w, l, q, r, f, size)
             if step is not None and step[2] <= f_new:
                 l_new, q_new, f_new = step
+            if capped:
+                size *= 2  # a face may miss the optimum's support: widen it step by step
         if f_new > f:
             break  # no floating-point progress left
         if f_new == f and _gap(P, w, l_new, q_new) >= gap:
@@ -164,8 +168,20 @@ def _solve(P: Tensor, w: Tensor, l: Tensor, tol: float, max_iter: int, newton: b
     return EnsembleFit(l, f, gap, it, gap <= tol, history, gaps)
 
 
-def _newton(P: Tensor, w: Tensor, l: Tensor, q: Tensor, r: Tensor, f: float):
+def _newton(P: Tensor, w: Tensor, l: Tensor, q: Tensor, r: Tensor, f: float, size: int):
     free = (l > _ACTIVE) | (r > 1)  # (N,) in the support, or wanting to enter it
+    capped = int(free.sum()) > size
+    if capped:  # a step costs M S^2 + S^3: step on the face of `size`
+        # coordinates, from l with the others zeroed: the support by its next EM weights
+        # l_i r_i, then those wanting to enter by r_i
+        support = l > _ACTIVE  # (N,)
+        merit = torch.where(support, l * r + r.max() + 1, r)  # (N,)
+        keep = torch.where(free, merit, -1.0).topk(size).indices  # (S,)
+        free = torch.zeros_like(free).index_fill_(0, keep, True)
+        l = torch.where(free, l, 0.0)
+        l = l / l.sum()
+        q = P[:, free] @ l[free]  # (M,)
+        r = torch.zeros_like(r).masked_scatter_(free, P[:, free].T @ (w / q))  # (N,) on free
     S = int(free.sum())
     Ps = P[:, free]  # (M, S)
     H = Ps.T @ (Ps * (w / q**2)[:, None])  # (S, S) Hessian of f on the free coordinates
@@ -178,9 +194,9 @@ def _newton(P: Tensor, w: Tensor, l: Tensor, q: Tensor, r: Tensor, f: float):
     try:
         d = torch.linalg.solve(kkt, rhs)[:S]  # (S,)
     except RuntimeError:
-        return None
+        return None, capped
     if not torch.isfinite(d).all():
-        return None
+        return None, capped
     alpha = 1.0
     for _ in range(30):  # backtrack along the projection arc
         l_try = l.clone()
@@ -189,9 +205,9 @@ def _newton(P: Tensor, w: Tensor, l: Tensor, q: Tensor, r: Tensor, f: float):
         q_try = P @ l_try
         f_try = _f(q_try, w)
         if f_try <= f:
-            return l_try, q_try, f_try
+            return (l_try, q_try, f_try), capped
         alpha *= 0.5
-    return None
+    return None, capped
 
 
 def _gap(P: Tensor, w: Tensor, l: Tensor, q: Tensor) -> float:
