@@ -8,6 +8,7 @@ zero-padded (exact: the padded rows and columns contribute nothing).
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,8 +262,8 @@ def expert_dirs(
 def unique_names(labels: list[tuple[str, str]]) -> list[str]:
     """Each expert's short name (folder, or repo/sub-folder name), or its long one when
     two experts share the short one."""
-    shorts = [s for s, _ in labels]
-    return [s if shorts.count(s) == 1 else long for s, long in labels]
+    counts = Counter(s for s, _ in labels)
+    return [s if counts[s] == 1 else long for s, long in labels]
 
 
 def _check_base(names: list[str], configs: list[ExpertConfig], base_model: str | None) -> None:
