@@ -55,5 +55,7 @@ if __name__ == "__main__":
     res, w = run(s)
     from accelerate import Accelerator
 
-    if Accelerator().is_main_process:
-        torch.save({"w": w, "steps": torch.tensor(res.steps), "stop": res.stop}, sys.argv[1])
+    acc = Accelerator()
+    if acc.is_main_process:
+        record = {"w": w, "steps": torch.tensor(res.steps), "stop": res.stop}
+        torch.save({**record, "processes": acc.num_processes}, sys.argv[1])

@@ -92,11 +92,12 @@ def test_accelerate_two_processes_equal_one(tmp_path):
     one = tmp_path / "one.pt"
     subprocess.run([sys.executable, script, one, "1"], check=True, env=env, cwd=ROOT)
     two = tmp_path / "two.pt"
-    cmd = [accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(two), "1"]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     one, two = torch.load(one), torch.load(two)
+    assert (one["processes"], two["processes"]) == (1, 2)  # two real processes ran
     assert one["stop"] == two["stop"] == "plateau" and int(one["steps"]) < 200
     assert int(two["steps"]) == int(one["steps"])
     torch.testing.assert_close(two["w"], one["w"], atol=1e-5, rtol=0)

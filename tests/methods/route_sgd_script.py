@@ -34,4 +34,4 @@ if __name__ == "__main__":
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        torch.save(state, sys.argv[2])
+        torch.save({**state, "processes": torch.tensor(PartialState().num_processes)}, sys.argv[2])

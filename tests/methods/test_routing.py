@@ -76,12 +76,13 @@ def test_accelerate_two_processes_equal_one(ws, tmp_path):
     bench = Path(ws.spec.root)
     one = run(bench, tmp_path / "ckpt1")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     cmd += [str(ROOT / "tests/methods/route_sgd_script.py"), str(bench), str(tmp_path / "two.pt")]
     out = subprocess.run(cmd + [str(tmp_path / "ckpt2")], env=env, cwd=ROOT, capture_output=True)
     assert out.returncode == 0, out.stderr.decode()[-2000:]
     two = torch.load(tmp_path / "two.pt")
+    assert int(two.pop("processes")) == 2  # two real processes ran
     assert set(two) == set(one) and any(v.abs().max() > 0 for v in one.values())
     for k, v in one.items():
         torch.testing.assert_close(two[k], v, atol=1e-5, rtol=0)
