@@ -46,6 +46,7 @@ class _Plan:
 
     def __init__(self, layer, ops: Products, proj: Tensor | None = None):
         self.layer, self.ops, self.mixer = layer, ops, layer.mixer
+        self.B = layer.B_cat  # (R*N, O); a move of the layer chooses its plans again
         N, R, O = layer.num_experts, layer.rank, layer.out_features
         self.N, self.R, self.O, self.space = N, R, O, layer.space
         self.projected = proj is not None  # the mixer's map rides in the joint GEMM
@@ -99,7 +100,7 @@ class Joint(_Plan):
         joint = self.ops.linear(x2, weight, bias)  # (M, O or 0 + R*N + P)
         y = joint[:, : self.O] if together else self.base_out(x2)  # (M, O)
         z = self.mixed(x, joint, widths)  # (M, R*N)
-        return self.ops.addmm_(y, z, self.layer.B_cat).view(*lead, self.O)
+        return self.ops.addmm_(y, z, self.B).view(*lead, self.O)
 
     def _pays(self, x2: Tensor) -> bool:
         # Whether one GEMM with the base's rows beats two serial ones (see __init__).
@@ -206,7 +207,7 @@ class Trained(_Plan):
         if self.projected:
             self.rows.sync(proj)
         if self.routed:
-            args = (self.layer.B_cat, self.widths, self.space, self.absolute, self.ops, self.kern)
+            args = (self.B, self.widths, self.space, self.absolute, self.ops, self.kern)
             return Routed.apply(x2, self.weight, self.bias, proj, self.rbias, *args).view(
                 *lead, self.O
             )
@@ -219,4 +220,4 @@ class Trained(_Plan):
             l = self.layer.token_coefficients(self.mixer(x), x)  # (N,) or (M, N)
         l = l.expand(y.shape[0], self.N)  # (M, N)
         u = u.unflatten(-1, (self.R, self.N))  # (M, R, N)
-        return Mix.apply(y, u, l, self.layer.B_cat, self.space, self.ops).view(*lead, self.O)
+        return Mix.apply(y, u, l, self.B, self.space, self.ops).view(*lead, self.O)

@@ -46,21 +46,26 @@ class JointRows:
             self.top = O if join else 0  # O when W's rows are in the buffer
             layer.A_rows = rows[self.top : self.top + A.shape[0]]
         self.join_base = join_base  # as asked (top says whether it could be done)
+        bias_at = row_bias.data_ptr() if row_bias is not None else None
+        self._pointers = (rows[self.top].data_ptr(), rows.data_ptr(), bias_at)  # A, W, b
         self.rows, self.row_bias = rows, row_bias  # (top + N*R + N, D), (top + N*R + N,)
         self.experts = A.shape[0]  # N*R
         self.room = N  # rows for a projected mixer's map (P <= N)
         self._synced: tuple | None = None  # (tensor ref, version, address) copied last
 
     def holds(self, layer: nn.Module) -> bool:
-        """Whether the layer's A rows (and W and b, when joined) are still this buffer's."""
-        if layer.A_rows.data_ptr() != self.rows[self.top].data_ptr():
+        """Whether the layer's A rows (and W and b, when joined) are still this buffer's:
+        a few pointer comparisons (read through the modules' own dicts: this runs on
+        every call)."""
+        if layer._buffers["A_rows"].data_ptr() != self._pointers[0]:
             return False
         if not self.top:
             return True
-        w, b = layer.base.weight, getattr(layer.base, "bias", None)
-        if w.data_ptr() != self.rows.data_ptr():
+        params = layer.base._parameters
+        w, b = params["weight"], params.get("bias")
+        if w.data_ptr() != self._pointers[1]:
             return False
-        return b is None or (self.row_bias is not None and b.data_ptr() == self.row_bias.data_ptr())
+        return b is None or b.data_ptr() == self._pointers[2]
 
     def slices(self, with_base: bool, P: int) -> tuple[Tensor, Tensor | None, tuple]:
         """(weight rows, bias rows, output widths (O or 0, N*R, P)) of one GEMM."""
