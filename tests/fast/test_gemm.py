@@ -89,3 +89,15 @@ def test_auto_picks_the_faster_product_by_measuring(
 def test_measure_times_both_products():
     onednn_s, torch_s = gemm.measure(rounds=1)
     assert onednn_s > 0 and torch_s > 0
+
+
+def test_a_launched_process_never_times(tmp_path, monkeypatch):
+    # Ranks timing at once could choose apart; a launched process takes the fixed rule.
+    monkeypatch.setenv("LORAFUSE_CACHE", str(tmp_path))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(gemm, "measure", lambda: pytest.fail("a launched process timed"))
+    monkeypatch.setattr(gemm, "_amd_avx512", lambda: True)
+    assert gemm._faster() is True
+    monkeypatch.setattr(gemm, "_amd_avx512", lambda: False)
+    assert gemm._faster() is False
+    assert not list(tmp_path.rglob("onednn-*.json"))  # nothing kept from a rule

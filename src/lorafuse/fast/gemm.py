@@ -14,7 +14,9 @@ outside autograd. `products()` reads LORAFUSE_ONEDNN once, when a plan is chosen
 - "auto" (the default): where oneDNN is at least 10% faster on the fused layer's kind of
   products, timed once per machine (CPU, torch version, thread count; about 0.2 s) and
   kept in the kernel cache folder (fast.kernels.cache_dir), so every process on the
-  machine makes the same choice and gets the same numbers;
+  machine makes the same choice and gets the same numbers; a process of a launch
+  (WORLD_SIZE > 1) never times (ranks timing at once could choose apart): it reads the
+  kept answer, else takes oneDNN on AMD CPUs with AVX-512 (where MKL runs its AVX2 code);
 - "1": on every CPU; "0": never (torch's own products everywhere).
 oneDNN builds (JIT-compiles) a kernel per shape and caches it, so the row count is
 padded up to a bucket (8 per power of two, at most 1/8 more rows): batches of varying
@@ -128,6 +130,8 @@ def _faster() -> bool:
         return bool(json.loads(path.read_text())["onednn"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    if _launched():  # processes timing at once on shared cores could decide apart
+        return _amd_avx512()  # and compute apart: a fixed rule, the same on every rank
     onednn, torch_s = measure()
     faster = onednn < 0.9 * torch_s
     try:
@@ -139,6 +143,24 @@ def _faster() -> bool:
     except OSError:
         pass  # a read-only cache: measured again by the next process
     return faster
+
+
+def _launched() -> bool:
+    # One of several processes (accelerate launch, torchrun).
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def _amd_avx512() -> bool:
+    # An AMD CPU with AVX-512, where MKL takes its AVX2 path: the rule when not measured.
+    try:
+        with open("/proc/cpuinfo") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    return "AuthenticAMD" in head and " avx512f" in head
 
 
 def measure(rounds: int = 5) -> tuple[float, float]:
