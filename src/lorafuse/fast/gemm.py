@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lorafuse.parallel import launched
+
 SWITCH = "LORAFUSE_ONEDNN"
 MIN_ROWS = 64  # below this (decoding, tiny batches) MKL's small-matrix code is faster
 _state: dict[str, bool] = {}
@@ -130,7 +132,7 @@ def _faster() -> bool:
         return bool(json.loads(path.read_text())["onednn"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    if _launched():  # processes timing at once on shared cores could decide apart
+    if launched():  # processes timing at once on shared cores could decide apart
         return _amd_avx512()  # and compute apart: a fixed rule, the same on every rank
     onednn, torch_s = measure()
     faster = onednn < 0.9 * torch_s
@@ -143,14 +145,6 @@ def _faster() -> bool:
     except OSError:
         pass  # a read-only cache: measured again by the next process
     return faster
-
-
-def _launched() -> bool:
-    # One of several processes (accelerate launch, torchrun).
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1
-    except ValueError:
-        return False
 
 
 def _amd_avx512() -> bool:
