@@ -100,3 +100,6 @@ if __name__ == "__main__":
     (out / f"writes-{me}.json").write_text(json.dumps(sorted(set(WRITES))))
     if parallel.is_main_process():
         (out / "got.json").write_text(json.dumps(got))
+    parallel.barrier()  # leave together, then close the process group: a gloo group
+    if torch.distributed.is_initialized():  # left open aborts at exit ("terminate called")
+        torch.distributed.destroy_process_group()
