@@ -30,12 +30,6 @@ def test_one_process_is_the_plain_case(monkeypatch):
     assert not parallel.launched()
 
 
-def test_is_main_process_has_one_copy():
-    from lorafuse.fit import sgd
-
-    assert sgd.is_main_process is parallel.is_main_process
-
-
 @pytest.mark.parametrize("n", [0, 1, 2, 5, 8])
 @pytest.mark.parametrize("world", [2, 3])
 def test_map_sharded_splits_by_stride_and_restores_the_order(monkeypatch, n, world):
@@ -78,3 +72,33 @@ def test_once_runs_alone_on_the_main_process(monkeypatch):
         parallel.once(_boom)
     ok, error = sent[-1][0]
     assert not ok and isinstance(error, LorafuseError)
+
+
+@pytest.mark.parametrize("me", [0, 1])
+def test_agreed_raises_everywhere_when_one_process_fails(monkeypatch, me):
+    # Process 1 fails after its collectives; process 0 must not go on to its next one.
+    monkeypatch.setattr(parallel, "world_size", lambda: 2)
+    monkeypatch.setattr(parallel, "rank", lambda: me)
+    outcome = {0: None, 1: "OSError: the folder is gone"}
+    monkeypatch.setattr(parallel, "gather", lambda mine: [mine if r == me else outcome[r]
+                                                          for r in (0, 1)])  # fmt: skip
+
+    def work():
+        if me == 1:
+            raise OSError("the folder is gone")
+        return "value"
+
+    error = OSError if me == 1 else LorafuseError
+    with pytest.raises(error, match="the folder is gone") as e:
+        parallel.agreed(work)
+    if me == 0:
+        assert "process 1 of 2 failed" in str(e.value)
+    monkeypatch.setattr(parallel, "gather", lambda mine: [None, None])
+    assert parallel.agreed(lambda: "value") == "value"  # none failed: every process goes on
+
+
+def test_agreed_is_a_plain_call_in_one_process(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert parallel.agreed(lambda: 7) == 7
+    with pytest.raises(LorafuseError, match="boom"):
+        parallel.agreed(_boom)

@@ -14,6 +14,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from lorafuse.ensemble import chunks, coefficient_rows
 from lorafuse.evaluate import target_logprobs
 from lorafuse.io import atomic_file
 from lorafuse.model import attached
-from lorafuse.parallel import is_main_process, map_sharded, once
+from lorafuse.parallel import map_sharded, once
 
 
 @dataclass
@@ -112,11 +113,15 @@ def expert_target_logprobs(
             parts = map_sharded(lambda i, chunk=chunk: one(chunk, i), range(len(batches)))
             done[c0] = torch.cat([p for p, _ in parts])  # (K, n)
             example = torch.cat([r for _, r in parts])  # (K,)
-            if file is not None and is_main_process():
-                with atomic_file(file) as tmp:
-                    torch.save((done[c0], example), tmp)
+            if file is not None:  # the main process writes; its error stops every process
+                once(partial(_save_chunk, file, done[c0], example))
     logp = torch.cat([done[c] for c in sorted(done)], dim=1).float()  # (K, N)
     return TargetLogprobs(logp, example, tasks, lib.names)
+
+
+def _save_chunk(file: Path, logp: Tensor, example: Tensor) -> None:
+    with atomic_file(file) as tmp:
+        torch.save((logp, example), tmp)
 
 
 def _load_chunk(file: Path, n: int) -> tuple[Tensor, Tensor] | None:

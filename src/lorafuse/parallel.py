@@ -9,9 +9,12 @@ must therefore be called by all processes in the same order:
   items' order, so what is computed from them equals a one-process run;
 - `once(fn)`: the main process runs `fn` alone (every helper inside sees one process)
   and the others receive its value, or raise its exception;
+- `agreed(fn)`: every process runs `fn`; when it raised in any, it raises in all;
 - `gather(obj)`, `barrier()`.
-Only the main process writes outputs (`is_main_process`); a process that reads what
-the main process wrote waits at a collective first (`barrier`, or the `once` that wrote).
+Only the main process writes outputs, through `once` (so that its error, a full disk
+say, stops every process rather than leaving them waiting at the next collective); a
+process that reads what the main process wrote waits at a collective first (`barrier`,
+or the `once` that wrote). Files the main process writes are also removed by it alone.
 """
 
 from __future__ import annotations
@@ -101,6 +104,30 @@ def once(fn: Callable[[], R]) -> R:
     ok, value = box[0]
     if not ok:
         raise value
+    return value
+
+
+def agreed(fn: Callable[[], R]) -> R:
+    """`fn()` run by every process, which then agree on whether it failed.
+
+    When `fn` raised in any process, every process raises: its own exception, or a
+    LorafuseError naming the first process that failed and its message. So one process's
+    late error (writing a file, say) cannot leave the others waiting at their next
+    collective. An error raised before a collective inside `fn` still leaves the others
+    waiting there, until the process group's timeout.
+    """
+    if world_size() == 1:
+        return fn()
+    try:
+        value, error = fn(), None
+    except Exception as e:
+        value, error = None, e
+    failed = gather(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    for r, message in enumerate(failed):
+        if message is not None:
+            raise LorafuseError(f"process {r} of {len(failed)} failed: {message}")
     return value
 
 

@@ -2,8 +2,9 @@
 
     python tests/parallel/script.py <bench> <study config> <out>
     accelerate launch --cpu --num_processes 2 tests/parallel/script.py <bench> <config> <out>
-Every process records the files and folders it creates (os.replace, os.mkdir) under
-<bench>, <out> and the study's library; `<out>/writes-<rank>.json` lists them.
+Every process records the files and folders it creates or tries to remove (os.replace,
+os.mkdir, os.unlink, os.rmdir) under <bench>, <out> and the study's library;
+`<out>/writes-<rank>.json` lists them.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ WRITES: list[str] = []
 
 
 def record_writes(roots: list[Path]) -> None:
-    """Log every rename into place and every new folder under `roots` (this process's)."""
-    replace, mkdir = os.replace, os.mkdir
+    """Log every rename into place, every new folder and every removal tried under `roots`
+    (this process's)."""
+    replace, mkdir, unlink, rmdir = os.replace, os.mkdir, os.unlink, os.rmdir
     prefixes = [str(r.resolve()) for r in roots]
 
     def note(path) -> None:
@@ -40,7 +42,17 @@ def record_writes(roots: list[Path]) -> None:
         mkdir(path, *args, **kw)
         note(path)
 
+    def remove_(remove):  # an attempt counts: a process removing what another wrote
+        def removed(path, *args, **kw):  # races with it, even when the file is not there yet
+            if "dir_fd" not in kw:  # shutil.rmtree's names relative to a folder: not ours
+                note(path)
+            return remove(path, *args, **kw)
+
+        return removed
+
     os.replace, os.mkdir = replace_, mkdir_
+    os.unlink = os.remove = remove_(unlink)
+    os.rmdir = remove_(rmdir)
 
 
 def run(bench: Path, config: Path, out: Path) -> dict:
@@ -75,8 +87,6 @@ def run(bench: Path, config: Path, out: Path) -> dict:
     got["fit"] = fit.payload["weights"]
     got["eval fit"] = evaluate_method(ws, "ensemble-sgd", "validation").to_dict()["per_task"]
     got["seconds"]["fit"] = time.perf_counter() - start
-    if os.environ.get("LORAFUSE_TEST_STUDY") != "1":  # see test_the_micro_study_...
-        return got
     start = time.perf_counter()
     results = run_study(StudyRun(load_config(config), out / "study"))
     got["study"] = {f"{r['name']}@{r['experts']}": r.get("per_task") for r in results["methods"]}

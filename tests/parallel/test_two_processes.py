@@ -105,12 +105,6 @@ def test_a_fit_equals_one_process(runs):
     _close(one["eval fit"], two["eval fit"], "evaluation of the fit")
 
 
-@pytest.mark.skipif(
-    os.environ.get("LORAFUSE_TEST_STUDY") != "1",
-    reason="the 2-process micro study deadlocks intermittently (one rank at fit_method's "
-    "barrier, the other in StageCache.get's broadcast, one collective apart); an open bug, "
-    "run with LORAFUSE_TEST_STUDY=1",
-)
 def test_the_micro_study_equals_one_process_and_resumes(runs):
     one, two = (_got(r) for r in runs)
     assert set(two["status"].values()) == {"ok"} and two["status"] == one["status"]
@@ -129,8 +123,11 @@ def test_only_the_main_process_writes(runs):
     assert other == []
     written = {Path(p).name for p in main}
     assert "ensemble-sgd__private.json" in written
-    if os.environ.get("LORAFUSE_TEST_STUDY") == "1":
-        assert {"results.json", "report.md"} <= written
+    assert {"results.json", "report.md"} <= written
+    # the SGD fits' checkpoints: written and removed by the main process alone (another
+    # process removing their folder while the main one saved failed the fit there)
+    assert any(n.endswith(".pt") and Path(p).parent.name == ".ckpt" for p in main
+               for n in [Path(p).name])  # fmt: skip
     assert any(n.startswith("chunk_") for n in written)  # the matrix's cached chunks
 
 

@@ -42,8 +42,7 @@ from lorafuse.errors import LorafuseError
 from lorafuse.fit.schedule import lr_factor, warmup_steps
 from lorafuse.fit.settings import EPOCHS, SGDSettings, budget  # SGDSettings, budget: re-exported
 from lorafuse.io import atomic_file
-from lorafuse.parallel import is_main_process as is_main_process  # re-exported: the methods'
-from lorafuse.parallel import rank, world_size
+from lorafuse.parallel import is_main_process, once, rank, world_size
 
 LossFn = Callable[[Sequence[Any]], Tensor]  # a micro-batch's items -> mean loss over them
 Batches = Callable[[int], Sequence[Any]]  # step (0-based) -> the items of its global batch
@@ -130,7 +129,7 @@ def train(
     draw = batches or _shuffled(n_examples, settings.seed, settings.batch_size, steps_per_epoch)
     state = _fresh_state()
     ckpt = Path(checkpoint) if checkpoint else None
-    if ckpt is not None and ckpt.exists():
+    if ckpt is not None and once(ckpt.exists):  # the main process's answer, for all
         state = _load(ckpt, named, opt)
     rate = _rate(settings, total)
     _set_lr(opt, rate(state["step"]))

@@ -36,13 +36,13 @@ from pydantic import Field, model_validator
 from lorafuse.delta_merge import delta_merge
 from lorafuse.errors import LorafuseError
 from lorafuse.fit.options import Options
-from lorafuse.fit.sgd import is_main_process
 from lorafuse.formats.fits import fit_output, load_fit
 from lorafuse.linalg import truncate_product
 from lorafuse.merge import MergedAdapter, save_adapter
 from lorafuse.methods.fused_sgd import VALIDATION_PER_TASK, validation_loss
 from lorafuse.methods.method import Context, Cost, Fitted, Method, Prepared
 from lorafuse.model import attached
+from lorafuse.parallel import once
 
 Density = Annotated[float, Field(gt=0, le=1)]
 Drop = Annotated[float, Field(ge=0, lt=1)]
@@ -177,8 +177,7 @@ def fit_delta_merge(ctx: Context, chosen: Chosen) -> Fitted:
                             f"validation loss ({runs})")  # fmt: skip
     best.meta["method"] = ctx.name
     out = fit_output(ws, ctx.name, ctx.kind)
-    if is_main_process():
-        save_adapter(best, out, force=True)
+    once(lambda: save_adapter(best, out, force=True))  # the main process writes
     summary = {
         chosen.param: best_value,
         "param": chosen.param,

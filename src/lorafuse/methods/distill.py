@@ -36,7 +36,7 @@ from lorafuse.methods.ensembles import ROWS_PER_PASS
 from lorafuse.methods.fused_sgd import VALIDATION_PER_TASK, validation_loss
 from lorafuse.methods.method import Context, Fitted, Method, Prepared
 from lorafuse.model import attached
-from lorafuse.parallel import is_main_process
+from lorafuse.parallel import once
 
 Teacher = Literal["ensemble-sgd", "ensemble-exact", "ensemble-uniform"]
 TEACHERS: tuple[str, ...] = get_args(Teacher)
@@ -138,11 +138,8 @@ def fit_distill(ctx: Context) -> Fitted:
         lr, res, runs = search_lr(options.grid(), run)
     _load(params, res.state)
     tasks = sorted({t for e in lib.experts for t in e.tasks})
-    if is_main_process():  # under accelerate launch: one writer
-        with atomic_dir(adapter_dir(ws, kind), force=True) as tmp:
-            student.save_pretrained(str(tmp))
-            meta = {"tasks": tasks, "distilled_from": lib.names, "teacher": options.teacher}
-            (tmp / METADATA_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    meta = {"tasks": tasks, "distilled_from": lib.names, "teacher": options.teacher}
+    once(lambda: _save_student(student, adapter_dir(ws, kind), meta))  # the main process
     summary = {
         "adapter": str(adapter_dir(ws, kind)),
         "experts_order": lib.names,
@@ -156,6 +153,12 @@ def fit_distill(ctx: Context) -> Fitted:
         "settings": dict(vars(options.settings(lr))),
     }
     return Fitted(summary, detail)
+
+
+def _save_student(student, out: Path, meta: dict) -> None:
+    with atomic_dir(out, force=True) as tmp:
+        student.save_pretrained(str(tmp))
+        (tmp / METADATA_NAME).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def _load(params: dict[str, torch.nn.Parameter], state: dict[str, torch.Tensor]) -> None:

@@ -32,6 +32,7 @@ from lorafuse.fit.options import GridOptions
 from lorafuse.fit.sgd import SGDResult, SGDSettings, search_lr, train
 from lorafuse.methods.method import Context
 from lorafuse.model import Fusion, attached
+from lorafuse.parallel import once
 
 VALIDATION_PER_TASK = 32  # default cap of validation examples per task
 # make_mixers(library, device) -> (mixers, params): one shared mixer or module -> mixer
@@ -151,14 +152,20 @@ def fit_fused(ctx: Context, make_mixers: MakeMixers, space: str = "factors") -> 
 
         lr, res, runs = search_lr(options.grid(), run)
         close = stack.pop_all().close  # kept: dropping it would detach the fusion
-    for ckpt in ckpts:
-        ckpt.unlink(missing_ok=True)
-    if ckpt_dir.is_dir() and not any(ckpt_dir.iterdir()):
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    # The main process alone wrote the checkpoints and removes them (another process
+    # removing the folder while it writes would fail it), the others waiting until done.
+    once(lambda: _remove_checkpoints(ckpts, ckpt_dir))
     fit = FusedFit(fusion, winner[lr], lr, res, initial[0], runs, close=close)
     fusion.set_mixers(_as_mixers(fusion, fit.mixers))
     fit.seconds = round(time.perf_counter() - start, 3)
     return fit
+
+
+def _remove_checkpoints(ckpts: list[Path], folder: Path) -> None:
+    for ckpt in ckpts:
+        ckpt.unlink(missing_ok=True)
+    if folder.is_dir() and not any(folder.iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _as_mixers(fusion: Fusion, mixers) -> dict[str, Any]:

@@ -15,13 +15,13 @@ import torch
 from pydantic import Field
 
 from lorafuse.errors import LorafuseError
-from lorafuse.fit.sgd import is_main_process
 from lorafuse.formats.fits import fit_output, load_fit
 from lorafuse.io import atomic_file
 from lorafuse.methods.fused_sgd import FusedOptions, fit_fused
 from lorafuse.methods.method import Context, Cost, Fitted, Method, Prepared
 from lorafuse.mixers.hierarchical import build_hc_routers
 from lorafuse.model import attached
+from lorafuse.parallel import once
 
 
 class HCOptions(FusedOptions):
@@ -43,8 +43,6 @@ def _hc_mixers(library, device, labels, arrow_init: bool):
 
 def fit_hc(ctx: Context, arrow_init: bool) -> Fitted:
     """Cluster the experts, then learn merge weights and routers; save the state."""
-    from safetensors.torch import save_file
-
     from lorafuse.select.clustering import default_clusters, mbc_cluster
 
     lib, options = ctx.library, ctx.options
@@ -56,12 +54,17 @@ def fit_hc(ctx: Context, arrow_init: bool) -> Fitted:
     with fit_fused(ctx, make) as fit:
         state = {n: p.detach().cpu().contiguous() for n, p in _params(fit.mixers).items()}
     out = fit_output(ctx.ws, ctx.name, ctx.kind, ".safetensors")
-    if is_main_process():
-        with atomic_file(out) as tmp:
-            save_file(state, str(tmp))
+    once(lambda: _save_state(state, out))  # the main process writes
     summary = {"clusters": C, "experts_order": lib.names, **fit.summary()}
     detail = {"state": str(out), "labels": labels.tolist(), "arrow_init": arrow_init}
     return Fitted(summary, {**detail, **fit.detail()})
+
+
+def _save_state(state: dict[str, torch.Tensor], out) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_file(out) as tmp:
+        save_file(state, str(tmp))
 
 
 def prepare_hc(ctx: Context) -> Prepared:

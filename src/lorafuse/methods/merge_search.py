@@ -29,12 +29,12 @@ from lorafuse.evaluate import batch_nll
 from lorafuse.fit.data import Objective, ObjectiveName
 from lorafuse.fit.options import Options
 from lorafuse.fit.search import SearchSettings, cma_search, require_cma
-from lorafuse.fit.sgd import is_main_process
 from lorafuse.merge import merge, save_adapter
 from lorafuse.methods.fused_sgd import VALIDATION_PER_TASK, validation_loss
 from lorafuse.methods.merging import SPACE, adapter_dir, prepare_merge_sgd
 from lorafuse.methods.method import Context, Cost, Fitted, Method
 from lorafuse.model import attached
+from lorafuse.parallel import once
 
 
 class SearchOptions(Options):
@@ -126,8 +126,7 @@ def fit_merge_search(ctx: Context) -> Fitted:
         merged = merge(lib, weights, SPACE)
     merged.meta["method"] = ctx.name
     out = adapter_dir(ws, ctx.name, ctx.kind)
-    if is_main_process():
-        save_adapter(merged, out, force=True)
+    once(lambda: save_adapter(merged, out, force=True))  # the main process writes
     summary: dict[str, Any] = {
         "weights": {m: w.tolist() for m, w in weights.items()},
         "experts_order": lib.names,

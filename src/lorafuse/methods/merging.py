@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from lorafuse.fit.sgd import is_main_process
 from lorafuse.formats.fits import fit_output, load_fit
 from lorafuse.merge import merge, save_adapter
 from lorafuse.methods.fused_sgd import FusedOptions, fit_fused
 from lorafuse.methods.method import Context, Cost, Fitted, Method, Prepared
 from lorafuse.mixers.static import Learned
 from lorafuse.model import attached
+from lorafuse.parallel import once
 
 SPACE = "factors"
 
@@ -57,8 +57,7 @@ def fit_merge(ctx: Context, layerwise: bool) -> Fitted:
     merged = merge(lib, weights if layerwise else next(iter(weights.values())), SPACE)
     merged.meta["method"] = ctx.name
     out = adapter_dir(ctx.ws, ctx.name, ctx.kind)
-    if is_main_process():  # under accelerate launch: one writer
-        save_adapter(merged, out, force=True)
+    once(lambda: save_adapter(merged, out, force=True))  # the main process writes
     summary = {
         "weights": {m: w.tolist() for m, w in weights.items()},
         "experts_order": lib.names,

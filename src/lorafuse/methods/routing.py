@@ -23,13 +23,13 @@ from pydantic import Field
 
 from lorafuse.errors import LorafuseError
 from lorafuse.evaluate import Result, standard_error
-from lorafuse.fit.sgd import is_main_process
 from lorafuse.formats.fits import fit_output, load_fit
 from lorafuse.layer import check_space
 from lorafuse.methods.fused_sgd import FusedOptions, fit_fused
 from lorafuse.methods.method import Context, Cost, Fitted, Method, Prepared
 from lorafuse.mixers.routers import build_routers, router_parameters
 from lorafuse.model import attached
+from lorafuse.parallel import once
 from lorafuse.routed import load_routed, save_routed
 
 SPACE = "factors"
@@ -66,8 +66,7 @@ def fit_route_sgd(ctx: Context, init: str) -> Fitted:
     with fit_fused(ctx, route_sgd_mixers(init, options.temperature), space) as fit:
         settings = {"method": ctx.name, "init": init, "lr": fit.lr, "steps": fit.result.steps}
         out = routed_dir(ctx.ws, ctx.name, ctx.kind)
-        if is_main_process():  # under accelerate launch: one writer
-            save_routed(fit.fusion, out, settings, force=True)
+        once(lambda: save_routed(fit.fusion, out, settings, force=True))  # main writes
         n_params = sum(p.numel() for p in router_parameters(fit.mixers).values())
         names = fit.fusion.library.names
     summary = {"routed": str(out), "experts_order": names, **fit.summary()}

@@ -10,7 +10,7 @@ from lorafuse.errors import LorafuseError
 from lorafuse.evaluate import Result, batch_nll, summarize
 from lorafuse.methods.method import Context, Fitted, Method
 from lorafuse.methods.registry import resolve
-from lorafuse.parallel import barrier, is_main_process
+from lorafuse.parallel import agreed, once
 
 
 def method_context(
@@ -208,12 +208,10 @@ def fit_method(
         raise LorafuseError(f"method {method.name} has nothing to fit; evaluate it directly")
     _, ctx = method_context(ws, name, kind, options, progress, cache_dir)
     start = time.perf_counter()
-    fitted = method.fit(ctx)
+    fitted = agreed(lambda: method.fit(ctx))  # a process's error stops every process
     fitted.summary["fit_seconds"] = round(time.perf_counter() - start, 3)
     fitted.detail["options"] = ctx.options.model_dump(mode="json", exclude_unset=True)
-    if is_main_process():  # under accelerate launch: one writer, the others wait for it
-        save_fit(ws, name, kind, fitted.payload)
-    barrier()
+    once(lambda: save_fit(ws, name, kind, fitted.payload))  # one writer, the others wait
     return fitted
 
 

@@ -65,8 +65,7 @@ def run_study(run: StudyRun) -> dict[str, Any]:
     methods = _selected(cfg, run.methods)
     caps = _caps(cfg, run.max_examples_per_task)
     _preflight(cfg, out)
-    if is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
+    once(lambda: out.mkdir(parents=True, exist_ok=True))
     seeds = cfg.seed_list()
     bar.plan(_plan(cfg, methods, seeds))
     threads = torch.get_num_threads()

@@ -21,7 +21,7 @@ from pydantic import Field
 from lorafuse.errors import LorafuseError
 from lorafuse.formats.schema import FileModel, Finite, parse_json
 from lorafuse.io import write_json
-from lorafuse.parallel import is_main_process, once
+from lorafuse.parallel import once
 
 # Part of every fit's stage key: raised when lorafuse changes how a fit trains for the
 # same options (2: a run trained until a plateau keeps its rate constant), so that a
@@ -85,8 +85,8 @@ class StageCache:
 
     def put(self, stage: str, key: str, value: Any, seconds: float) -> None:
         """Store `value` for `stage` under `key` (the main process writes)."""
-        if is_main_process():
-            write_json(self.file(stage), {"key": key, "seconds": round(seconds, 3), "value": value})
+        entry = {"key": key, "seconds": round(seconds, 3), "value": value}
+        once(lambda: write_json(self.file(stage), entry))  # an error stops every process
         self.timings[stage] = {"seconds": round(seconds, 3), "cached": False}
 
     def run(self, stage: str, key: str, compute: Callable[[], Any]) -> Any:
