@@ -49,6 +49,9 @@ def check(kern, space, absolute, scale, M):
     torch.testing.assert_close(z, ez, atol=1e-6, rtol=1e-5)
     if space == "factors":
         torch.testing.assert_close(h, eh, atol=1e-6, rtol=1e-5)
+    # inference's z alone (no l or h kept): the same arithmetic, the same bits
+    z_alone = kernels.mixed(kern, out, b, widths, space == "factors", absolute)
+    torch.testing.assert_close(z_alone, z, atol=0, rtol=0)
     G = torch.full((M, O + R * N + N), float("nan"))
     gbias = kernels.backward(kern, gout, gz, out, l, h, G, widths, space, absolute)
     torch.testing.assert_close(G[:, :O], gout, atol=0, rtol=0)

@@ -71,8 +71,11 @@ def test_router_in_the_gemm_values_and_gradients(space, absolute, kernel, dnn, m
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     for g, e in zip(grads, expected):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+    mixed = []
+    monkeypatch.setattr(kernels, "mixed", _counting(kernels.mixed, mixed))
     with torch.inference_mode():
         torch.testing.assert_close(f(x), ref, atol=1e-5, rtol=1e-5)
+    assert len(mixed) == (1 if kernel else 0)  # inference's mixing step: z alone, compiled
 
 
 def test_router_without_x_gradient_trains_its_weight():

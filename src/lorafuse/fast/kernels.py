@@ -114,6 +114,18 @@ def forward(kern: RoutedKernels, out: Tensor, rbias: Tensor, widths, space: str,
     return l, h, z
 
 
+def mixed(kern: RoutedKernels, out: Tensor, rbias: Tensor, widths, factors: bool,
+          absolute: bool) -> Tensor:  # fmt: skip
+    """z (M, R*N) alone, as `forward` computes it (inference: l and h are not kept, so
+    none is allocated; decoding calls this per layer and token, where that counts)."""
+    O, NR, N = widths
+    M, at, s, f = out.shape[0], out.data_ptr(), out.stride(0), 4  # float32 (for_plan)
+    z = out.new_empty(M, NR)
+    kern.forward(M, NR // N, N, at + f * (O + NR), s, rbias.data_ptr(), absolute, at + f * O,
+                 s, factors, None, None, z.data_ptr())  # fmt: skip
+    return z
+
+
 def backward(kern: RoutedKernels, g: Tensor, gz: Tensor, out: Tensor, l: Tensor, h, G: Tensor,
              widths, space: str, absolute: bool) -> Tensor:  # fmt: skip
     """Fill G (M, O + R*N + N) with [g ; gu ; gp]; return the bias gradient (N,).

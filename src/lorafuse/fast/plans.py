@@ -82,6 +82,7 @@ class Joint(_Plan):
         self.by_size = self.joins and threads
         self.base_out = base_output(layer, ops, plain=self.joins)
         self.rbias, self.kern, self.absolute = rbias, kern, bool(getattr(self.mixer, "absolute", 0))
+        self.factors = self.space == "factors"
         if kern is not None:
             self.mixed = self._kernel
         elif self.projected:
@@ -118,7 +119,7 @@ class Joint(_Plan):
         return mix(u.unflatten(-1, (self.R, self.N)), l.unsqueeze(-2), self.space)[0].flatten(1)
 
     def _kernel(self, x: Tensor, joint: Tensor, widths) -> Tensor:
-        return kernels.forward(self.kern, joint, self.rbias, widths, self.space, self.absolute)[2]
+        return kernels.mixed(self.kern, joint, self.rbias, widths, self.factors, self.absolute)
 
 
 class Folded(_Plan):

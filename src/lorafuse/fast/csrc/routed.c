@@ -48,7 +48,8 @@ static inline float lf_exp(float x) {
 }
 
 /* Forward for M tokens: l (M, N), h (M, R; factors only, else unused) and z (M, R N),
-   all contiguous, from p (rows of stride sp), b (N) and u (rows of stride su). */
+   all contiguous, from p (rows of stride sp), b (N) and u (rows of stride su). l and h
+   may be NULL (inference keeps only z): each token's l then lives on the stack. */
 void lf_routed_forward(int64_t M, int64_t R, int64_t N, const float *restrict p, int64_t sp,
                        const float *restrict b, int absolute, const float *restrict u,
                        int64_t su, int factors, float *restrict l, float *restrict h,
@@ -57,7 +58,8 @@ void lf_routed_forward(int64_t M, int64_t R, int64_t N, const float *restrict p,
   for (int64_t m = 0; m < M; m++) {
     const float *restrict pm = p + m * sp;
     const float *restrict um = u + m * su;
-    float *restrict lm = l + m * N;
+    float lstack[N];
+    float *restrict lm = l ? l + m * N : lstack;
     float *restrict zm = z + m * R * N;
     if (absolute)
       for (int64_t n = 0; n < N; n++) lm[n] = fabsf(pm[n]) + b[n];
@@ -80,7 +82,7 @@ void lf_routed_forward(int64_t M, int64_t R, int64_t N, const float *restrict p,
       if (factors) {
         float acc = 0.f;
         for (int64_t n = 0; n < N; n++) acc += ur[n] * lm[n];
-        h[m * R + r] = acc;
+        if (h) h[m * R + r] = acc;
         for (int64_t n = 0; n < N; n++) zr[n] = acc * lm[n];
       } else {
         for (int64_t n = 0; n < N; n++) zr[n] = ur[n] * lm[n];
