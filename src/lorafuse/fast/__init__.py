@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 from torch import Tensor, nn
 
 from lorafuse.base_layers import joins_gemm
@@ -53,12 +52,11 @@ def choose(layer: nn.Module) -> tuple:
     rbias = _softmax_bias(mixer, proj, layer.num_experts, device, dtype)
     kern = kernels.for_plan(device, dtype) if rbias is not None else None
     frozen = not any(p.requires_grad for p in base.parameters())
-    threads = device.type == "cpu" and torch.get_num_threads() > 1
     fixed = _few_experts(mixer, layer.num_experts)
     if fixed is not None:
         inference = Folded(layer, fixed, ops, plain)
     else:
-        inference = Joint(layer, rows, ops, proj, rbias, kern, threads)
+        inference = Joint(layer, rows, ops, proj, rbias, kern)
     train = Trained(layer, rows, ops, proj, rbias, kern, frozen)
     why = (
         f"{'base joined' if rows.top else 'base apart'}, "

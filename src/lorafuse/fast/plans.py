@@ -28,7 +28,6 @@ from lorafuse.fast.gemm import Products
 from lorafuse.fast.rows import JointRows
 from lorafuse.layer import mix
 
-SERIAL_GEMM = 3 * 2**16  # MKL (2024.2) threads an (M, D) x (D, O) sgemm from M*D*O ~ this
 MIX_WORK = 2**23  # M*D*(O + N*R) from which Project + Mix beat autograd (bench/plans.py)
 
 
@@ -65,21 +64,18 @@ class Joint(_Plan):
 
     `proj`: the mixer projects (its map fits the buffer's room rows); `rbias`: it is a
     dense softmax router with that bias, and `kern` its compiled mixing step (or None).
-    `threads`: on a multi-threaded CPU a small input runs the base layer apart (below).
+    The base's rows join the GEMM at every size: a second, separate GEMM for the base
+    costs its own fixed overhead, which is what decoding a few tokens is made of (and
+    MKL threads even the smallest joint GEMMs of a decoded token, bench/routing.py).
     """
 
     kind = "inference-joint"
 
-    def __init__(self, layer, rows: JointRows, ops: Products, proj, rbias, kern, threads: bool):
+    def __init__(self, layer, rows: JointRows, ops: Products, proj, rbias, kern):
         super().__init__(layer, ops, proj)
         self.rows = rows
-        self.together = rows.slices(True, self.P)  # (weight, bias, widths) with the base's
-        self.apart = rows.slices(False, self.P)  # the experts' and the mixer's rows only
+        self.weight, self.bias, self.widths = rows.slices(True, self.P)  # the base's if joined
         self.joins = rows.top > 0
-        # On a multi-threaded CPU MKL threads a GEMM past M*D*O ~ SERIAL_GEMM, and each
-        # parallel region waits for a second core (long on a busy machine): when decoding
-        # a few tokens through a small layer, two serial GEMMs beat one threaded one.
-        self.by_size = self.joins and threads
         self.base_out = base_output(layer, ops, plain=self.joins)
         self.rbias, self.kern, self.absolute = rbias, kern, bool(getattr(self.mixer, "absolute", 0))
         self.factors = self.space == "factors"
@@ -96,17 +92,10 @@ class Joint(_Plan):
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])  # x2 (M, D)
         if self.projected:
             self.rows.sync(self.mixer.projection)
-        together = self.joins and (not self.by_size or self._pays(x2))
-        weight, bias, widths = self.together if together else self.apart
-        joint = self.ops.linear(x2, weight, bias)  # (M, O or 0 + R*N + P)
-        y = joint[:, : self.O] if together else self.base_out(x2)  # (M, O)
-        z = self.mixed(x, joint, widths)  # (M, R*N)
+        joint = self.ops.linear(x2, self.weight, self.bias)  # (M, O or 0 + R*N + P)
+        y = joint[:, : self.O] if self.joins else self.base_out(x2)  # (M, O)
+        z = self.mixed(x, joint, self.widths)  # (M, R*N)
         return self.ops.addmm_(y, z, self.B).view(*lead, self.O)
-
-    def _pays(self, x2: Tensor) -> bool:
-        # Whether one GEMM with the base's rows beats two serial ones (see __init__).
-        MD, width = x2.numel(), self.together[0].shape[0]
-        return x2.shape[0] == 1 or MD * self.O >= SERIAL_GEMM or MD * width < SERIAL_GEMM
 
     def _projected(self, x: Tensor, joint: Tensor, widths) -> Tensor:
         _, u, p = joint.split_with_sizes(widths, -1)  # (M, R*N), (M, P)

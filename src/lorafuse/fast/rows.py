@@ -61,7 +61,7 @@ class JointRows:
             return False
         if not self.top:
             return True
-        params = layer.base._parameters
+        params = layer._modules["base"]._parameters
         w, b = params["weight"], params.get("bias")
         if w.data_ptr() != self._pointers[1]:
             return False
