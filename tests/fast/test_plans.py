@@ -14,6 +14,7 @@ from lorafuse.errors import LorafuseError
 from lorafuse.fast import choose, describe, kernels
 from lorafuse.fast.functions import Routed
 from lorafuse.fast.plans import Joint
+from lorafuse.fast.rows import ALIGN
 from lorafuse.layer import FusedLoRALinear
 from lorafuse.mixers import Fixed, Learned, routers
 from lorafuse.mixers.hierarchical import HCRouter
@@ -146,8 +147,9 @@ def test_base_layer_is_a_view_of_the_joint_buffer():
     before = {k: v.clone() for k, v in base.state_dict().items()}
     f = FusedLoRALinear(base, stacked(), "factors", planner=choose)
     f.mixer = Learned(N)
-    rows = f.state["rows"].rows  # (O + N*R + N, D)
-    assert rows.shape == (O + N * 3 + N, D)
+    rows = f.state["rows"].rows  # (O + N*R + N + ALIGN - 1, D)
+    assert rows.shape == (O + N * 3 + N + ALIGN - 1, D)
+    assert not rows[O + N * 3 + N :].any()  # the padding rows are zeros
     assert base.weight.data_ptr() == rows.data_ptr()  # no second copy of W
     assert base.bias.data_ptr() == f.state["rows"].row_bias.data_ptr()
     assert f.A_rows.data_ptr() == rows[O].data_ptr()  # nor of A
@@ -165,6 +167,24 @@ def test_base_layer_is_a_view_of_the_joint_buffer():
         torch.testing.assert_close(got, f64.base(x.double()) + f64.delta(x.double(), f.mixer(x)))
     assert f64.state["rows"].rows.dtype == torch.float64
     assert f64.base.weight.data_ptr() == f64.state["rows"].rows.data_ptr()  # one copy again
+
+
+def test_the_inference_gemm_takes_aligned_rows_and_reads_only_its_widths():
+    # Joint's one GEMM runs over a multiple of ALIGN rows (CPU BLAS is faster there); the
+    # columns past the widths are padding, and the output equals the reference.
+    base = nn.Linear(D, O)
+    f = FusedLoRALinear(base, stacked(), "factors", planner=choose)
+    protos = torch.nn.functional.normalize(torch.randn(N, D), dim=-1)
+    f.mixer = ArrowRouter(protos, 2, 1.0)  # a projected mixer: its map in the room rows
+    plan = f.inference_plan
+    assert plan.kind == "inference-joint"
+    assert plan.weight.shape[0] % ALIGN == 0 and plan.weight.shape[0] > sum(plan.widths)
+    assert sum(plan.widths) == O + N * 3 + N
+    x = torch.randn(2, 5, D)
+    with torch.inference_mode():
+        torch.testing.assert_close(f(x), f.base(x) + f.delta(x, f.mixer(x)))
+    room = f.state["rows"].rows[O + N * 3 : O + N * 3 + N]
+    torch.testing.assert_close(room, f.mixer.projection)  # synced where the room is
 
 
 def test_two_fused_layers_on_one_linear():

@@ -74,7 +74,8 @@ class Joint(_Plan):
     def __init__(self, layer, rows: JointRows, ops: Products, proj, rbias, kern):
         super().__init__(layer, ops, proj)
         self.rows = rows
-        self.weight, self.bias, self.widths = rows.slices(True, self.P)  # the base's if joined
+        self.weight, self.bias, self.widths = rows.slices(True, self.P, aligned=True)
+        self.width = sum(self.widths)  # the GEMM's aligned output may be wider: not read
         self.joins = rows.top > 0
         self.base_out = base_output(layer, ops, plain=self.joins)
         self.rbias, self.kern, self.absolute = rbias, kern, bool(getattr(self.mixer, "absolute", 0))
@@ -92,13 +93,13 @@ class Joint(_Plan):
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])  # x2 (M, D)
         if self.projected:
             self.rows.sync(self.mixer.projection)
-        joint = self.ops.linear(x2, self.weight, self.bias)  # (M, O or 0 + R*N + P)
+        joint = self.ops.linear(x2, self.weight, self.bias)  # (M, O or 0 + R*N + P + pad)
         y = joint[:, : self.O] if self.joins else self.base_out(x2)  # (M, O)
         z = self.mixed(x, joint, self.widths)  # (M, R*N)
         return self.ops.addmm_(y, z, self.B).view(*lead, self.O)
 
     def _projected(self, x: Tensor, joint: Tensor, widths) -> Tensor:
-        _, u, p = joint.split_with_sizes(widths, -1)  # (M, R*N), (M, P)
+        _, u, p = joint[:, : self.width].split_with_sizes(widths, -1)  # (M, R*N), (M, P)
         l = self.mixer.from_projection(p.view(*x.shape[:-1], -1)).reshape(-1, self.N)  # (M, N)
         return mix(u.unflatten(-1, (self.R, self.N)), l.unsqueeze(1), self.space)[0].flatten(1)
 
