@@ -12,7 +12,7 @@ from lorafuse.layer import FusedLoRALinear
 from lorafuse.mixers import Fixed, Learned
 from lorafuse.mixers.hierarchical import HCRouter
 from lorafuse.mixers.routers import ArrowRouter, LinearRouter
-from tests.fast.helpers import D, N, O, stacked
+from tests.fast.helpers import D, N, O, R, stacked
 
 B, T = 2, 5
 
@@ -133,3 +133,55 @@ def test_trainable_base_layer_gets_the_same_gradients(space):
     expected = torch.autograd.grad(f(x).pow(2).sum(), wrt)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("router", ["arrow", "linear"])
+@pytest.mark.parametrize("space", ["factors", "deltas"])
+@pytest.mark.parametrize("base", ["linear", "conv1d"])
+def test_only_the_chosen_experts_equal_the_reference(monkeypatch, router, space, base):
+    # A top-2 router over 16 experts: calls of at most 16 / (2 * 2) = 4 rows read only
+    # each token's 2 experts (Chosen); more rows run Joint. Both equal the reference.
+    from lorafuse import fast
+
+    monkeypatch.setattr(fast, "CHOSEN_WORK", 0)  # at any width (the rule's size threshold)
+    n, k = 16, 2
+    torch.manual_seed(0)
+    f = FusedLoRALinear(_base(base, torch.float32), stacked(n=n), space, "t", planner=choose)
+    if router == "arrow":
+        f.mixer = ArrowRouter(nn.functional.normalize(torch.randn(n, D), dim=-1), k, 0.7)
+    else:
+        f.mixer = LinearRouter(D, n, init=torch.randn(n, D), top_k=k)
+        with torch.no_grad():
+            f.mixer.bias.normal_()
+    plan = f.inference_plan
+    assert (plan.kind, plan.K) == ("inference-chosen", k)
+    joint_rows = []
+    joint = plan.joint
+    plan.joint = lambda x: joint_rows.append(x.shape[:-1].numel()) or joint(x)
+    shapes = [(1, 1), (4, 1), (2, 2), (1, 5), (2, 5)]  # rows 1, 4, 4: chosen; 5, 10: Joint
+    xs = [torch.randn(*s, D) for s in shapes]
+    with torch.inference_mode():
+        got = [f(x) for x in xs]
+        f.planner = None
+        f.replan()
+        want = [f(x) for x in xs]
+    assert joint_rows == [5, 10]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_chosen_only_for_many_experts_and_a_small_k(monkeypatch):
+    from lorafuse import fast
+
+    monkeypatch.setattr(fast, "CHOSEN_WORK", 0)
+    f = FusedLoRALinear(nn.Linear(D, O), stacked(n=16), "factors", "t", planner=choose)
+    protos = nn.functional.normalize(torch.randn(16, D), dim=-1)
+    f.mixer = ArrowRouter(protos, 5, 1.0)  # 4 * 5 > 16: Joint reads all, as cheaply
+    assert f.inference_plan.kind == "inference-joint"
+    f.mixer = ArrowRouter(protos, None, 1.0)  # dense: every expert is used
+    assert f.inference_plan.kind == "inference-joint"
+    f.mixer = ArrowRouter(protos, 4, 1.0)
+    assert f.inference_plan.kind == "inference-chosen"
+    monkeypatch.setattr(fast, "CHOSEN_WORK", 16 * R * (D + O) + 1)  # too little to read
+    f.replan()
+    assert f.inference_plan.kind == "inference-joint"

@@ -13,7 +13,9 @@ calls it when its mixer is set, on `replan()` and after a move. It reads the thr
 switches then (never per call) and returns (training plan, inference plan, why):
 - LORAFUSE_FAST=0: no plans; the layer runs its reference forward.
 - inference: fixed coefficients (lorafuse.mixers.static.Fixed, Uniform) that are global,
-  or per sequence with at most N/2 experts per row: `Folded`; any other mixer: `Joint`.
+  or per sequence with at most N/2 experts per row: `Folded`; a projected mixer keeping
+  its top k of N >= 4k experts, when N*R*(D+O) >= CHOSEN_WORK: `Chosen` (few tokens) over
+  `Joint`; any other mixer: `Joint`.
 - training: `Trained`; with a dense softmax router (lorafuse.mixers.protocol), a base
   whose output is exactly F.linear (lorafuse.base_layers.joins_gemm) and frozen, the
   whole layer is one autograd Function.
@@ -29,14 +31,15 @@ from torch import Tensor, nn
 
 from lorafuse.base_layers import joins_gemm
 from lorafuse.fast import gemm, kernels
-from lorafuse.fast.plans import Folded, Joint, Trained
+from lorafuse.fast.plans import Chosen, Folded, Joint, Trained
 from lorafuse.fast.rows import joint_rows
 from lorafuse.mixers.protocol import ProjectedMixer, SoftmaxRouter
 from lorafuse.mixers.static import Fixed
 
 SWITCH = "LORAFUSE_FAST"  # "0": fused layers run the reference (read when plans are chosen)
 
-__all__ = ["SWITCH", "Folded", "Joint", "Trained", "choose", "describe"]
+__all__ = ["SWITCH", "Chosen", "Folded", "Joint", "Trained", "choose", "describe"]
+CHOSEN_WORK = 2**20  # N*R*(D+O) from which reading only the chosen experts pays
 
 
 def choose(layer: nn.Module) -> tuple:
@@ -57,6 +60,9 @@ def choose(layer: nn.Module) -> tuple:
         inference = Folded(layer, fixed, ops, plain)
     else:
         inference = Joint(layer, rows, ops, proj, rbias, kern)
+        k = _chosen_k(mixer, proj, layer)
+        if k is not None:
+            inference = Chosen(layer, inference, proj, k)
     train = Trained(layer, rows, ops, proj, rbias, kern, frozen)
     why = (
         f"{'base joined' if rows.top else 'base apart'}, "
@@ -89,6 +95,16 @@ def _softmax_bias(mixer, proj, N: int, device, dtype) -> Tensor | None:
     b = mixer.softmax_bias
     fits = b is not None and b.shape == (N,) and b.dtype == dtype and b.device == device
     return b if fits else None
+
+
+def _chosen_k(mixer, proj, layer) -> int | None:
+    # K of a top-k projected mixer whose experts are many enough that reading only the
+    # chosen ones pays (N >= 4K and N*R*(D+O) >= CHOSEN_WORK); else None.
+    k, N = getattr(mixer, "top_k", None), layer.num_experts
+    if proj is None or not isinstance(k, int) or 4 * k > N:
+        return None
+    D, O = layer.A_rows.shape[1], layer.out_features
+    return k if N * layer.rank * (D + O) >= CHOSEN_WORK else None
 
 
 def _few_experts(mixer, N: int) -> Tensor | None:

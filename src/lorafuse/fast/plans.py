@@ -3,10 +3,12 @@
 A plan is built by lorafuse.fast.choose for one layer and one mixer, with everything
 that does not change between calls decided then: which products (fast.gemm.Products),
 whether compiled kernels run (fast.kernels), where the coefficients come from, which
-rows the GEMM reads. Its forward then only computes. Three kinds:
+rows the GEMM reads. Its forward then only computes. Four kinds:
 - `Joint` (inference): one GEMM x [W ; A ; P]^T gives the base output, the experts'
   projections and a projected mixer's p; the mixed experts accumulate into the base
   output in place (a softmax router's mixing step by the compiled kernel on CPU);
+- `Chosen` (inference, a top-k projected mixer over many experts): a call of a few
+  tokens (decoding) reads only each token's K experts, gathered; more tokens run Joint;
 - `Folded` (inference, fixed coefficients that use few experts): global coefficients are
   folded into one pair of factors when the plan is made; per-sequence coefficients
   gather each sequence's experts (their indices found when the plan is made);
@@ -160,6 +162,46 @@ class Folded(_Plan):
             return torch.bmm(torch.bmm(x, A_mix), B_mix)  # (B, T, O)
         u = torch.einsum("btd,bkrd->btkr", x, A)  # (B, T, K, R)
         return torch.einsum("btkr,bkro->bto", u * w[:, None, :, None], B)  # (B, T, O)
+
+
+class Chosen(_Plan):
+    """Inference with a top-k projected mixer over many experts: a few tokens read only
+    their K chosen experts' factors.
+
+    Joint's GEMM reads every expert's A (N*R rows) for every call; decoding a token is
+    bound by those reads, not by arithmetic. Here the base output and the mixer's p come
+    from the base's and the projection's rows alone; each token's K experts (the nonzero
+    coefficients) are then gathered, (R, M, K, D) and (R, M, K, O): M*K*R*(D+O) values
+    read instead of N*R*(D+O). A call of more than N / (2K) rows, where the gathered
+    rows would outnumber the experts' own, runs `joint` instead.
+    """
+
+    kind = "inference-chosen"
+
+    def __init__(self, layer, joint: Joint, proj: Tensor, k: int):
+        super().__init__(layer, joint.ops, proj)
+        self.joint, self.K = joint, k
+        self.base_out = base_output(layer, joint.ops, plain=joint.joins)
+        self.most_rows = self.N // (2 * k)  # above: Joint
+
+    def __call__(self, x: Tensor) -> Tensor:
+        lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])  # x2 (M, D)
+        if x2.shape[0] > self.most_rows:
+            return self.joint(x)
+        N, R, O = self.N, self.R, self.O
+        y = self.base_out(x2)  # (M, O)
+        p = self.ops.linear(x2, self.mixer.projection)  # (M, P)
+        l = self.mixer.from_projection(p.view(*lead, -1)).reshape(-1, N)  # (M, N)
+        w, idx = l.topk(self.K, -1)  # (M, K): every nonzero coefficient (at most K)
+        w = w.to(x2.dtype)
+        A = self.layer.A_rows.view(R, N, -1)[:, idx]  # (R, M, K, D)
+        B = self.B.view(R, N, O)[:, idx]  # (R, M, K, O)
+        u = torch.einsum("rmkd,md->mkr", A, x2)  # (M, K, R): A_k x
+        if self.space == "factors":
+            z = w[..., None] * (w[..., None] * u).sum(1, keepdim=True)  # (M, K, R): l_k h
+        else:
+            z = w[..., None] * u  # (M, K, R): l_k A_k x
+        return y.add_(torch.einsum("rmko,mkr->mo", B, z)).view(*lead, O)
 
 
 class Trained(_Plan):
