@@ -2,7 +2,7 @@
 
 lorafuse.layer holds the reference forward (the formula); this package holds the plans
 that make it fast and equal it by test (tests/fast):
-- plans.py      Joint and Folded (inference), Trained (autograd): straight forwards
+- plans.py      Joint, Chosen and Folded (inference), Trained (autograd): straight forwards
 - rows.py       JointRows: one buffer [W ; A ; P], so one GEMM reads x once
 - functions.py  autograd Functions with hand-written backward passes (Project, Mix, Routed)
 - gemm.py       oneDNN products on CPUs where MKL is slow (LORAFUSE_ONEDNN)
