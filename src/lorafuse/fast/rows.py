@@ -8,13 +8,14 @@ the layer's A rows are views of that buffer: nothing is stored twice, and the ba
 stays an ordinary nn.Linear with the same parameters. A base whose output is not exactly
 F.linear(x, W, b) (a GPT-2 Conv1D stores W as (D, O); a quantized or custom layer) keeps
 its own product, and only the experts' and the mixer's rows share the buffer. The
-mixer's projection is copied into the last N rows when it changes (`sync`).
+mixer's projection is copied into the N rows after the experts' (the room) when it
+changes (`sync`).
 
 The buffer ends in up to ALIGN - 1 rows of zeros, so that an inference GEMM can take a
 multiple of ALIGN rows (`slices(..., aligned=True)`): its extra output columns are
 zeros (or the unused room) that nothing reads. CPU BLAS libraries (MKL here) run a
-product with 2,610 output columns up to 10% slower than one with 2,624; a GEMM of a
-decoded token is made of such columns.
+product with 2,610 output columns (Phi-2's 2,560 + 10 experts x (4 + 1)) up to 10%
+slower than one with 2,624.
 
 The buffer is built once per layer and kept in `layer.state` across plans (a new mixer
 does not copy W again); a move of the layer drops it (FusedLoRALinear._apply).
