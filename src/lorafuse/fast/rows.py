@@ -11,7 +11,7 @@ its own product, and only the experts' and the mixer's rows share the buffer. Th
 mixer's projection is copied into the N rows after the experts' (the room) when it
 changes (`sync`).
 
-The buffer ends in up to ALIGN - 1 rows of zeros, so that an inference GEMM can take a
+The buffer ends in ALIGN - 1 rows of zeros, so that an inference GEMM can take a
 multiple of ALIGN rows (`slices(..., aligned=True)`): its extra output columns are
 zeros (or the unused room) that nothing reads. CPU BLAS libraries (MKL here) run a
 product with 2,610 output columns (Phi-2's 2,560 + 10 experts x (4 + 1)) up to 10%
