@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafuse.errors import LorafuseError
-from lorafuse.parallel import is_main_process, once
+from lorafuse.parallel import once
 from lorafuse.study.config import MethodConfig, StudyConfig
 from lorafuse.study.library_info import library_info
 from lorafuse.study.stages import FIT_RULES, Progress, StageCache, setup_key, stage_key
@@ -57,9 +57,7 @@ def run_study(run: StudyRun) -> dict[str, Any]:
     """
     import torch
 
-    from lorafuse.io import write_json
     from lorafuse.study.claims import claims
-    from lorafuse.study.render import render
 
     cfg, out, bar = run.config, Path(run.out), run.progress
     methods = _selected(cfg, run.methods)
@@ -102,9 +100,7 @@ def run_study(run: StudyRun) -> dict[str, Any]:
         from lorafuse.study.seeds import add_seeds
 
         add_seeds(results, runs, cfg.build_per_seed)
-    if is_main_process():
-        write_json(out / RESULTS, results)
-        render(results, out)
+    once(lambda: _report(results, out))  # the main process writes; its error raises in all
     bar.finish("report", False)
     return results
 
@@ -156,6 +152,15 @@ def _selected(cfg: StudyConfig, names: list[str] | None) -> list[MethodConfig]:
             f"--methods names {unknown} not in the study config; it has {sorted(known)}"
         )
     return [m for m in methods if m.name in names]
+
+
+def _report(results: dict[str, Any], out: Path) -> None:
+    # results.json and the report beside it (the main process, under a launch).
+    from lorafuse.io import write_json
+    from lorafuse.study.render import render
+
+    write_json(out / RESULTS, results)
+    render(results, out)
 
 
 def _preflight(cfg: StudyConfig, out: Path) -> None:
