@@ -185,3 +185,34 @@ def test_chosen_only_for_many_experts_and_a_small_k(monkeypatch):
     monkeypatch.setattr(fast, "CHOSEN_WORK", 16 * R * (D + O) + 1)  # too little to read
     f.replan()
     assert f.inference_plan.kind == "inference-joint"
+
+
+def test_a_foreign_mixer_naming_top_k_keeps_joint(monkeypatch):
+    # A projected mixer of another kind whose `top_k` means something else (here: it
+    # uses every expert) must not lose experts to Chosen.
+    from lorafuse import fast
+
+    monkeypatch.setattr(fast, "CHOSEN_WORK", 0)
+    n = 16
+    protos = torch.randn(n, D)
+
+    class Everyone(nn.Module):
+        top_k = 2  # not a promise of 2 nonzero coefficients
+
+        @property
+        def projection(self):
+            return protos
+
+        def from_projection(self, p):
+            return torch.softmax(p, -1)  # all 16 experts
+
+        def forward(self, x):
+            return self.from_projection(x @ protos.T)
+
+    f = FusedLoRALinear(nn.Linear(D, O), stacked(n=n), "deltas", "t", planner=choose)
+    f.mixer = Everyone()
+    assert f.inference_plan.kind == "inference-joint"
+    x = torch.randn(1, 1, D)
+    with torch.inference_mode():
+        got = f(x)
+        torch.testing.assert_close(got, f.base(x) + f.delta(x, f.mixer(x)), atol=1e-5, rtol=1e-5)

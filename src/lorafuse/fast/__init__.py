@@ -34,12 +34,16 @@ from lorafuse.fast import gemm, kernels
 from lorafuse.fast.plans import Chosen, Folded, Joint, Trained
 from lorafuse.fast.rows import joint_rows
 from lorafuse.mixers.protocol import ProjectedMixer, SoftmaxRouter
+from lorafuse.mixers.routers import ArrowRouter, LinearRouter
 from lorafuse.mixers.static import Fixed
 
 SWITCH = "LORAFUSE_FAST"  # "0": fused layers run the reference (read when plans are chosen)
 
 __all__ = ["SWITCH", "Chosen", "Folded", "Joint", "Trained", "choose", "describe"]
 CHOSEN_WORK = 2**20  # N*R*(D+O) from which reading only the chosen experts pays
+# The mixers whose `top_k` = k guarantees at most k nonzero coefficients per token (a
+# mixer of another kind may name a `top_k` that means something else: it gets Joint).
+TOP_K_ROUTERS = (ArrowRouter, LinearRouter)
 
 
 def choose(layer: nn.Module) -> tuple:
@@ -100,8 +104,10 @@ def _softmax_bias(mixer, proj, N: int, device, dtype) -> Tensor | None:
 def _chosen_k(mixer, proj, layer) -> int | None:
     # K of a top-k projected mixer whose experts are many enough that reading only the
     # chosen ones pays (N >= 4K and N*R*(D+O) >= CHOSEN_WORK); else None.
-    k, N = getattr(mixer, "top_k", None), layer.num_experts
-    if proj is None or not isinstance(k, int) or 4 * k > N:
+    if proj is None or not isinstance(mixer, TOP_K_ROUTERS):
+        return None
+    k, N = mixer.top_k, layer.num_experts
+    if k is None or 4 * k > N:
         return None
     D, O = layer.A_rows.shape[1], layer.out_features
     return k if N * layer.rank * (D + O) >= CHOSEN_WORK else None
