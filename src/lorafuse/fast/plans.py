@@ -196,12 +196,9 @@ class Chosen(_Plan):
         w = w.to(x2.dtype)
         A = self.layer.A_rows.view(R, N, -1)[:, idx]  # (R, M, K, D)
         B = self.B.view(R, N, O)[:, idx]  # (R, M, K, O)
-        u = torch.einsum("rmkd,md->mkr", A, x2)  # (M, K, R): A_k x
-        if self.space == "factors":
-            z = w[..., None] * (w[..., None] * u).sum(1, keepdim=True)  # (M, K, R): l_k h
-        else:
-            z = w[..., None] * u  # (M, K, R): l_k A_k x
-        return y.add_(torch.einsum("rmko,mkr->mo", B, z)).view(*lead, O)
+        u = torch.einsum("rmkd,md->mrk", A, x2)  # (M, R, K): A_k x
+        z = mix(u, w.unsqueeze(1), self.space)[0]  # (M, R, K), over the chosen experts
+        return y.add_(torch.einsum("rmko,mrk->mo", B, z)).view(*lead, O)
 
 
 class Trained(_Plan):
